@@ -1,0 +1,142 @@
+//! `tessera-shard serve MODEL_DIR --uds-path PATH`: load a checkpoint and serve the shard
+//! protocol on `PATH-{RANK}`. The launcher starts one per tensor-parallel rank; RANK and
+//! WORLD_SIZE come from the environment, as in TGI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tch::Device;
+use tessera_shard::service::{socket_path, ShardService};
+use tessera_shard::Runner;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+#[derive(Parser)]
+#[command(name = "tessera-shard", version, about = "Tessera model shard (gRPC over a Unix socket)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a model and serve it.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A local folder with config.json, tokenizer.json and *.safetensors.
+    model_dir: PathBuf,
+    /// Base path of the sockets; this rank listens on `{uds_path}-{rank}`.
+    #[arg(long, default_value = "/tmp/tessera-server")]
+    uds_path: String,
+    /// Run dtype (float32, bfloat16, float16). Defaults to the checkpoint's dtype.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// cpu, cuda or cuda:N. Defaults to CUDA when available.
+    #[arg(long)]
+    device: Option<String>,
+    /// Fraction of available memory the KV cache may use.
+    #[arg(long, env = "MEMORY_FRACTION", default_value_t = 0.5)]
+    memory_fraction: f64,
+    #[arg(long, env = "RANK", default_value_t = 0)]
+    rank: usize,
+    #[arg(long, env = "WORLD_SIZE", default_value_t = 1)]
+    world_size: usize,
+    /// Log as JSON lines.
+    #[arg(long)]
+    json_output: bool,
+}
+
+fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
+    Ok(match d {
+        None => Device::cuda_if_available(),
+        Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
+        Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::Cuda(n),
+            None => anyhow::bail!("unknown device `{other}` (use cpu, cuda or cuda:N)"),
+        },
+    })
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.world_size != 1 {
+        anyhow::bail!("tensor parallelism is not available yet: WORLD_SIZE must be 1, got {}", args.world_size);
+    }
+    if !(0.0..=1.0).contains(&args.memory_fraction) || args.memory_fraction == 0.0 {
+        anyhow::bail!("--memory-fraction must be in (0, 1], got {}", args.memory_fraction);
+    }
+    let device = parse_device(args.device.as_deref())?;
+    let start = std::time::Instant::now();
+    let dir = args.model_dir.clone();
+    let dtype = args.dtype.clone();
+    let runner = tokio::task::spawn_blocking(move || Runner::load(&dir, dtype.as_deref(), device)).await??;
+    tracing::info!(
+        model = %args.model_dir.display(),
+        dtype = tessera_shard::runner::kind_name(runner.model.kind()),
+        ?device,
+        "model loaded in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
+    let path = socket_path(&args.uds_path, args.rank);
+    if path.exists() {
+        std::fs::remove_file(&path)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    tracing::info!("serving on unix://{}", path.display());
+    let service = ShardService::new(runner, &args.uds_path, args.world_size, args.memory_fraction);
+    let result = tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result?;
+    tracing::info!("shard stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Serve(args) = cli.command;
+    init_logging(args.json_output);
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
