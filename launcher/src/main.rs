@@ -1,1 +1,235 @@
-fn main(){}
+//! `tessera-launcher`: checks the model and the flags, starts the shard and waits until its
+//! socket is up, starts the router, and supervises both. Ctrl-C / SIGTERM stop everything in
+//! order (router first, so no request reaches a stopped shard) and exit 0; if a child dies, the
+//! rest are stopped and the launcher exits non-zero, naming the child and its last words.
+
+mod args;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+use args::Args;
+use process::{describe, Supervised};
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+/// Checks the model folder before anything starts, so a typo costs one line, not a crash.
+fn check_model(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    if !dir.is_dir() {
+        bail!(
+            "model `{}` not found: it is not a local folder (downloading from the Hugging Face Hub is not supported yet)",
+            dir.display()
+        );
+    }
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
+    if !config.is_object() {
+        bail!("malformed {}: expected a JSON object", config_path.display());
+    }
+    for file in ["tokenizer.json"] {
+        if !dir.join(file).is_file() {
+            bail!("model `{}` has no {file}", dir.display());
+        }
+    }
+    Ok(config)
+}
+
+fn check_args(args: &Args) -> anyhow::Result<()> {
+    if args.trust_remote_code {
+        bail!("`--trust-remote-code` is not supported: Tessera runs only its own model code");
+    }
+    if args.revision.is_some() {
+        bail!("`--revision` is not supported yet: serve a local folder instead");
+    }
+    if args.num_shard.is_some_and(|n| n != 1) {
+        bail!("Invalid argument: `--num-shard` other than 1 is not supported yet");
+    }
+    if let (Some(i), Some(t)) = (args.max_input_tokens, args.max_total_tokens) {
+        if i >= t {
+            bail!("Invalid argument: `max_input_tokens`({i}) must be < `max_total_tokens`({t})");
+        }
+    }
+    if let (Some(t), Some(b)) = (args.max_total_tokens, args.max_batch_total_tokens) {
+        if t > b as usize {
+            bail!("Invalid argument: `max_total_tokens` must be <= `max_batch_total_tokens`. Given: {t} and {b}");
+        }
+    }
+    if !(args.cuda_memory_fraction > 0.0 && args.cuda_memory_fraction <= 1.0) {
+        bail!("Invalid argument: `cuda_memory_fraction` must be in (0, 1]");
+    }
+    Ok(())
+}
+
+fn binary(args: &Args, name: &str) -> PathBuf {
+    let dirs = args.bin_dir.clone().into_iter().chain(std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)));
+    for dir in dirs {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    PathBuf::from(name) // resolved through PATH
+}
+
+fn shard_command(args: &Args) -> Command {
+    let mut cmd = Command::new(binary(args, "tessera-shard"));
+    cmd.arg("serve").arg(&args.model_id).arg("--uds-path").arg(&args.shard_uds_path);
+    if let Some(d) = args.dtype {
+        cmd.arg("--dtype").arg(d.as_str());
+    }
+    if args.json_output {
+        cmd.arg("--json-output");
+    }
+    cmd.env("RANK", "0").env("WORLD_SIZE", "1").env("MEMORY_FRACTION", args.cuda_memory_fraction.to_string());
+    cmd
+}
+
+fn router_command(args: &Args, max_batch_prefill_tokens: u32) -> Command {
+    let mut cmd = Command::new(binary(args, "tessera-router"));
+    let mut opt = |flag: &str, value: String| {
+        cmd.arg(flag).arg(value);
+    };
+    opt("--tokenizer-name", args.model_id.clone());
+    opt("--model-id", args.model_id.clone());
+    opt("--master-shard-uds-path", format!("{}-0", args.shard_uds_path));
+    opt("--hostname", args.hostname.clone());
+    opt("--port", args.port.to_string());
+    opt("--max-concurrent-requests", args.max_concurrent_requests.to_string());
+    opt("--max-best-of", args.max_best_of.to_string());
+    opt("--max-stop-sequences", args.max_stop_sequences.to_string());
+    opt("--max-top-n-tokens", args.max_top_n_tokens.to_string());
+    opt("--max-batch-prefill-tokens", max_batch_prefill_tokens.to_string());
+    opt("--max-waiting-tokens", args.max_waiting_tokens.to_string());
+    opt("--waiting-served-ratio", args.waiting_served_ratio.to_string());
+    opt("--max-client-batch-size", args.max_client_batch_size.to_string());
+    opt("--payload-limit", args.payload_limit.to_string());
+    if let Some(v) = args.max_input_tokens {
+        opt("--max-input-tokens", v.to_string());
+    }
+    if let Some(v) = args.max_total_tokens {
+        opt("--max-total-tokens", v.to_string());
+    }
+    if let Some(v) = args.max_batch_total_tokens {
+        opt("--max-batch-total-tokens", v.to_string());
+    }
+    if let Some(v) = args.max_batch_size {
+        opt("--max-batch-size", v.to_string());
+    }
+    if args.json_output {
+        cmd.arg("--json-output");
+    }
+    cmd
+}
+
+/// Stops children in order, each with the graceful timeout.
+fn stop_all(children: &mut [Supervised], timeout: Duration) {
+    for child in children.iter_mut().rev() {
+        child.terminate(timeout);
+    }
+}
+
+fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    check_args(&args)?;
+    let config = check_model(Path::new(&args.model_id))?;
+    // Fail before loading anything when the port is taken.
+    let addr = format!("{}:{}", args.hostname, args.port);
+    std::net::TcpListener::bind(&addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let positions = ["max_position_embeddings", "n_positions", "max_seq_len"]
+        .iter()
+        .find_map(|k| config.get(*k)?.as_u64())
+        .unwrap_or(4096) as u32;
+    // TGI's default prefill budget (4096), never beyond the model's context.
+    let max_batch_prefill_tokens = args.max_batch_prefill_tokens.unwrap_or_else(|| {
+        let default = 4096.min(positions);
+        args.max_input_tokens.map_or(default, |i| default.max(i as u32))
+    });
+    let timeout = Duration::from_secs(args.graceful_termination_timeout);
+
+    let socket = PathBuf::from(format!("{}-0", args.shard_uds_path));
+    if socket.exists() {
+        std::fs::remove_file(&socket).with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+    }
+    tracing::info!("Starting shard 0");
+    let mut children = vec![Supervised::spawn("shard 0", shard_command(&args))?];
+    let start = Instant::now();
+    let mut last_note = Instant::now();
+    while !socket.exists() {
+        if stop.load(Ordering::SeqCst) {
+            stop_all(&mut children, timeout);
+            return Ok(());
+        }
+        if let Some(status) = children[0].exited() {
+            bail!("shard 0 failed to start ({}): {}", describe(status), children[0].last_words());
+        }
+        if last_note.elapsed() > Duration::from_secs(10) {
+            tracing::info!("Waiting for shard to be ready...");
+            last_note = Instant::now();
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("Shard ready in {:.2}s", start.elapsed().as_secs_f64());
+
+    tracing::info!("Starting router");
+    match Supervised::spawn("router", router_command(&args, max_batch_prefill_tokens)) {
+        Ok(router) => children.push(router),
+        Err(e) => {
+            stop_all(&mut children, timeout);
+            return Err(e);
+        }
+    }
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            tracing::info!("Shutting down");
+            stop_all(&mut children, timeout);
+            return Ok(());
+        }
+        let died = children.iter_mut().position(|c| c.exited().is_some());
+        if let Some(i) = died {
+            let status = children[i].exited().map(describe).unwrap_or_default();
+            let why = children[i].last_words();
+            let name = children[i].name.clone();
+            children.remove(i);
+            stop_all(&mut children, timeout);
+            bail!("{name} exited unexpectedly ({status}): {why}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    // Set by SIGINT/SIGTERM/SIGHUP; the supervision loop sees it within 100 ms.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("Error: cannot install signal handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match run(args, stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,17 @@
+//! Tessera's router: the HTTP front end and the scheduler.
+//!
+//! Requests enter through `server` (TGI and OpenAI routes), are checked and measured by
+//! `validation` (and `chat_template` for chat), admitted by `infer`, wait in `queue`, and are
+//! run by the continuous-batching loop in `batcher`, which drives the shards through `client`.
+//! The router owns policy (what runs when); the shards own memory and compute.
 
+pub mod batcher;
+pub mod chat_template;
+pub mod client;
+pub mod error;
+pub mod infer;
+pub mod model_files;
+pub mod queue;
+pub mod server;
+pub mod validation;
+pub mod warmup;

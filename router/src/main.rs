@@ -1,1 +1,178 @@
-fn main(){}
+//! `tessera-router`: connects to the shards, warms them up, and serves the HTTP APIs.
+//! The launcher normally starts it; its flags and env vars mirror TGI's router.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use tessera_router::batcher::{batching_task, BatchingConfig};
+use tessera_router::chat_template::ChatTemplate;
+use tessera_router::client::ShardedClient;
+use tessera_router::infer::Infer;
+use tessera_router::model_files::ModelFiles;
+use tessera_router::queue::Queue;
+use tessera_router::server::types::Info;
+use tessera_router::server::{app, serve, AppState};
+use tessera_router::validation::{Limits, Validation};
+use tessera_router::warmup::{warmup, Requested};
+
+#[derive(Parser, Debug)]
+#[command(name = "tessera-router", version, about = "Tessera HTTP router (TGI and OpenAI APIs)")]
+struct Args {
+    #[arg(long, env, default_value_t = 128)]
+    max_concurrent_requests: usize,
+    #[arg(long, env, default_value_t = 2)]
+    max_best_of: usize,
+    #[arg(long, env, default_value_t = 4)]
+    max_stop_sequences: usize,
+    #[arg(long, env, default_value_t = 5)]
+    max_top_n_tokens: u32,
+    #[arg(long, env)]
+    max_input_tokens: Option<usize>,
+    #[arg(long, env)]
+    max_total_tokens: Option<usize>,
+    #[arg(long, env, default_value_t = 1.2)]
+    waiting_served_ratio: f32,
+    #[arg(long, env, default_value_t = 4096)]
+    max_batch_prefill_tokens: u32,
+    #[arg(long, env)]
+    max_batch_total_tokens: Option<u32>,
+    #[arg(long, env, default_value_t = 20)]
+    max_waiting_tokens: usize,
+    #[arg(long, env)]
+    max_batch_size: Option<usize>,
+    #[arg(long, env, default_value = "0.0.0.0")]
+    hostname: String,
+    #[arg(short, long, env, default_value_t = 3000)]
+    port: u16,
+    #[arg(long, env, default_value = "/tmp/tessera-server-0")]
+    master_shard_uds_path: String,
+    /// The model folder (tokenizer.json, tokenizer_config.json, config.json).
+    #[arg(long, env)]
+    tokenizer_name: PathBuf,
+    #[arg(long, env)]
+    tokenizer_config_path: Option<PathBuf>,
+    /// Name reported as `model_id` (defaults to the tokenizer folder).
+    #[arg(long, env)]
+    model_id: Option<String>,
+    #[arg(long, env, default_value_t = 2)]
+    validation_workers: usize,
+    #[arg(long, env, default_value_t = 4)]
+    max_client_batch_size: usize,
+    #[arg(long, env, default_value_t = 2_000_000)]
+    payload_limit: usize,
+    #[arg(long, env)]
+    json_output: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.compact().init();
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if args.validation_workers == 0 {
+        anyhow::bail!("`validation_workers` must be > 0");
+    }
+    if args.max_batch_size == Some(0) {
+        anyhow::bail!("`max_batch_size` must be > 0");
+    }
+    let hostname: IpAddr = args.hostname.parse().unwrap_or_else(|_| {
+        tracing::warn!("Invalid hostname, defaulting to 0.0.0.0");
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    });
+    let addr = SocketAddr::new(hostname, args.port);
+    // Fail on a busy port before the (slow) warmup, not after it.
+    drop(std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
+
+    let files = ModelFiles::load(&args.tokenizer_name, args.tokenizer_config_path.as_deref())?;
+    let chat_template = match &files.chat_template {
+        Some(src) => Some(
+            ChatTemplate::new(src, files.bos_token.clone(), files.eos_token.clone())
+                .map_err(|e| anyhow::anyhow!("invalid chat template: {e}"))?,
+        ),
+        None => None,
+    };
+    let client = ShardedClient::connect(&args.master_shard_uds_path).await?;
+    let shard_info = client.info().await?;
+    tracing::info!(?shard_info, world_size = client.world_size(), "connected to shards");
+    let requested = Requested {
+        max_input_tokens: args.max_input_tokens,
+        max_total_tokens: args.max_total_tokens,
+        max_batch_prefill_tokens: args.max_batch_prefill_tokens,
+        max_batch_total_tokens: args.max_batch_total_tokens,
+    };
+    let positions = files.max_position_embeddings.unwrap_or(usize::MAX);
+    let limits = warmup(&client, &requested, positions).await?;
+    tracing::info!(?limits, "warmup done; setting max batch total tokens to {}", limits.max_batch_total_tokens);
+
+    let validation = Validation::new(
+        Arc::new(files.tokenizer),
+        Limits {
+            max_best_of: args.max_best_of,
+            max_stop_sequences: args.max_stop_sequences,
+            max_top_n_tokens: args.max_top_n_tokens,
+            max_input_tokens: limits.max_input_tokens,
+            max_total_tokens: limits.max_total_tokens,
+        },
+    );
+    let queue = Queue::default();
+    let healthy = Arc::new(AtomicBool::new(true));
+    let batching = BatchingConfig {
+        max_batch_prefill_tokens: limits.max_batch_prefill_tokens,
+        max_batch_total_tokens: limits.max_batch_total_tokens,
+        max_batch_size: args.max_batch_size,
+        max_waiting_tokens: args.max_waiting_tokens,
+        waiting_served_ratio: args.waiting_served_ratio,
+    };
+    tokio::spawn(batching_task(client.clone(), queue.clone(), batching, healthy.clone()));
+    let infer = Infer::new(validation, queue, client, args.max_concurrent_requests, healthy);
+    let model_id = args.model_id.clone().unwrap_or_else(|| args.tokenizer_name.display().to_string());
+    let info = Info {
+        model_id,
+        model_sha: None,
+        model_pipeline_tag: None,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_best_of: args.max_best_of,
+        max_stop_sequences: args.max_stop_sequences,
+        max_input_tokens: limits.max_input_tokens,
+        max_total_tokens: limits.max_total_tokens,
+        validation_workers: args.validation_workers,
+        max_client_batch_size: args.max_client_batch_size,
+        router: "tessera-router",
+        version: env!("CARGO_PKG_VERSION"),
+        sha: option_env!("GIT_SHA"),
+        docker_label: option_env!("DOCKER_LABEL"),
+    };
+    let compute_type = std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
+    let state = Arc::new(AppState { infer, info, chat_template, compute_type });
+    serve(addr, app(state, args.payload_limit)).await
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: Tokio runtime failed to start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! The waiting room between admission and the shards.
+//!
+//! A FIFO of validated requests. The batching task drains it into prefill batches under two
+//! budgets: the prompt tokens one prefill may process, and the KV tokens the whole running
+//! batch may hold. As in TGI, the first request that does not fit stops batch building (no
+//! overtaking), so a large request cannot be starved by a stream of small ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tessera_proto as pb;
+use tokio::sync::{mpsc, Notify};
+
+use crate::error::InferError;
+use crate::infer::InferEvent;
+use crate::validation::ValidRequest;
+
+pub type ResponseSender = mpsc::UnboundedSender<Result<InferEvent, InferError>>;
+
+pub struct Entry {
+    pub request: ValidRequest,
+    pub response_tx: ResponseSender,
+    pub queued: Instant,
+    pub batched: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: VecDeque<(u64, Entry)>,
+    next_id: u64,
+    next_batch_id: u64,
+}
+
+#[derive(Clone, Default)]
+pub struct Queue {
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+}
+
+/// Budgets for one batch. `None` sizes mean "no constraint".
+pub struct BatchLimits {
+    pub min_size: Option<usize>,
+    pub max_size: Option<usize>,
+    pub prefill_token_budget: u32,
+    pub token_budget: u32,
+}
+
+impl Queue {
+    pub fn append(&self, entry: Entry) {
+        {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let id = s.next_id;
+            s.next_id += 1;
+            s.entries.push_back((id, entry));
+        }
+        self.notify.notify_one();
+    }
+
+    pub async fn wait(&self) {
+        self.notify.notified().await
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pops the longest prefix of the queue that fits `limits` and turns it into a batch.
+    pub fn next_batch(&self, limits: &BatchLimits) -> Option<(HashMap<u64, Entry>, pb::Batch)> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.entries.is_empty() || limits.max_size == Some(0) || limits.prefill_token_budget == 0 || limits.token_budget == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let (mut prefill_tokens, mut total_tokens) = (0u32, 0u32);
+        let mut taken: Vec<(u64, Entry)> = Vec::new();
+        while let Some((id, mut entry)) = s.entries.pop_front() {
+            if entry.response_tx.is_closed() {
+                continue; // the client went away while waiting
+            }
+            let r = &entry.request;
+            if prefill_tokens + r.input_length > limits.prefill_token_budget
+                || total_tokens + r.max_tokens() > limits.token_budget
+            {
+                s.entries.push_front((id, entry));
+                break;
+            }
+            prefill_tokens += r.input_length;
+            total_tokens += r.max_tokens();
+            entry.batched = Some(now);
+            taken.push((id, entry));
+            if limits.max_size == Some(taken.len()) {
+                break;
+            }
+        }
+        if taken.is_empty() || limits.min_size.is_some_and(|m| taken.len() < m) {
+            for e in taken.into_iter().rev() {
+                s.entries.push_front(e);
+            }
+            return None;
+        }
+        let requests = taken
+            .iter()
+            .map(|(id, e)| {
+                let r = &e.request;
+                pb::Request {
+                    id: *id,
+                    inputs: r.inputs.clone(),
+                    input_chunks: Some(pb::Input {
+                        chunks: vec![pb::InputChunk { chunk: Some(pb::input_chunk::Chunk::Text(r.inputs.clone())) }],
+                    }),
+                    truncate: r.truncate,
+                    parameters: Some(r.parameters.clone()),
+                    stopping_parameters: Some(r.stopping.clone()),
+                    prefill_logprobs: r.decoder_input_details,
+                    top_n_tokens: r.top_n_tokens,
+                    add_special_tokens: r.add_special_tokens,
+                    ..Default::default()
+                }
+            })
+            .collect::<Vec<_>>();
+        let id = s.next_batch_id;
+        s.next_batch_id += 1;
+        let batch = pb::Batch { id, size: requests.len() as u32, max_tokens: total_tokens, requests, max_blocks: 0 };
+        Some((taken.into_iter().collect(), batch))
+    }
+}

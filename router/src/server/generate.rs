@@ -1,0 +1,166 @@
+//! TGI's generation routes: `POST /generate`, `POST /generate_stream` and `POST /` (which
+//! dispatches on `stream`). Response bodies, SSE events and timing headers follow TGI.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::types::{CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
+use super::SharedState;
+use crate::error::{InferError, ValidationError};
+use crate::infer::{InferEvent, InferResponse};
+
+fn header(v: impl ToString) -> HeaderValue {
+    HeaderValue::from_str(&v.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// TGI's per-request timing headers for non-streaming responses.
+pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &InferResponse, input_length: u32) -> HeaderMap {
+    let total = start.elapsed();
+    let validation = r.queued.saturating_duration_since(start);
+    let queue = r.start.saturating_duration_since(r.queued);
+    let inference = r.start.elapsed();
+    let per_token = inference / r.generated_text.generated_tokens.max(1);
+    let mut h = HeaderMap::new();
+    h.insert("x-compute-type", header(compute_type));
+    h.insert("x-compute-time", header(total.as_secs_f64()));
+    h.insert("x-compute-characters", header(chars));
+    h.insert("x-total-time", header(total.as_millis()));
+    h.insert("x-validation-time", header(validation.as_millis()));
+    h.insert("x-queue-time", header(queue.as_millis()));
+    h.insert("x-inference-time", header(inference.as_millis()));
+    h.insert("x-time-per-token", header(per_token.as_millis()));
+    h.insert("x-prompt-tokens", header(input_length));
+    h.insert("x-generated-tokens", header(r.generated_text.generated_tokens));
+    h
+}
+
+pub async fn generate(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Result<Response, InferError> {
+    generate_inner(state, req.inputs, req.parameters, false).await
+}
+
+async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameters, default_full_text: bool) -> Result<Response, InferError> {
+    let start = Instant::now();
+    let _permit = state.infer.admit()?;
+    let chars = inputs.chars().count();
+    let full_text = p.return_full_text.unwrap_or(default_full_text);
+    let want_details = p.details || p.decoder_input_details;
+    let valid = state.infer.validation.validate(inputs.clone(), p, true).await?;
+    let input_length = valid.input_length;
+    let r = state.infer.generate(valid).await?;
+    let headers = timing_headers(&state.compute_type, chars, start, &r, input_length);
+    let mut generated_text = r.generated_text.text.clone();
+    if full_text {
+        generated_text = inputs + &generated_text;
+    }
+    let details = want_details.then(|| Details {
+        finish_reason: r.generated_text.finish_reason,
+        generated_tokens: r.generated_text.generated_tokens,
+        seed: r.generated_text.seed,
+        prefill: r.prefill,
+        tokens: r.tokens,
+        top_tokens: r.top_tokens,
+    });
+    Ok((headers, Json(GenerateResponse { generated_text, details })).into_response())
+}
+
+pub async fn generate_stream(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Response {
+    stream_inner(state, req.inputs, req.parameters, false).await
+}
+
+/// `POST /`: TGI's compatibility route. Without a pipeline tag (local models) TGI defaults
+/// `return_full_text` to true here, and returns a JSON array when not streaming.
+pub async fn compat_generate(State(state): State<SharedState>, Json(req): Json<CompatGenerateRequest>) -> Response {
+    if req.stream {
+        return stream_inner(state, req.inputs, req.parameters, true).await;
+    }
+    match generate_inner(state, req.inputs, req.parameters, true).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let mut array = b"[".to_vec();
+            array.extend_from_slice(&bytes);
+            array.push(b']');
+            Response::from_parts(parts, axum::body::Body::from(array))
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn error_event(e: &InferError) -> Event {
+    Event::default().json_data(e.body()).unwrap_or_else(|_| Event::default().data("{}"))
+}
+
+async fn stream_inner(state: SharedState, inputs: String, p: GenerateParameters, default_full_text: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-compute-type", header(&state.compute_type));
+    headers.insert("x-compute-characters", header(inputs.chars().count()));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    tokio::spawn(async move {
+        // TGI reports every failure, validation included, as an SSE event with status 200.
+        if let Err(e) = run_stream(&state, inputs, p, default_full_text, &tx).await {
+            let _ = tx.send(Ok(error_event(&e))).await;
+        }
+    });
+    (headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response()
+}
+
+async fn run_stream(
+    state: &SharedState,
+    inputs: String,
+    p: GenerateParameters,
+    default_full_text: bool,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), InferError> {
+    let _permit = state.infer.admit()?;
+    if p.best_of.is_some_and(|b| b > 1) {
+        return Err(ValidationError::BestOfStream.into());
+    }
+    if p.decoder_input_details {
+        return Err(ValidationError::PrefillDetailsStream.into());
+    }
+    let full_text = p.return_full_text.unwrap_or(default_full_text);
+    let details = p.details;
+    let valid = state.infer.validation.validate(inputs.clone(), p, true).await?;
+    let input_length = valid.input_length;
+    let mut stream = state.infer.schedule(valid);
+    let mut index = 0u32;
+    while let Some(event) = stream.next().await {
+        let response = match event? {
+            InferEvent::Prefill(_) => continue,
+            InferEvent::Token { token, top_tokens } => {
+                index += 1;
+                StreamResponse { index, token, top_tokens, generated_text: None, details: None }
+            }
+            InferEvent::End { token, top_tokens, generated_text, .. } => {
+                index += 1;
+                let text = if full_text { format!("{inputs}{}", generated_text.text) } else { generated_text.text };
+                let details = details.then_some(StreamDetails {
+                    finish_reason: generated_text.finish_reason,
+                    generated_tokens: generated_text.generated_tokens,
+                    seed: generated_text.seed,
+                    input_length,
+                });
+                StreamResponse { index, token, top_tokens, generated_text: Some(text), details }
+            }
+        };
+        let done = response.generated_text.is_some();
+        let event = Event::default().json_data(&response).map_err(|_| InferError::IncompleteGeneration)?;
+        if tx.send(Ok(event)).await.is_err() {
+            return Ok(()); // client disconnected; dropping the stream cancels the request
+        }
+        if done {
+            return Ok(());
+        }
+    }
+    Err(InferError::IncompleteGeneration)
+}

@@ -1,0 +1,165 @@
+//! TGI's JSON request and response shapes for `/generate`, `/generate_stream` and `/info`.
+//! Field names, defaults and omission rules follow TGI so its clients parse our output.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct GenerateParameters {
+    #[serde(default)]
+    pub best_of: Option<usize>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub typical_p: Option<f32>,
+    #[serde(default)]
+    pub do_sample: bool,
+    #[serde(default)]
+    pub max_new_tokens: Option<u32>,
+    #[serde(default)]
+    pub return_full_text: Option<bool>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    #[serde(default)]
+    pub truncate: Option<usize>,
+    #[serde(default)]
+    pub watermark: bool,
+    #[serde(default)]
+    pub details: bool,
+    #[serde(default)]
+    pub decoder_input_details: bool,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub top_n_tokens: Option<u32>,
+    #[serde(default)]
+    pub grammar: Option<serde_json::Value>,
+    #[serde(default)]
+    pub adapter_id: Option<String>,
+}
+
+/// What TGI uses when a request has no `parameters` object at all (note `do_sample: true`).
+pub fn default_parameters() -> GenerateParameters {
+    GenerateParameters { do_sample: true, ..Default::default() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerateRequest {
+    pub inputs: String,
+    #[serde(default = "default_parameters")]
+    pub parameters: GenerateParameters,
+}
+
+/// `POST /`: a generate request that may ask for streaming.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompatGenerateRequest {
+    pub inputs: String,
+    #[serde(default = "default_parameters")]
+    pub parameters: GenerateParameters,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Token {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
+    pub special: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrefillToken {
+    pub id: u32,
+    pub text: String,
+    /// NaN (the first prompt token) is serialised as null.
+    #[serde(serialize_with = "nan_as_null")]
+    pub logprob: f32,
+}
+
+fn nan_as_null<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_nan() {
+        s.serialize_none()
+    } else {
+        s.serialize_f32(*v)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    EosToken,
+    StopSequence,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling: `stop` for both EOS and a stop sequence (see docs/compatibility.md).
+    pub fn openai(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken | FinishReason::StopSequence => "stop",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Details {
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateResponse {
+    pub generated_text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Details>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamDetails {
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub input_length: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamResponse {
+    pub index: u32,
+    pub token: Token,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Token>,
+    pub generated_text: Option<String>,
+    pub details: Option<StreamDetails>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    pub model_id: String,
+    pub model_sha: Option<String>,
+    pub model_pipeline_tag: Option<String>,
+    pub max_concurrent_requests: usize,
+    pub max_best_of: usize,
+    pub max_stop_sequences: usize,
+    pub max_input_tokens: usize,
+    pub max_total_tokens: usize,
+    pub validation_workers: usize,
+    pub max_client_batch_size: usize,
+    pub router: &'static str,
+    pub version: &'static str,
+    pub sha: Option<&'static str>,
+    pub docker_label: Option<&'static str>,
+}
