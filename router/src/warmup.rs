@@ -40,7 +40,9 @@ fn warmup_batch(tokens: u32) -> pb::Batch {
             ..Default::default()
         }),
         stopping_parameters: Some(pb::StoppingCriteriaParameters { max_new_tokens: 2, stop_sequences: vec![], ignore_eos_token: true }),
-        prefill_logprobs: true,
+        // Prompt logprobs would add a vocab-sized logits row per prompt token; like TGI's flash
+        // models we only compute them for requests that ask (decoder_input_details).
+        prefill_logprobs: false,
         top_n_tokens: 5,
         add_special_tokens: true,
         ..Default::default()

@@ -178,7 +178,7 @@ impl Llama {
         let mut start = 0i64;
         for (n, cache) in input.new_tokens.iter().zip(caches.iter()) {
             let n = *n as i64;
-            spans.push((start, n, self.attention_mask(cache.len() as i64, n)));
+            spans.push((start, n, self.attention(cache.len() as i64, n)));
             start += n;
         }
         let mut x = Tensor::embedding(&self.embed, &input.input_ids, -1, false, false);
@@ -191,7 +191,7 @@ impl Llama {
             let q = self.rope.apply(&q, &cos, &sin);
             let k = self.rope.apply(&k, &cos, &sin);
             let mut outs = Vec::with_capacity(spans.len());
-            for ((s, n, mask), cache) in spans.iter().zip(caches.iter_mut()) {
+            for ((s, n, attention), cache) in spans.iter().zip(caches.iter_mut()) {
                 let qi = q.narrow(0, *s, *n).transpose(0, 1).unsqueeze(0);
                 let ki = k.narrow(0, *s, *n).transpose(0, 1);
                 let vi = v.narrow(0, *s, *n).transpose(0, 1);
@@ -200,9 +200,9 @@ impl Llama {
                     &qi,
                     &keys.unsqueeze(0),
                     &values.unsqueeze(0),
-                    mask.as_ref(),
+                    attention.mask(),
                     0.0,
-                    false,
+                    matches!(attention, Attention::Causal),
                     None,
                     nkv != nh,
                 );
@@ -224,13 +224,15 @@ impl Llama {
         rows.linear::<Tensor>(&self.lm_head, None).to_kind(Kind::Float)
     }
 
-    /// Boolean mask (`true` = may attend) for `n` new tokens after `past` cached ones, or `None`
-    /// when plain full attention is already right (a single new token, no sliding window).
-    fn attention_mask(&self, past: i64, n: i64) -> Option<Tensor> {
+    /// How `n` new tokens after `past` cached ones attend. The common cases avoid a mask, so
+    /// SDPA can take its fused (flash) kernels.
+    fn attention(&self, past: i64, n: i64) -> Attention {
         let total = past + n;
         let window = self.config.sliding_window.map(|w| w as i64).filter(|&w| w < total);
-        if n == 1 && window.is_none() {
-            return None;
+        match (window, past, n) {
+            (None, _, 1) => return Attention::Full,
+            (None, 0, _) => return Attention::Causal,
+            _ => {}
         }
         let q_pos = Tensor::arange_start(past, total, (Kind::Int64, self.device)).unsqueeze(1);
         let k_pos = Tensor::arange(total, (Kind::Int64, self.device)).unsqueeze(0);
@@ -238,6 +240,26 @@ impl Llama {
         if let Some(w) = window {
             mask = mask.logical_and(&(q_pos - k_pos).lt(w));
         }
-        Some(mask.unsqueeze(0).unsqueeze(0))
+        Attention::Mask(mask.unsqueeze(0).unsqueeze(0))
+    }
+}
+
+/// The attention pattern of one sequence's new tokens.
+enum Attention {
+    /// Every new token sees the whole history (a single decode token).
+    Full,
+    /// A fresh prompt: plain causal attention.
+    Causal,
+    /// Anything else (a prompt after cached tokens, a sliding window): explicit boolean mask,
+    /// `true` where attending is allowed.
+    Mask(Tensor),
+}
+
+impl Attention {
+    fn mask(&self) -> Option<&Tensor> {
+        match self {
+            Attention::Mask(m) => Some(m),
+            _ => None,
+        }
     }
 }

