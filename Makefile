@@ -37,8 +37,9 @@ $(MODEL_DIR)/model.safetensors: | venv
 
 # Tiny random checkpoints and their transformers reference outputs, for the correctness tests.
 test-models: install $(REFS_DIR)/.done
-$(REFS_DIR)/.done: scripts/make_tiny.py scripts/make_refs.py | venv
+$(TINY_DIR)/MANIFEST.json: scripts/make_tiny.py | venv
 	$(PY) scripts/make_tiny.py --out $(TINY_DIR) --models $(TINY_MODELS)
+$(REFS_DIR)/.done: $(TINY_DIR)/MANIFEST.json scripts/make_refs.py | venv
 	$(PY) scripts/make_refs.py --models-dir $(TINY_DIR) --out $(REFS_DIR) --models $(TINY_MODELS)
 	@touch $@
 
