@@ -90,6 +90,12 @@ pub struct Args {
     /// Log as JSON lines (passed on to the router and shards).
     #[arg(long, env)]
     pub json_output: bool,
+    /// Require `Authorization: Bearer <key>` on every route but health probes and metrics.
+    #[arg(long, env)]
+    pub api_key: Option<String>,
+    /// Allowed CORS origins (repeat the flag); any origin when unset.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
     /// Refused: Tessera never runs code from a model repository.
     #[arg(long, env)]
     pub trust_remote_code: bool,

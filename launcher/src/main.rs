@@ -133,6 +133,13 @@ fn router_command(args: &Args, max_batch_prefill_tokens: u32) -> Command {
     if let Some(v) = args.max_batch_size {
         opt("--max-batch-size", v.to_string());
     }
+    for origin in &args.cors_allow_origin {
+        cmd.arg("--cors-allow-origin").arg(origin);
+    }
+    if let Some(key) = &args.api_key {
+        // Through the environment, so the key does not show up in `ps`.
+        cmd.env("API_KEY", key);
+    }
     if args.json_output {
         cmd.arg("--json-output");
     }

@@ -15,7 +15,7 @@ use tessera_router::infer::Infer;
 use tessera_router::model_files::ModelFiles;
 use tessera_router::queue::Queue;
 use tessera_router::server::types::Info;
-use tessera_router::server::{app, serve, AppState};
+use tessera_router::server::{app, serve, AppState, HttpConfig};
 use tessera_router::validation::{Limits, Validation};
 use tessera_router::warmup::{warmup, Requested};
 
@@ -66,6 +66,12 @@ struct Args {
     payload_limit: usize,
     #[arg(long, env)]
     json_output: bool,
+    /// Require `Authorization: Bearer <key>` on every route but health probes and metrics.
+    #[arg(long, env)]
+    api_key: Option<String>,
+    /// Allowed CORS origins (repeat the flag); any origin when unset.
+    #[arg(long, env, value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
 }
 
 fn init_logging(json: bool) {
@@ -154,7 +160,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let compute_type = std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
     let state = Arc::new(AppState { infer, info, chat_template, compute_type });
-    serve(addr, app(state, args.payload_limit)).await
+    let http = HttpConfig { payload_limit: args.payload_limit, api_key: args.api_key, cors_allow_origin: args.cors_allow_origin };
+    serve(addr, app(state, http)).await
 }
 
 fn main() -> ExitCode {

@@ -1,8 +1,11 @@
 //! The HTTP server: routes, shared state, and the operational endpoints (`/health`, `/info`).
-//! Generation routes live in `generate` (TGI) and `openai` (OpenAI-compatible).
+//! Generation routes live in `generate` (TGI), `openai` (chat) and `completions` (OpenAI).
 
+pub mod access;
+pub mod completions;
 pub mod generate;
 pub mod openai;
+pub mod tokenize;
 pub mod types;
 
 use std::net::SocketAddr;
@@ -34,17 +37,30 @@ impl AppState {
     }
 }
 
-pub fn app(state: SharedState, payload_limit: usize) -> Router {
+/// HTTP settings that shape the router but are not per-request state.
+pub struct HttpConfig {
+    pub payload_limit: usize,
+    pub api_key: Option<String>,
+    pub cors_allow_origin: Vec<String>,
+}
+
+pub fn app(state: SharedState, http: HttpConfig) -> Router {
     Router::new()
         .route("/", get(health).post(generate::compat_generate))
         .route("/generate", post(generate::generate))
         .route("/generate_stream", post(generate::generate_stream))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(completions::completions))
         .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/chat_tokenize", post(tokenize::chat_tokenize))
+        .route("/invocations", post(invocations))
         .route("/health", get(health))
         .route("/ping", get(health))
         .route("/info", get(info))
-        .layer(DefaultBodyLimit::max(payload_limit))
+        .layer(DefaultBodyLimit::max(http.payload_limit))
+        .layer(axum::middleware::from_fn_with_state(http.api_key, access::require_api_key))
+        .layer(access::cors(&http.cors_allow_origin))
         .with_state(state)
 }
 
@@ -54,6 +70,36 @@ async fn health(State(state): State<SharedState>) -> Response {
     } else {
         let body = ErrorResponse { error: "unhealthy".into(), error_type: "healthcheck".into() };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// SageMaker's single route: a generate, chat or completions request, told apart by its
+/// fields (`inputs`, `messages`, `prompt`, in TGI's order).
+async fn invocations(State(state): State<SharedState>, Json(body): Json<serde_json::Value>) -> Response {
+    fn parse<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, Response> {
+        serde_json::from_value(body).map_err(|e| {
+            let body = ErrorResponse { error: format!("Failed to deserialize the JSON body into the target type: {e}"), error_type: "validation".into() };
+            (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
+        })
+    }
+    if body.get("inputs").is_some() {
+        match parse(body) {
+            Ok(r) => generate::compat_generate(State(state), Json(r)).await,
+            Err(resp) => resp,
+        }
+    } else if body.get("messages").is_some() {
+        match parse(body) {
+            Ok(r) => openai::chat_completions(State(state), Json(r)).await.unwrap_or_else(|e| e.into_response()),
+            Err(resp) => resp,
+        }
+    } else if body.get("prompt").is_some() {
+        match parse(body) {
+            Ok(r) => completions::completions(State(state), Json(r)).await,
+            Err(resp) => resp,
+        }
+    } else {
+        let body = ErrorResponse { error: "expected one of `inputs`, `messages` or `prompt`".into(), error_type: "validation".into() };
+        (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
     }
 }
 

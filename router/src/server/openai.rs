@@ -51,6 +51,16 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
+impl Stop {
+    pub fn into_vec(stop: Option<Stop>) -> Vec<String> {
+        match stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
     #[serde(default)]
@@ -92,14 +102,14 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
 }
 
-fn unsupported(what: &str) -> InferError {
+pub(crate) fn unsupported(what: &str) -> InferError {
     ValidationError::Other(format!("{what} is not supported yet")).into()
 }
 
@@ -128,7 +138,7 @@ fn template_messages(messages: Vec<Message>) -> Result<Vec<TemplateMessage>, Inf
 }
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
-fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
+pub(crate) fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
     if req.n.is_some_and(|n| n != 1) {
         return Err(unsupported("`n` other than 1"));
     }
@@ -149,16 +159,9 @@ fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GeneratePar
         .as_ref()
         .ok_or_else(|| InferError::TemplateError("this model has no chat template".into()))?;
     let prompt = template.apply(&template_messages(req.messages)?)?;
-    let (do_sample, temperature) = match req.temperature {
-        Some(t) if t == 0.0 => (false, None),
-        other => (true, other),
-    };
+    let (do_sample, temperature) = sampling(req.temperature);
     let top_n_tokens = if req.logprobs.unwrap_or(false) { req.top_logprobs.or(Some(0)) } else { None };
-    let stop = match req.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
-    };
+    let stop = Stop::into_vec(req.stop);
     Ok((
         prompt,
         GenerateParameters {
@@ -176,12 +179,20 @@ fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GeneratePar
     ))
 }
 
+/// OpenAI's temperature as TGI maps it: 0 means greedy, anything else (or nothing) samples.
+pub(crate) fn sampling(temperature: Option<f32>) -> (bool, Option<f32>) {
+    match temperature {
+        Some(t) if t == 0.0 => (false, None),
+        other => (true, other),
+    }
+}
+
 fn logprob_entry(token: &Token, top: &[Token]) -> Value {
     let tops: Vec<Value> = top.iter().map(|t| json!({"token": t.text, "logprob": t.logprob})).collect();
     json!({"token": token.text, "logprob": token.logprob, "top_logprobs": tops})
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

@@ -1,0 +1,126 @@
+"""Routes beyond generate and chat: OpenAI completions, tokenization, SageMaker's
+/invocations, the payload limit, the API key and CORS."""
+import json
+
+import pytest
+import requests
+from openai import OpenAI
+
+from conftest import TINY, start
+
+
+def test_openai_completions(smollm2):
+    client = OpenAI(base_url=smollm2.url + "/v1/", api_key="-")
+    r = client.completions.create(model="tgi", prompt=["def add(a, b):", "The capital of France is"], max_tokens=6, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert all(c.text and c.finish_reason in ("length", "stop") for c in r.choices)
+    assert 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    greedy = requests.post(smollm2.url + "/generate", json={"inputs": "The capital of France is",
+                                                            "parameters": {"max_new_tokens": 6}}).json()
+    assert [c.text for c in r.choices if c.index == 1] == [greedy["generated_text"]]
+
+
+def test_openai_completions_streaming(smollm2):
+    client = OpenAI(base_url=smollm2.url + "/v1/", api_key="-")
+    chunks = list(client.completions.create(model="tgi", prompt=["a", "b"], max_tokens=4, temperature=0, stream=True))
+    by_index = {0: "", 1: ""}
+    finals = {}
+    for c in chunks:
+        for choice in c.choices:
+            by_index[choice.index] += choice.text
+            if choice.finish_reason:
+                finals[choice.index] = choice.finish_reason
+    assert set(finals) == {0, 1} and set(finals.values()) <= {"length", "stop"}
+    full = client.completions.create(model="tgi", prompt=["a", "b"], max_tokens=4, temperature=0)
+    assert {c.index: c.text for c in full.choices} == by_index
+
+
+def test_completions_errors(smollm2):
+    r = requests.post(smollm2.url + "/v1/completions", json={"prompt": "a", "suffix": "b"})
+    assert r.status_code == 422 and r.json()["error_type"] == "suffix not supported"
+    r = requests.post(smollm2.url + "/v1/completions", json={"prompt": ["a"] * 5})
+    assert r.status_code == 422
+    assert r.json()["error"] == "Number of prompts exceeds the maximum allowed batch size of 4"
+    r = requests.post(smollm2.url + "/v1/completions", json={"prompt": []})
+    assert r.status_code == 422
+
+
+def test_tokenize_and_chat_tokenize(smollm2):
+    text = "Hello, world! def f(x): return x"
+    toks = requests.post(smollm2.url + "/tokenize", json={"inputs": text}).json()
+    assert "".join(t["text"] for t in toks) == text
+    assert [t["start"] for t in toks[1:]] == [t["stop"] for t in toks[:-1]]
+    # Offsets are byte offsets; a token holding part of a character maps to the whole character.
+    text = "Grüße, 世界!"
+    toks = requests.post(smollm2.url + "/tokenize", json={"inputs": text}).json()
+    assert toks[0]["start"] == 0 and toks[-1]["stop"] == len(text.encode())
+    assert all(text.encode()[t["start"]:t["stop"]].decode() == t["text"] for t in toks)
+    r = requests.post(smollm2.url + "/chat_tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert r["templated_text"].endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nHi<|im_end|>" in r["templated_text"]
+    assert len(r["tokenize_response"]) > 3
+
+
+def test_invocations_dispatches_on_fields(smollm2):
+    url = smollm2.url + "/invocations"
+    r = requests.post(url, json={"inputs": "Hello", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200 and isinstance(r.json(), list)
+    r = requests.post(url, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.json()["object"] == "chat.completion"
+    r = requests.post(url, json={"prompt": "Hi", "max_tokens": 2})
+    assert r.json()["object"] == "text_completion"
+    r = requests.post(url, json={"nothing": 1})
+    assert r.status_code == 422
+
+
+def test_payload_limit(smollm2):
+    r = requests.post(smollm2.url + "/generate", json={"inputs": "a" * 2_100_000})
+    assert r.status_code == 413
+
+
+@pytest.fixture(scope="module")
+def keyed():
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--api-key", "s3cret",
+                   "--cors-allow-origin", "http://ui.example")
+    yield server
+    assert server.stop() == 0
+
+
+PROTECTED = [
+    ("post", "/", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}),
+    ("post", "/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}),
+    ("post", "/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+    ("post", "/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+    ("post", "/invocations", {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}),
+    ("post", "/tokenize", {"inputs": "Hello"}),
+    ("post", "/chat_tokenize", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ("get", "/info", None),
+    ("get", "/v1/models", None),
+]
+
+
+@pytest.mark.parametrize("method,path,body", PROTECTED)
+def test_api_key_protects_route(keyed, method, path, body):
+    url = keyed.url + path
+    assert getattr(requests, method)(url, json=body).status_code == 401
+    bad = {"Authorization": "Bearer S3CRET"}
+    assert getattr(requests, method)(url, json=body, headers=bad).status_code == 401
+    good = {"Authorization": "Bearer s3cret"}
+    assert getattr(requests, method)(url, json=body, headers=good).status_code == 200
+
+
+def test_api_key_leaves_probes_open_and_cors_allows_authorization(keyed):
+    assert requests.get(keyed.url + "/health").status_code == 200
+    assert requests.get(keyed.url + "/").status_code == 200
+    r = requests.options(keyed.url + "/generate", headers={
+        "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert r.headers.get("access-control-allow-origin") == "http://ui.example"
+    assert "authorization" in r.headers.get("access-control-allow-headers", "").lower()
+    r = requests.options(keyed.url + "/generate", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    client = OpenAI(base_url=keyed.url + "/v1/", api_key="s3cret")
+    assert client.chat.completions.create(model="tgi", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices

@@ -1,0 +1,195 @@
+//! `POST /v1/completions` (OpenAI legacy completions): one or several prompts, each run as its
+//! own generation, concurrently. Non-streaming returns every choice with summed usage;
+//! streaming interleaves the prompts' tokens as TGI does and ends with `data: [DONE]`.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::future::join_all;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::openai::{now, sampling, unsupported, Stop, Usage};
+use super::types::GenerateParameters;
+use super::SharedState;
+use crate::error::{ErrorResponse, InferError};
+use crate::infer::InferEvent;
+use crate::validation::ValidRequest;
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    #[serde(default)]
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub n: Option<u32>,
+}
+
+fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
+    (status, Json(ErrorResponse { error: error.into(), error_type: error_type.into() })).into_response()
+}
+
+pub async fn completions(State(state): State<SharedState>, Json(req): Json<CompletionRequest>) -> Response {
+    match run(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, InferError> {
+    let start = Instant::now();
+    if req.suffix.is_some() {
+        return Ok(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Suffix is not supported and can be achieved by preprocessing the prompt.",
+            "suffix not supported",
+        ));
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(unsupported("`n` other than 1"));
+    }
+    let prompts = match req.prompt {
+        Prompt::One(p) => vec![p],
+        Prompt::Many(v) => v,
+    };
+    if prompts.is_empty() {
+        return Ok(error(StatusCode::UNPROCESSABLE_ENTITY, "Empty array detected. Do not use an empty array for the prompt.", "validation"));
+    }
+    let max = state.info.max_client_batch_size;
+    if prompts.len() > max {
+        return Ok(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &format!("Number of prompts exceeds the maximum allowed batch size of {max}"),
+            "batch size exceeded",
+        ));
+    }
+    let (do_sample, temperature) = sampling(req.temperature);
+    let params = GenerateParameters {
+        do_sample,
+        temperature,
+        top_p: req.top_p,
+        max_new_tokens: req.max_tokens,
+        seed: req.seed,
+        repetition_penalty: req.repetition_penalty,
+        frequency_penalty: req.frequency_penalty,
+        stop: Stop::into_vec(req.stop),
+        details: true,
+        ..Default::default()
+    };
+    // Every prompt takes its own concurrency slot and is validated before any of them runs.
+    let mut permits = Vec::with_capacity(prompts.len());
+    let mut valid: Vec<ValidRequest> = Vec::with_capacity(prompts.len());
+    let chars: usize = prompts.iter().map(|p| p.chars().count()).sum();
+    for prompt in prompts {
+        permits.push(state.infer.admit()?);
+        valid.push(state.infer.validation.validate(prompt, params.clone(), true).await?);
+    }
+    let model = state.info.model_id.clone();
+    let fingerprint = state.system_fingerprint();
+    let id = format!("cmpl-{:016x}", rand::random::<u64>());
+    let created = now();
+    let mut headers = HeaderMap::new();
+    let h = |v: String| HeaderValue::from_str(&v).unwrap_or(HeaderValue::from_static(""));
+    headers.insert("x-compute-type", h(state.compute_type.clone()));
+    headers.insert("x-compute-characters", h(chars.to_string()));
+    if req.stream {
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+        let mut tasks = JoinSet::new();
+        for ((index, request), permit) in valid.into_iter().enumerate().zip(permits) {
+            let (state, tx, id, model, fingerprint) = (state.clone(), tx.clone(), id.clone(), model.clone(), fingerprint.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let input_length = request.input_length;
+                let mut events = state.infer.schedule(request);
+                let base = json!({"object": "text_completion", "id": id, "created": created, "model": model, "system_fingerprint": fingerprint});
+                while let Some(event) = events.next().await {
+                    let mut body = base.clone();
+                    let (text, finish) = match event {
+                        Ok(InferEvent::Prefill(_)) => continue,
+                        Ok(InferEvent::Token { token, .. }) => (if token.special { String::new() } else { token.text }, None),
+                        Ok(InferEvent::End { token, generated_text, .. }) => {
+                            let text = if token.special { String::new() } else { token.text };
+                            body["usage"] = json!(Usage {
+                                prompt_tokens: input_length,
+                                completion_tokens: generated_text.generated_tokens,
+                                total_tokens: input_length + generated_text.generated_tokens,
+                            });
+                            (text, Some(generated_text.finish_reason.openai()))
+                        }
+                        Err(e) => {
+                            let err = json!({"error": {"message": e.to_string(), "http_status_code": 422}});
+                            let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
+                            return;
+                        }
+                    };
+                    let done = finish.is_some();
+                    body["choices"] = json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish.unwrap_or("")}]);
+                    if tx.send(Ok(Event::default().data(body.to_string()))).await.is_err() || done {
+                        return;
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move {
+            while tasks.join_next().await.is_some() {}
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+        });
+        return Ok((headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response());
+    }
+    let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
+    let results = join_all(valid.into_iter().map(|r| state.infer.generate(r))).await;
+    drop(permits);
+    let mut usage = Usage::default();
+    let mut choices = Vec::new();
+    for (index, (result, input_length)) in results.into_iter().zip(lengths).enumerate() {
+        let r = result?;
+        let g = r.generated_text;
+        usage.prompt_tokens += input_length;
+        usage.completion_tokens += g.generated_tokens;
+        choices.push(json!({"index": index, "text": g.text, "logprobs": null, "finish_reason": g.finish_reason.openai()}));
+    }
+    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    headers.insert("x-prompt-tokens", h(usage.prompt_tokens.to_string()));
+    headers.insert("x-generated-tokens", h(usage.completion_tokens.to_string()));
+    headers.insert("x-total-time", h(start.elapsed().as_millis().to_string()));
+    let body: Value = json!({
+        "object": "text_completion", "id": id, "created": created, "model": model,
+        "system_fingerprint": fingerprint, "choices": choices, "usage": usage,
+    });
+    Ok((headers, Json(body)).into_response())
+}

@@ -1,0 +1,48 @@
+//! `POST /tokenize` and `POST /chat_tokenize`: what the model would see, token by token, with
+//! byte offsets into the text, so clients can count tokens and debug templates.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::openai::{prepare, ChatRequest};
+use super::types::GenerateRequest;
+use super::SharedState;
+use crate::error::{InferError, ValidationError};
+
+#[derive(Debug, Serialize)]
+pub struct SimpleToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub stop: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatTokenizeResponse {
+    pub tokenize_response: Vec<SimpleToken>,
+    pub templated_text: String,
+}
+
+async fn simple_tokens(state: &SharedState, text: &str, add_special_tokens: bool) -> Result<Vec<SimpleToken>, InferError> {
+    let enc = state.infer.validation.tokenize(text.to_string(), add_special_tokens).await?;
+    Ok(enc
+        .get_ids()
+        .iter()
+        .zip(enc.get_offsets())
+        .map(|(&id, &(start, stop))| SimpleToken { id, text: text.get(start..stop).unwrap_or_default().to_string(), start, stop })
+        .collect())
+}
+
+pub async fn tokenize(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Result<Json<Vec<SimpleToken>>, InferError> {
+    if req.inputs.is_empty() {
+        return Err(ValidationError::EmptyInput.into());
+    }
+    Ok(Json(simple_tokens(&state, &req.inputs, true).await?))
+}
+
+pub async fn chat_tokenize(State(state): State<SharedState>, Json(req): Json<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
+    let (templated_text, _) = prepare(&state, req)?;
+    let tokenize_response = simple_tokens(&state, &templated_text, false).await?;
+    Ok(Json(ChatTokenizeResponse { tokenize_response, templated_text }))
+}
