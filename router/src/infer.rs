@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
+use tokio_stream::{StreamExt, StreamMap};
 
 use crate::client::ShardedClient;
 use crate::error::InferError;
@@ -62,7 +62,22 @@ impl Infer {
 
     /// Takes a concurrency slot, or fails with 429 at once.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, InferError> {
-        self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)
+        self.admit_many(1)
+    }
+
+    /// Takes `n` slots at once (one per sequence of an `n` > 1 request), or none.
+    pub fn admit_many(&self, n: u32) -> Result<OwnedSemaphorePermit, InferError> {
+        self.limit.clone().try_acquire_many_owned(n).map_err(|_| InferError::Overloaded)
+    }
+
+    /// Queues several requests together (so they share prefills and decodes) and merges their
+    /// event streams, each event tagged with its request's position in `requests`.
+    pub fn schedule_all(&self, requests: Vec<ValidRequest>) -> StreamMap<usize, InferStream> {
+        let mut streams = StreamMap::with_capacity(requests.len());
+        for (i, r) in requests.into_iter().enumerate() {
+            streams.insert(i, self.schedule(r));
+        }
+        streams
     }
 
     /// Queues a validated request; the permit must be held until the stream is consumed.

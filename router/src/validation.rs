@@ -42,6 +42,18 @@ pub struct ValidRequest {
 }
 
 impl ValidRequest {
+    /// `n` copies that sample independently: copy `i` uses seed + `i`, so a seeded request
+    /// still gives reproducible choices.
+    pub fn samples(self, n: u32) -> Vec<ValidRequest> {
+        (0..n as u64)
+            .map(|i| {
+                let mut r = self.clone();
+                r.parameters.seed = self.parameters.seed.wrapping_add(i);
+                r
+            })
+            .collect()
+    }
+
     /// KV tokens the request may occupy at most.
     pub fn max_tokens(&self) -> u32 {
         self.input_length + self.stopping.max_new_tokens
@@ -51,6 +63,16 @@ impl ValidRequest {
 impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, limits: Limits) -> Self {
         Self { tokenizer, limits }
+    }
+
+    /// TGI's `validate_best_of`: how many candidates to run (1 when `best_of` is unset).
+    pub fn best_of(&self, best_of: Option<usize>) -> Result<usize, ValidationError> {
+        match best_of {
+            Some(n) if n > 1 && self.limits.max_best_of == 1 => Err(ValidationError::BestOfDisabled),
+            Some(n) if n > self.limits.max_best_of => Err(ValidationError::BestOf(self.limits.max_best_of, n)),
+            Some(n) if n > 1 => Ok(n),
+            _ => Ok(1),
+        }
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -73,9 +95,10 @@ impl Validation {
         add_special_tokens: bool,
     ) -> Result<ValidRequest, ValidationError> {
         let l = &self.limits;
-        if p.best_of.is_some_and(|b| b > 1) {
-            // Sampling several candidates is not implemented yet; refuse rather than ignore.
-            return Err(ValidationError::BestOfDisabled);
+        let best_of = p.best_of.unwrap_or(1);
+        let sampling = p.do_sample || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some() || p.typical_p.is_some();
+        if best_of > 1 && !sampling {
+            return Err(ValidationError::BestOfSampling);
         }
         let temperature = p.temperature.unwrap_or(1.0);
         if temperature <= 0.0 {
@@ -107,6 +130,9 @@ impl Validation {
         }
         if p.stop.len() > l.max_stop_sequences {
             return Err(ValidationError::StopSequence(l.max_stop_sequences, p.stop.len()));
+        }
+        if best_of > 1 && p.seed.is_some() {
+            return Err(ValidationError::BestOfSeed);
         }
         let top_n_tokens = p.top_n_tokens.unwrap_or(0);
         if top_n_tokens > l.max_top_n_tokens {
@@ -140,6 +166,10 @@ impl Validation {
         }
         if p.grammar.is_some() {
             return Err(ValidationError::Grammar);
+        }
+        if p.watermark {
+            // The shard does not watermark yet; refusing beats silently ignoring the flag.
+            return Err(ValidationError::Other("`watermark` is not supported yet".into()));
         }
         let seed = p.seed.unwrap_or_else(rand::random);
         Ok(ValidRequest {

@@ -170,3 +170,31 @@ fn bf16_within_stated_tolerance() {
         }
     }
 }
+
+#[test]
+fn f32_prompt_logprobs_match_transformers() {
+    for model in MODELS {
+        let r = refs(model);
+        let cases = r["cases"].as_array().expect("cases");
+        let mut runner = load(model, "float32");
+        let requests = cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| pb::Request { prefill_logprobs: true, ..request(i as u64, c, 1) })
+            .collect::<Vec<_>>();
+        let batch = pb::Batch { id: 3, size: requests.len() as u32, requests, ..Default::default() };
+        let out = runner.prefill(&batch, None).expect("prefill");
+        let mut worst = 0f64;
+        for g in &out.generations {
+            let case = &cases[g.request_id as usize];
+            let prefill = g.prefill_tokens.as_ref().expect("prefill tokens");
+            assert_eq!(prefill.ids, ids(&case["input_ids"]), "{model}");
+            let want = case["prompt_logprobs"].as_array().expect("logprobs");
+            assert!(prefill.logprobs[0].is_nan(), "the first prompt token has no logprob");
+            for (got, want) in prefill.logprobs.iter().zip(want).skip(1) {
+                worst = worst.max((*got as f64 - want.as_f64().expect("logprob")).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{model}: max |prompt logprob - reference| = {worst}");
+    }
+}

@@ -14,11 +14,10 @@ use futures::future::join_all;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::openai::{now, sampling, unsupported, Stop, Usage};
+use super::openai::{choices, now, sampling, Stop, Usage};
 use super::types::GenerateParameters;
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError};
@@ -79,9 +78,7 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
             "suffix not supported",
         ));
     }
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("`n` other than 1"));
-    }
+    let n = choices(req.n)?;
     let prompts = match req.prompt {
         Prompt::One(p) => vec![p],
         Prompt::Many(v) => v,
@@ -110,13 +107,13 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         details: true,
         ..Default::default()
     };
-    // Every prompt takes its own concurrency slot and is validated before any of them runs.
-    let mut permits = Vec::with_capacity(prompts.len());
-    let mut valid: Vec<ValidRequest> = Vec::with_capacity(prompts.len());
+    // Every sequence takes its own concurrency slot, and every prompt is validated before any
+    // of them runs. Choice `i * n + j` is sample `j` of prompt `i`, as in OpenAI's API.
+    let permits = state.infer.admit_many(prompts.len() as u32 * n)?;
+    let mut valid: Vec<ValidRequest> = Vec::with_capacity(prompts.len() * n as usize);
     let chars: usize = prompts.iter().map(|p| p.chars().count()).sum();
     for prompt in prompts {
-        permits.push(state.infer.admit()?);
-        valid.push(state.infer.validation.validate(prompt, params.clone(), true).await?);
+        valid.extend(state.infer.validation.validate(prompt, params.clone(), true).await?.samples(n));
     }
     let model = state.info.model_id.clone();
     let fingerprint = state.system_fingerprint();
@@ -129,44 +126,37 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     if req.stream {
         headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-        let mut tasks = JoinSet::new();
-        for ((index, request), permit) in valid.into_iter().enumerate().zip(permits) {
-            let (state, tx, id, model, fingerprint) = (state.clone(), tx.clone(), id.clone(), model.clone(), fingerprint.clone());
-            tasks.spawn(async move {
-                let _permit = permit;
-                let input_length = request.input_length;
-                let mut events = state.infer.schedule(request);
-                let base = json!({"object": "text_completion", "id": id, "created": created, "model": model, "system_fingerprint": fingerprint});
-                while let Some(event) = events.next().await {
-                    let mut body = base.clone();
-                    let (text, finish) = match event {
-                        Ok(InferEvent::Prefill(_)) => continue,
-                        Ok(InferEvent::Token { token, .. }) => (if token.special { String::new() } else { token.text }, None),
-                        Ok(InferEvent::End { token, generated_text, .. }) => {
-                            let text = if token.special { String::new() } else { token.text };
-                            body["usage"] = json!(Usage {
-                                prompt_tokens: input_length,
-                                completion_tokens: generated_text.generated_tokens,
-                                total_tokens: input_length + generated_text.generated_tokens,
-                            });
-                            (text, Some(generated_text.finish_reason.openai()))
-                        }
-                        Err(e) => {
-                            let err = json!({"error": {"message": e.to_string(), "http_status_code": 422}});
-                            let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
-                            return;
-                        }
-                    };
-                    let done = finish.is_some();
-                    body["choices"] = json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish.unwrap_or("")}]);
-                    if tx.send(Ok(Event::default().data(body.to_string()))).await.is_err() || done {
-                        return;
-                    }
-                }
-            });
-        }
+        let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
+        let mut events = state.infer.schedule_all(valid);
         tokio::spawn(async move {
-            while tasks.join_next().await.is_some() {}
+            let _permits = permits;
+            let base = json!({"object": "text_completion", "id": id, "created": created, "model": model, "system_fingerprint": fingerprint});
+            while let Some((index, event)) = events.next().await {
+                let mut body = base.clone();
+                let (token, finish) = match event {
+                    Ok(InferEvent::Prefill(_)) => continue,
+                    Ok(InferEvent::Token { token, .. }) => (token, None),
+                    Ok(InferEvent::End { token, generated_text, .. }) => {
+                        let prompt_tokens = lengths[index];
+                        body["usage"] = json!(Usage {
+                            prompt_tokens,
+                            completion_tokens: generated_text.generated_tokens,
+                            total_tokens: prompt_tokens + generated_text.generated_tokens,
+                        });
+                        (token, Some(generated_text.finish_reason.openai()))
+                    }
+                    Err(e) => {
+                        let err = json!({"error": {"message": e.to_string(), "http_status_code": 422}});
+                        let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
+                        break;
+                    }
+                };
+                let text = if token.special { String::new() } else { token.text };
+                body["choices"] = json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish.unwrap_or("")}]);
+                if tx.send(Ok(Event::default().data(body.to_string()))).await.is_err() {
+                    return;
+                }
+            }
             let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         });
         return Ok((headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response());
@@ -179,7 +169,10 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     for (index, (result, input_length)) in results.into_iter().zip(lengths).enumerate() {
         let r = result?;
         let g = r.generated_text;
-        usage.prompt_tokens += input_length;
+        // A prompt's tokens count once, however many samples were drawn from it.
+        if index as u32 % n == 0 {
+            usage.prompt_tokens += input_length;
+        }
         usage.completion_tokens += g.generated_tokens;
         choices.push(json!({"index": index, "text": g.text, "logprobs": null, "finish_reason": g.finish_reason.openai()}));
     }

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::types::{CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
+use futures::future::join_all;
+
+use super::types::{BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
 use super::SharedState;
 use crate::error::{InferError, ValidationError};
 use crate::infer::{InferEvent, InferResponse};
@@ -47,26 +49,52 @@ pub async fn generate(State(state): State<SharedState>, Json(req): Json<Generate
     generate_inner(state, req.inputs, req.parameters, false).await
 }
 
+/// Mean token logprob: TGI's criterion for the best of several candidates.
+fn mean_logprob(r: &InferResponse) -> f32 {
+    let n = r.tokens.len().max(1) as f32;
+    r.tokens.iter().map(|t| t.logprob).sum::<f32>() / n
+}
+
 async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameters, default_full_text: bool) -> Result<Response, InferError> {
     let start = Instant::now();
-    let _permit = state.infer.admit()?;
+    let best_of = state.infer.validation.best_of(p.best_of)?;
+    let _permit = state.infer.admit_many(best_of as u32)?;
     let chars = inputs.chars().count();
     let full_text = p.return_full_text.unwrap_or(default_full_text);
     let want_details = p.details || p.decoder_input_details;
     let valid = state.infer.validation.validate(inputs.clone(), p, true).await?;
     let input_length = valid.input_length;
-    let r = state.infer.generate(valid).await?;
+    // Candidates run concurrently, so they share prefills and decode steps.
+    let mut results = join_all(valid.samples(best_of as u32).into_iter().map(|r| state.infer.generate(r)))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let best = (0..results.len()).max_by(|&a, &b| mean_logprob(&results[a]).total_cmp(&mean_logprob(&results[b]))).unwrap_or(0);
+    let r = results.swap_remove(best);
+    let text = |t: &str| if full_text { format!("{inputs}{t}") } else { t.to_string() };
+    let best_of_sequences = (best_of > 1).then(|| {
+        results
+            .into_iter()
+            .map(|o| BestOfSequence {
+                generated_text: text(&o.generated_text.text),
+                finish_reason: o.generated_text.finish_reason,
+                generated_tokens: o.generated_text.generated_tokens,
+                seed: o.generated_text.seed,
+                prefill: o.prefill,
+                tokens: o.tokens,
+                top_tokens: o.top_tokens,
+            })
+            .collect()
+    });
     let headers = timing_headers(&state.compute_type, chars, start, &r, input_length);
-    let mut generated_text = r.generated_text.text.clone();
-    if full_text {
-        generated_text = inputs + &generated_text;
-    }
+    let generated_text = text(&r.generated_text.text);
     let details = want_details.then(|| Details {
         finish_reason: r.generated_text.finish_reason,
         generated_tokens: r.generated_text.generated_tokens,
         seed: r.generated_text.seed,
         prefill: r.prefill,
         tokens: r.tokens,
+        best_of_sequences,
         top_tokens: r.top_tokens,
     });
     Ok((headers, Json(GenerateResponse { generated_text, details })).into_response())

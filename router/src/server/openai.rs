@@ -11,6 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use futures::future::join_all;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -139,9 +140,6 @@ fn template_messages(messages: Vec<Message>) -> Result<Vec<TemplateMessage>, Inf
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
 pub(crate) fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
-    if req.n.is_some_and(|n| n != 1) {
-        return Err(unsupported("`n` other than 1"));
-    }
     if req.presence_penalty.is_some_and(|p| p != 0.0) {
         return Err(unsupported("`presence_penalty`"));
     }
@@ -196,9 +194,24 @@ pub(crate) fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// How many choices a request asks for (OpenAI's `n`), checked.
+pub(crate) fn choices(n: Option<u32>) -> Result<u32, InferError> {
+    match n.unwrap_or(1) {
+        0 => Err(ValidationError::Other("`n` must be strictly positive".into()).into()),
+        n => Ok(n),
+    }
+}
+
+fn logprobs_of(tokens: &[Token], top: &[Vec<Token>]) -> Value {
+    let content: Vec<Value> =
+        tokens.iter().enumerate().map(|(i, t)| logprob_entry(t, top.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect();
+    json!({ "content": content })
+}
+
 pub async fn chat_completions(State(state): State<SharedState>, Json(req): Json<ChatRequest>) -> Result<Response, InferError> {
     let start = Instant::now();
-    let permit = state.infer.admit()?;
+    let n = choices(req.n)?;
+    let permit = state.infer.admit_many(n)?;
     let model = req.model.clone().filter(|m| m != "tgi").unwrap_or_else(|| state.info.model_id.clone());
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -207,55 +220,52 @@ pub async fn chat_completions(State(state): State<SharedState>, Json(req): Json<
     let chars = prompt.chars().count();
     let valid = state.infer.validation.validate(prompt, params, false).await?;
     let input_length = valid.input_length;
+    let requests = valid.samples(n);
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
     let fingerprint = state.system_fingerprint();
     if !stream {
-        let r = state.infer.generate(valid).await?;
-        let headers = timing_headers(&state.compute_type, chars, start, &r, input_length);
-        let logprobs = logprobs.then(|| {
-            let content: Vec<Value> = r
-                .tokens
-                .iter()
-                .enumerate()
-                .map(|(i, t)| logprob_entry(t, r.top_tokens.get(i).map(Vec::as_slice).unwrap_or(&[])))
-                .collect();
-            json!({ "content": content })
-        });
-        let g = &r.generated_text;
+        let results = join_all(requests.into_iter().map(|r| state.infer.generate(r))).await;
+        let mut headers = None;
+        let mut choices = Vec::with_capacity(results.len());
+        let mut completion_tokens = 0;
+        for (index, r) in results.into_iter().enumerate() {
+            let r = r?;
+            let headers = headers.get_or_insert_with(|| timing_headers(&state.compute_type, chars, start, &r, input_length));
+            let g = &r.generated_text;
+            completion_tokens += g.generated_tokens;
+            headers.insert("x-generated-tokens", HeaderValue::from(completion_tokens));
+            choices.push(json!({
+                "index": index,
+                "message": {"role": "assistant", "content": g.text},
+                "logprobs": if logprobs { logprobs_of(&r.tokens, &r.top_tokens) } else { Value::Null },
+                "finish_reason": g.finish_reason.openai(),
+            }));
+        }
         let body = json!({
             "object": "chat.completion",
             "id": id,
             "created": now(),
             "model": model,
             "system_fingerprint": fingerprint,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": g.text},
-                "logprobs": logprobs,
-                "finish_reason": g.finish_reason.openai(),
-            }],
-            "usage": Usage { prompt_tokens: input_length, completion_tokens: g.generated_tokens, total_tokens: input_length + g.generated_tokens },
+            "choices": choices,
+            "usage": Usage { prompt_tokens: input_length, completion_tokens, total_tokens: input_length + completion_tokens },
         });
-        return Ok((headers, Json(body)).into_response());
+        return Ok((headers.unwrap_or_default(), Json(body)).into_response());
     }
-    let mut events = state.infer.schedule(valid);
+    let mut events = state.infer.schedule_all(requests);
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let created = now();
     tokio::spawn(async move {
         let _permit = permit;
-        let chunk = |delta: Value, logprobs: Value, finish: Value, usage: Value, choices: bool| {
-            let choices = if choices {
-                json!([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
-            } else {
-                json!([])
-            };
+        let chunk = |choices: Value, usage: Value| {
             let body = json!({
                 "object": "chat.completion.chunk", "id": id, "created": created, "model": model,
                 "system_fingerprint": fingerprint, "choices": choices, "usage": usage,
             });
             Event::default().data(body.to_string())
         };
-        while let Some(event) = events.next().await {
+        let mut completion_tokens = 0;
+        while let Some((index, event)) = events.next().await {
             let (token, top, end) = match event {
                 Ok(InferEvent::Prefill(_)) => continue,
                 Ok(InferEvent::Token { token, top_tokens }) => (token, top_tokens, None),
@@ -269,21 +279,15 @@ pub async fn chat_completions(State(state): State<SharedState>, Json(req): Json<
             let content = if token.special { String::new() } else { token.text.clone() };
             let lp = if logprobs { json!({"content": [logprob_entry(&token, &top)]}) } else { Value::Null };
             let finish = end.as_ref().map(|g| json!(g.finish_reason.openai())).unwrap_or(Value::Null);
-            let ev = chunk(json!({"role": "assistant", "content": content}), lp, finish, Value::Null, true);
-            if tx.send(Ok(ev)).await.is_err() {
+            completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
+            let choice = json!([{"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": lp, "finish_reason": finish}]);
+            if tx.send(Ok(chunk(choice, Value::Null))).await.is_err() {
                 return;
             }
-            if let Some(g) = end {
-                if include_usage {
-                    let usage = json!(Usage {
-                        prompt_tokens: input_length,
-                        completion_tokens: g.generated_tokens,
-                        total_tokens: input_length + g.generated_tokens
-                    });
-                    let _ = tx.send(Ok(chunk(Value::Null, Value::Null, Value::Null, usage, false))).await;
-                }
-                break;
-            }
+        }
+        if include_usage {
+            let usage = json!(Usage { prompt_tokens: input_length, completion_tokens, total_tokens: input_length + completion_tokens });
+            let _ = tx.send(Ok(chunk(json!([]), usage))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
