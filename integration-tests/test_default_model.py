@@ -121,7 +121,7 @@ def test_validation_errors(smollm2):
     r = requests.post(smollm2.url + "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 100000}})
     assert r.status_code == 422 and "must be <=" in r.json()["error"]
     r = requests.post(smollm2.url + "/generate", data="{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 400
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
     r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": PARIS, "presence_penalty": 1.0})
     assert r.status_code == 422 and "not supported" in r.json()["error"]
     # Errors in a stream arrive as an SSE event, as in TGI.

@@ -120,3 +120,17 @@ def test_chat_n_and_completions_n(server):
     assert sorted(x.index for x in c.choices) == [0, 1, 2, 3]
     r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "n": 0})
     assert r.status_code == 422
+
+
+def test_bad_json_names_the_field(server):
+    r = requests.post(server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": "ten"}})
+    assert r.status_code == 422
+    assert "parameters.max_new_tokens" in r.json()["error"] and r.json()["error_type"] == "validation"
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "video"}]}]})
+    assert r.status_code == 422 and "messages[0].content" in r.json()["error"]
+    r = requests.post(server.url + "/generate", json={"parameters": {}})
+    assert r.status_code == 422 and "inputs" in r.json()["error"]
+    r = requests.post(server.url + "/generate", data='{"inputs": "Hi",}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = requests.post(server.url + "/generate", data='{"inputs": "Hi"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415

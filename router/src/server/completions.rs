@@ -19,6 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::openai::{choices, now, sampling, Stop, Usage};
 use super::types::GenerateParameters;
+use super::json::JsonBody;
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError};
 use crate::infer::InferEvent;
@@ -62,7 +63,7 @@ fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
     (status, Json(ErrorResponse { error: error.into(), error_type: error_type.into() })).into_response()
 }
 
-pub async fn completions(State(state): State<SharedState>, Json(req): Json<CompletionRequest>) -> Response {
+pub async fn completions(State(state): State<SharedState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
     match run(state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

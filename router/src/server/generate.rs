@@ -16,6 +16,7 @@ use tokio_stream::StreamExt;
 use futures::future::join_all;
 
 use super::types::{BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
+use super::json::JsonBody;
 use super::SharedState;
 use crate::error::{InferError, ValidationError};
 use crate::infer::{InferEvent, InferResponse};
@@ -45,7 +46,7 @@ pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &Infe
     h
 }
 
-pub async fn generate(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Result<Response, InferError> {
+pub async fn generate(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, InferError> {
     generate_inner(state, req.inputs, req.parameters, false).await
 }
 
@@ -100,13 +101,13 @@ async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameter
     Ok((headers, Json(GenerateResponse { generated_text, details })).into_response())
 }
 
-pub async fn generate_stream(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Response {
+pub async fn generate_stream(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
     stream_inner(state, req.inputs, req.parameters, false).await
 }
 
 /// `POST /`: TGI's compatibility route. Without a pipeline tag (local models) TGI defaults
 /// `return_full_text` to true here, and returns a JSON array when not streaming.
-pub async fn compat_generate(State(state): State<SharedState>, Json(req): Json<CompatGenerateRequest>) -> Response {
+pub async fn compat_generate(State(state): State<SharedState>, JsonBody(req): JsonBody<CompatGenerateRequest>) -> Response {
     if req.stream {
         return stream_inner(state, req.inputs, req.parameters, true).await;
     }

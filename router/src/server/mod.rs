@@ -4,6 +4,7 @@
 pub mod access;
 pub mod completions;
 pub mod generate;
+pub mod json;
 pub mod openai;
 pub mod tokenize;
 pub mod types;
@@ -20,6 +21,7 @@ use axum::{Json, Router};
 use crate::chat_template::ChatTemplate;
 use crate::error::ErrorResponse;
 use crate::infer::Infer;
+use json::JsonBody;
 use types::Info;
 
 pub struct AppState {
@@ -75,7 +77,7 @@ async fn health(State(state): State<SharedState>) -> Response {
 
 /// SageMaker's single route: a generate, chat or completions request, told apart by its
 /// fields (`inputs`, `messages`, `prompt`, in TGI's order).
-async fn invocations(State(state): State<SharedState>, Json(body): Json<serde_json::Value>) -> Response {
+async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<serde_json::Value>) -> Response {
     fn parse<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, Response> {
         serde_json::from_value(body).map_err(|e| {
             let body = ErrorResponse { error: format!("Failed to deserialize the JSON body into the target type: {e}"), error_type: "validation".into() };
@@ -84,17 +86,17 @@ async fn invocations(State(state): State<SharedState>, Json(body): Json<serde_js
     }
     if body.get("inputs").is_some() {
         match parse(body) {
-            Ok(r) => generate::compat_generate(State(state), Json(r)).await,
+            Ok(r) => generate::compat_generate(State(state), JsonBody(r)).await,
             Err(resp) => resp,
         }
     } else if body.get("messages").is_some() {
         match parse(body) {
-            Ok(r) => openai::chat_completions(State(state), Json(r)).await.unwrap_or_else(|e| e.into_response()),
+            Ok(r) => openai::chat_completions(State(state), JsonBody(r)).await.unwrap_or_else(|e| e.into_response()),
             Err(resp) => resp,
         }
     } else if body.get("prompt").is_some() {
         match parse(body) {
-            Ok(r) => completions::completions(State(state), Json(r)).await,
+            Ok(r) => completions::completions(State(state), JsonBody(r)).await,
             Err(resp) => resp,
         }
     } else {

@@ -19,6 +19,7 @@ use tokio_stream::StreamExt;
 
 use super::generate::timing_headers;
 use super::types::{GenerateParameters, Token};
+use super::json::JsonBody;
 use super::SharedState;
 use crate::chat_template::TemplateMessage;
 use crate::error::{InferError, ValidationError};
@@ -208,7 +209,7 @@ fn logprobs_of(tokens: &[Token], top: &[Vec<Token>]) -> Value {
     json!({ "content": content })
 }
 
-pub async fn chat_completions(State(state): State<SharedState>, Json(req): Json<ChatRequest>) -> Result<Response, InferError> {
+pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, InferError> {
     let start = Instant::now();
     let n = choices(req.n)?;
     let permit = state.infer.admit_many(n)?;

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::openai::{prepare, ChatRequest};
 use super::types::GenerateRequest;
+use super::json::JsonBody;
 use super::SharedState;
 use crate::error::{InferError, ValidationError};
 
@@ -34,14 +35,14 @@ async fn simple_tokens(state: &SharedState, text: &str, add_special_tokens: bool
         .collect())
 }
 
-pub async fn tokenize(State(state): State<SharedState>, Json(req): Json<GenerateRequest>) -> Result<Json<Vec<SimpleToken>>, InferError> {
+pub async fn tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Json<Vec<SimpleToken>>, InferError> {
     if req.inputs.is_empty() {
         return Err(ValidationError::EmptyInput.into());
     }
     Ok(Json(simple_tokens(&state, &req.inputs, true).await?))
 }
 
-pub async fn chat_tokenize(State(state): State<SharedState>, Json(req): Json<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
+pub async fn chat_tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
     let (templated_text, _) = prepare(&state, req)?;
     let tokenize_response = simple_tokens(&state, &templated_text, false).await?;
     Ok(Json(ChatTokenizeResponse { tokenize_response, templated_text }))
