@@ -133,6 +133,11 @@ def test_info_and_health(smollm2):
     info = requests.get(smollm2.url + "/info").json()
     assert info["model_id"].endswith("SmolLM2-135M-Instruct")
     assert 0 < info["max_input_tokens"] < info["max_total_tokens"] <= 8192
+    assert (info["dtype"], info["device_type"]) == ("bfloat16", "cpu")
+    assert info["max_total_tokens"] <= info["max_batch_total_tokens"]
+    import subprocess
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert info["sha"] == head and info["router"] == "tessera-router" and info["version"]
     assert requests.get(smollm2.url + "/health").status_code == 200
     models = openai_client(smollm2).models.list()
     assert models.data[0].id == info["model_id"]

@@ -171,6 +171,11 @@ pub struct Info {
     pub max_stop_sequences: usize,
     pub max_input_tokens: usize,
     pub max_total_tokens: usize,
+    /// Beyond TGI: what the shards run and the batch budgets settled at warmup.
+    pub dtype: String,
+    pub device_type: String,
+    pub max_batch_prefill_tokens: u32,
+    pub max_batch_total_tokens: u32,
     pub validation_workers: usize,
     pub max_client_batch_size: usize,
     pub router: &'static str,
