@@ -94,7 +94,7 @@ impl InferError {
     }
 }
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorResponse {
     pub error: String,
     pub error_type: String,

@@ -11,58 +11,30 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
-use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::openai::{choices, now, sampling, Stop, Usage};
-use super::types::GenerateParameters;
 use super::json::JsonBody;
+use super::openai::{choices, error_event, event, now, sampling};
+use super::openai_types::{Completion, CompletionChoice, CompletionRequest, Prompt, Stop, Usage};
+use super::types::GenerateParameters;
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError};
 use crate::infer::InferEvent;
 use crate::validation::ValidRequest;
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Prompt {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-pub struct CompletionRequest {
-    #[serde(default)]
-    pub model: Option<String>,
-    pub prompt: Prompt,
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub repetition_penalty: Option<f32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub n: Option<u32>,
-}
-
 fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
     (status, Json(ErrorResponse { error: error.into(), error_type: error_type.into() })).into_response()
 }
 
+/// Text completion (OpenAI API): one or several prompts, each with `n` samples.
+#[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `Completion` events ending with `data: [DONE]`", body = Completion),
+        (status = 422, description = "Invalid request", body = ErrorResponse),
+        (status = 424, description = "Generation failed", body = ErrorResponse),
+        (status = 429, description = "Overloaded", body = ErrorResponse)))]
 pub async fn completions(State(state): State<SharedState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
     match run(state, req).await {
         Ok(r) => r,
@@ -131,30 +103,37 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         let mut events = state.infer.schedule_all(valid);
         tokio::spawn(async move {
             let _permits = permits;
-            let base = json!({"object": "text_completion", "id": id, "created": created, "model": model, "system_fingerprint": fingerprint});
-            while let Some((index, event)) = events.next().await {
-                let mut body = base.clone();
-                let (token, finish) = match event {
+            let completion = |choice: CompletionChoice, usage: Option<Usage>| Completion {
+                object: "text_completion",
+                id: id.clone(),
+                created,
+                model: model.clone(),
+                system_fingerprint: fingerprint.clone(),
+                choices: vec![choice],
+                usage,
+            };
+            while let Some((index, item)) = events.next().await {
+                let (token, end) = match item {
                     Ok(InferEvent::Prefill(_)) => continue,
                     Ok(InferEvent::Token { token, .. }) => (token, None),
-                    Ok(InferEvent::End { token, generated_text, .. }) => {
-                        let prompt_tokens = lengths[index];
-                        body["usage"] = json!(Usage {
-                            prompt_tokens,
-                            completion_tokens: generated_text.generated_tokens,
-                            total_tokens: prompt_tokens + generated_text.generated_tokens,
-                        });
-                        (token, Some(generated_text.finish_reason.openai()))
-                    }
+                    Ok(InferEvent::End { token, generated_text, .. }) => (token, Some(generated_text)),
                     Err(e) => {
-                        let err = json!({"error": {"message": e.to_string(), "http_status_code": 422}});
-                        let _ = tx.send(Ok(Event::default().data(err.to_string()))).await;
+                        let _ = tx.send(Ok(error_event(&e))).await;
                         break;
                     }
                 };
-                let text = if token.special { String::new() } else { token.text };
-                body["choices"] = json!([{"index": index, "text": text, "logprobs": null, "finish_reason": finish.unwrap_or("")}]);
-                if tx.send(Ok(Event::default().data(body.to_string()))).await.is_err() {
+                let usage = end.as_ref().map(|g| Usage {
+                    prompt_tokens: lengths[index],
+                    completion_tokens: g.generated_tokens,
+                    total_tokens: lengths[index] + g.generated_tokens,
+                });
+                let choice = CompletionChoice {
+                    index,
+                    text: if token.special { String::new() } else { token.text },
+                    logprobs: None,
+                    finish_reason: end.as_ref().map_or("", |g| g.finish_reason.openai()),
+                };
+                if tx.send(Ok(event(&completion(choice, usage)))).await.is_err() {
                     return;
                 }
             }
@@ -175,15 +154,20 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
             usage.prompt_tokens += input_length;
         }
         usage.completion_tokens += g.generated_tokens;
-        choices.push(json!({"index": index, "text": g.text, "logprobs": null, "finish_reason": g.finish_reason.openai()}));
+        choices.push(CompletionChoice { index, text: g.text, logprobs: None, finish_reason: g.finish_reason.openai() });
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
     headers.insert("x-prompt-tokens", h(usage.prompt_tokens.to_string()));
     headers.insert("x-generated-tokens", h(usage.completion_tokens.to_string()));
     headers.insert("x-total-time", h(start.elapsed().as_millis().to_string()));
-    let body: Value = json!({
-        "object": "text_completion", "id": id, "created": created, "model": model,
-        "system_fingerprint": fingerprint, "choices": choices, "usage": usage,
-    });
+    let body = Completion {
+        object: "text_completion",
+        id,
+        created,
+        model,
+        system_fingerprint: fingerprint,
+        choices,
+        usage: Some(usage),
+    };
     Ok((headers, Json(body)).into_response())
 }

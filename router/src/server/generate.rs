@@ -18,7 +18,7 @@ use futures::future::join_all;
 use super::types::{BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
 use super::json::JsonBody;
 use super::SharedState;
-use crate::error::{InferError, ValidationError};
+use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::{InferEvent, InferResponse};
 
 fn header(v: impl ToString) -> HeaderValue {
@@ -46,6 +46,13 @@ pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &Infe
     h
 }
 
+/// Generate text (TGI API).
+#[utoipa::path(post, path = "/generate", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses(
+        (status = 200, description = "Generated text", body = GenerateResponse),
+        (status = 422, description = "Invalid request", body = ErrorResponse),
+        (status = 424, description = "Generation failed", body = ErrorResponse),
+        (status = 429, description = "Overloaded", body = ErrorResponse)))]
 pub async fn generate(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, InferError> {
     generate_inner(state, req.inputs, req.parameters, false).await
 }
@@ -101,12 +108,21 @@ async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameter
     Ok((headers, Json(GenerateResponse { generated_text, details })).into_response())
 }
 
+/// Generate text, one SSE event per token (TGI API). Errors, validation included, arrive as
+/// an `ErrorResponse` event with status 200, as in TGI.
+#[utoipa::path(post, path = "/generate_stream", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, description = "SSE stream of `StreamResponse` events", body = StreamResponse, content_type = "text/event-stream")))]
 pub async fn generate_stream(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
     stream_inner(state, req.inputs, req.parameters, false).await
 }
 
 /// `POST /`: TGI's compatibility route. Without a pipeline tag (local models) TGI defaults
 /// `return_full_text` to true here, and returns a JSON array when not streaming.
+#[utoipa::path(post, path = "/", tag = "Text Generation Inference", request_body = CompatGenerateRequest,
+    responses(
+        (status = 200, description = "A one-element array of `GenerateResponse`, or an SSE stream with `stream: true`", body = [GenerateResponse]),
+        (status = 422, description = "Invalid request", body = ErrorResponse),
+        (status = 429, description = "Overloaded", body = ErrorResponse)))]
 pub async fn compat_generate(State(state): State<SharedState>, JsonBody(req): JsonBody<CompatGenerateRequest>) -> Response {
     if req.stream {
         return stream_inner(state, req.inputs, req.parameters, true).await;

@@ -3,9 +3,11 @@
 
 pub mod access;
 pub mod completions;
+pub mod docs;
 pub mod generate;
 pub mod json;
 pub mod openai;
+pub mod openai_types;
 pub mod tokenize;
 pub mod types;
 
@@ -48,7 +50,7 @@ pub struct HttpConfig {
 
 pub fn app(state: SharedState, http: HttpConfig) -> Router {
     Router::new()
-        .route("/", get(health).post(generate::compat_generate))
+        .route("/", get(root_health).post(generate::compat_generate))
         .route("/generate", post(generate::generate))
         .route("/generate_stream", post(generate::generate_stream))
         .route("/v1/chat/completions", post(openai::chat_completions))
@@ -58,14 +60,18 @@ pub fn app(state: SharedState, http: HttpConfig) -> Router {
         .route("/chat_tokenize", post(tokenize::chat_tokenize))
         .route("/invocations", post(invocations))
         .route("/health", get(health))
-        .route("/ping", get(health))
+        .route("/ping", get(ping))
         .route("/info", get(info))
         .layer(DefaultBodyLimit::max(http.payload_limit))
         .layer(axum::middleware::from_fn_with_state(http.api_key, access::require_api_key))
         .layer(access::cors(&http.cors_allow_origin))
         .with_state(state)
+        .merge(docs::routes())
 }
 
+/// 200 when the shards answer (a real one-token generation after any failure), else 503.
+#[utoipa::path(get, path = "/health", tag = "Text Generation Inference",
+    responses((status = 200, description = "Healthy"), (status = 503, description = "Unhealthy", body = ErrorResponse)))]
 async fn health(State(state): State<SharedState>) -> Response {
     if state.infer.health().await {
         StatusCode::OK.into_response()
@@ -75,6 +81,9 @@ async fn health(State(state): State<SharedState>) -> Response {
     }
 }
 
+#[utoipa::path(post, path = "/invocations", tag = "Text Generation Inference",
+    request_body(content = Object, description = "A `GenerateRequest`, `ChatRequest` or `CompletionRequest`"),
+    responses((status = 200, description = "As the route the request belongs to"), (status = 422, description = "Invalid request", body = ErrorResponse)))]
 /// SageMaker's single route: a generate, chat or completions request, told apart by its
 /// fields (`inputs`, `messages`, `prompt`, in TGI's order).
 async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<serde_json::Value>) -> Response {
@@ -105,6 +114,22 @@ async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<
     }
 }
 
+/// The same as `/health` (TGI serves health here too).
+#[utoipa::path(get, path = "/ping", tag = "Text Generation Inference",
+    responses((status = 200, description = "Healthy"), (status = 503, description = "Unhealthy", body = ErrorResponse)))]
+async fn ping(state: State<SharedState>) -> Response {
+    health(state).await
+}
+
+/// The same as `/health`.
+#[utoipa::path(get, path = "/", tag = "Text Generation Inference",
+    responses((status = 200, description = "Healthy"), (status = 503, description = "Unhealthy", body = ErrorResponse)))]
+async fn root_health(state: State<SharedState>) -> Response {
+    health(state).await
+}
+
+/// Model and server facts.
+#[utoipa::path(get, path = "/info", tag = "Text Generation Inference", responses((status = 200, description = "Model and server facts", body = Info)))]
 async fn info(State(state): State<SharedState>) -> Json<Info> {
     Json(state.info.clone())
 }

@@ -10,106 +10,19 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
 use futures::future::join_all;
-use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::generate::timing_headers;
-use super::types::{GenerateParameters, Token};
 use super::json::JsonBody;
+use super::openai_types::*;
+use super::types::{GenerateParameters, Token};
 use super::SharedState;
 use crate::chat_template::TemplateMessage;
-use crate::error::{InferError, ValidationError};
+use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::InferEvent;
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum ContentPart {
-    Text { text: String },
-    ImageUrl { image_url: Value },
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Message {
-    pub role: String,
-    #[serde(default)]
-    pub content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub fn into_vec(stop: Option<Stop>) -> Vec<String> {
-        match stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
-        }
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: bool,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ChatRequest {
-    #[serde(default)]
-    pub model: Option<String>,
-    pub messages: Vec<Message>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
-    #[serde(default)]
-    pub logprobs: Option<bool>,
-    #[serde(default)]
-    pub top_logprobs: Option<u32>,
-    #[serde(default, alias = "max_completion_tokens")]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub stream: bool,
-    #[serde(default)]
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub tools: Option<Value>,
-    #[serde(default)]
-    pub response_format: Option<Value>,
-}
-
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
 
 pub(crate) fn unsupported(what: &str) -> InferError {
     ValidationError::Other(format!("{what} is not supported yet")).into()
@@ -147,7 +60,7 @@ pub(crate) fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, 
     if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(unsupported("`tools`"));
     }
-    if req.response_format.as_ref().is_some_and(|f| !f.is_null() && f.get("type") != Some(&json!("text"))) {
+    if !is_plain_text_format(&req.response_format) {
         return Err(unsupported("`response_format`"));
     }
     if req.messages.is_empty() {
@@ -186,9 +99,9 @@ pub(crate) fn sampling(temperature: Option<f32>) -> (bool, Option<f32>) {
     }
 }
 
-fn logprob_entry(token: &Token, top: &[Token]) -> Value {
-    let tops: Vec<Value> = top.iter().map(|t| json!({"token": t.text, "logprob": t.logprob})).collect();
-    json!({"token": token.text, "logprob": token.logprob, "top_logprobs": tops})
+fn logprob_entry(token: &Token, top: &[Token]) -> ChatLogprob {
+    let top_logprobs = top.iter().map(|t| TopLogprob { token: t.text.clone(), logprob: t.logprob }).collect();
+    ChatLogprob { token: token.text.clone(), logprob: token.logprob, top_logprobs }
 }
 
 pub(crate) fn now() -> u64 {
@@ -203,12 +116,32 @@ pub(crate) fn choices(n: Option<u32>) -> Result<u32, InferError> {
     }
 }
 
-fn logprobs_of(tokens: &[Token], top: &[Vec<Token>]) -> Value {
-    let content: Vec<Value> =
-        tokens.iter().enumerate().map(|(i, t)| logprob_entry(t, top.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect();
-    json!({ "content": content })
+fn logprobs_of(tokens: &[Token], top: &[Vec<Token>]) -> ChatLogprobs {
+    let content = tokens.iter().enumerate().map(|(i, t)| logprob_entry(t, top.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect();
+    ChatLogprobs { content }
 }
 
+fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
+    Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+}
+
+/// Serialises an SSE event; our types always serialise, the fallback keeps the stream alive.
+pub(crate) fn event(data: &impl serde::Serialize) -> Event {
+    Event::default().json_data(data).unwrap_or_else(|_| Event::default().data("{}"))
+}
+
+/// An SSE event for a mid-stream failure (always reported as 422, as TGI does).
+pub(crate) fn error_event(e: &InferError) -> Event {
+    event(&StreamError { error: StreamErrorBody { message: e.to_string(), http_status_code: 422 } })
+}
+
+/// Chat completion (OpenAI API): the messages are rendered with the model's chat template.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatRequest,
+    responses(
+        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `ChatCompletionChunk`s ending with `data: [DONE]`", body = ChatCompletion),
+        (status = 422, description = "Invalid request or template error", body = ErrorResponse),
+        (status = 424, description = "Generation failed", body = ErrorResponse),
+        (status = 429, description = "Overloaded", body = ErrorResponse)))]
 pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, InferError> {
     let start = Instant::now();
     let n = choices(req.n)?;
@@ -235,22 +168,22 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
             let g = &r.generated_text;
             completion_tokens += g.generated_tokens;
             headers.insert("x-generated-tokens", HeaderValue::from(completion_tokens));
-            choices.push(json!({
-                "index": index,
-                "message": {"role": "assistant", "content": g.text},
-                "logprobs": if logprobs { logprobs_of(&r.tokens, &r.top_tokens) } else { Value::Null },
-                "finish_reason": g.finish_reason.openai(),
-            }));
+            choices.push(ChatCompletionChoice {
+                index,
+                message: OutputMessage { role: "assistant", content: g.text.clone() },
+                logprobs: logprobs.then(|| logprobs_of(&r.tokens, &r.top_tokens)),
+                finish_reason: g.finish_reason.openai(),
+            });
         }
-        let body = json!({
-            "object": "chat.completion",
-            "id": id,
-            "created": now(),
-            "model": model,
-            "system_fingerprint": fingerprint,
-            "choices": choices,
-            "usage": Usage { prompt_tokens: input_length, completion_tokens, total_tokens: input_length + completion_tokens },
-        });
+        let body = ChatCompletion {
+            object: "chat.completion",
+            id,
+            created: now(),
+            model,
+            system_fingerprint: fingerprint,
+            choices,
+            usage: usage(input_length, completion_tokens),
+        };
         return Ok((headers.unwrap_or_default(), Json(body)).into_response());
     }
     let mut events = state.infer.schedule_all(requests);
@@ -258,12 +191,16 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
     let created = now();
     tokio::spawn(async move {
         let _permit = permit;
-        let chunk = |choices: Value, usage: Value| {
-            let body = json!({
-                "object": "chat.completion.chunk", "id": id, "created": created, "model": model,
-                "system_fingerprint": fingerprint, "choices": choices, "usage": usage,
-            });
-            Event::default().data(body.to_string())
+        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
+            event(&ChatCompletionChunk {
+                object: "chat.completion.chunk",
+                id: id.clone(),
+                created,
+                model: model.clone(),
+                system_fingerprint: fingerprint.clone(),
+                choices,
+                usage,
+            })
         };
         let mut completion_tokens = 0;
         while let Some((index, event)) = events.next().await {
@@ -272,23 +209,23 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
                 Ok(InferEvent::Token { token, top_tokens }) => (token, top_tokens, None),
                 Ok(InferEvent::End { token, top_tokens, generated_text, .. }) => (token, top_tokens, Some(generated_text)),
                 Err(e) => {
-                    let body = json!({"error": {"message": e.to_string(), "http_status_code": 422}});
-                    let _ = tx.send(Ok(Event::default().data(body.to_string()))).await;
+                    let _ = tx.send(Ok(error_event(&e))).await;
                     break;
                 }
             };
-            let content = if token.special { String::new() } else { token.text.clone() };
-            let lp = if logprobs { json!({"content": [logprob_entry(&token, &top)]}) } else { Value::Null };
-            let finish = end.as_ref().map(|g| json!(g.finish_reason.openai())).unwrap_or(Value::Null);
             completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
-            let choice = json!([{"index": index, "delta": {"role": "assistant", "content": content}, "logprobs": lp, "finish_reason": finish}]);
-            if tx.send(Ok(chunk(choice, Value::Null))).await.is_err() {
+            let choice = ChunkChoice {
+                index,
+                delta: OutputMessage { role: "assistant", content: if token.special { String::new() } else { token.text.clone() } },
+                logprobs: logprobs.then(|| ChatLogprobs { content: vec![logprob_entry(&token, &top)] }),
+                finish_reason: end.as_ref().map(|g| g.finish_reason.openai()),
+            };
+            if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
                 return;
             }
         }
         if include_usage {
-            let usage = json!(Usage { prompt_tokens: input_length, completion_tokens, total_tokens: input_length + completion_tokens });
-            let _ = tx.send(Ok(chunk(json!([]), usage))).await;
+            let _ = tx.send(Ok(chunk(Vec::new(), Some(usage(input_length, completion_tokens))))).await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
@@ -298,7 +235,9 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
     Ok((headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response())
 }
 
-pub async fn models(State(state): State<SharedState>) -> Json<Value> {
-    let id = &state.info.model_id;
-    Json(json!({"object": "list", "data": [{"id": id, "object": "model", "created": 0, "owned_by": id}]}))
+/// The served model (OpenAI API).
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, description = "The served model", body = ModelList)))]
+pub async fn models(State(state): State<SharedState>) -> Json<ModelList> {
+    let id = state.info.model_id.clone();
+    Json(ModelList { object: "list", data: vec![ModelCard { id: id.clone(), object: "model", created: 0, owned_by: id }] })
 }

@@ -5,13 +5,14 @@ use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 
-use super::openai::{prepare, ChatRequest};
+use super::openai::prepare;
+use super::openai_types::ChatRequest;
 use super::types::GenerateRequest;
 use super::json::JsonBody;
 use super::SharedState;
-use crate::error::{InferError, ValidationError};
+use crate::error::{ErrorResponse, InferError, ValidationError};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SimpleToken {
     pub id: u32,
     pub text: String,
@@ -19,7 +20,7 @@ pub struct SimpleToken {
     pub stop: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ChatTokenizeResponse {
     pub tokenize_response: Vec<SimpleToken>,
     pub templated_text: String,
@@ -35,6 +36,9 @@ async fn simple_tokens(state: &SharedState, text: &str, add_special_tokens: bool
         .collect())
 }
 
+/// Tokenize a prompt as the model will see it (special tokens added).
+#[utoipa::path(post, path = "/tokenize", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, description = "Tokens with byte offsets", body = [SimpleToken]), (status = 422, description = "Invalid request", body = ErrorResponse)))]
 pub async fn tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Json<Vec<SimpleToken>>, InferError> {
     if req.inputs.is_empty() {
         return Err(ValidationError::EmptyInput.into());
@@ -42,6 +46,9 @@ pub async fn tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<
     Ok(Json(simple_tokens(&state, &req.inputs, true).await?))
 }
 
+/// Render the chat template for a chat request and tokenize the result.
+#[utoipa::path(post, path = "/chat_tokenize", tag = "Text Generation Inference", request_body = ChatRequest,
+    responses((status = 200, description = "Templated text and its tokens", body = ChatTokenizeResponse), (status = 422, description = "Invalid request or template error", body = ErrorResponse)))]
 pub async fn chat_tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
     let (templated_text, _) = prepare(&state, req)?;
     let tokenize_response = simple_tokens(&state, &templated_text, false).await?;

@@ -2,8 +2,9 @@
 //! Field names, defaults and omission rules follow TGI so its clients parse our output.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 pub struct GenerateParameters {
     #[serde(default)]
     pub best_of: Option<usize>,
@@ -40,6 +41,7 @@ pub struct GenerateParameters {
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
     #[serde(default)]
     pub adapter_id: Option<String>,
@@ -50,7 +52,7 @@ pub fn default_parameters() -> GenerateParameters {
     GenerateParameters { do_sample: true, ..Default::default() }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     pub inputs: String,
     #[serde(default = "default_parameters")]
@@ -58,7 +60,7 @@ pub struct GenerateRequest {
 }
 
 /// `POST /`: a generate request that may ask for streaming.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
     pub inputs: String,
     #[serde(default = "default_parameters")]
@@ -67,7 +69,7 @@ pub struct CompatGenerateRequest {
     pub stream: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Token {
     pub id: u32,
     pub text: String,
@@ -75,12 +77,13 @@ pub struct Token {
     pub special: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PrefillToken {
     pub id: u32,
     pub text: String,
     /// NaN (the first prompt token) is serialised as null.
     #[serde(serialize_with = "nan_as_null")]
+    #[schema(nullable)]
     pub logprob: f32,
 }
 
@@ -92,7 +95,7 @@ fn nan_as_null<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Length,
@@ -110,7 +113,7 @@ impl FinishReason {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
@@ -124,7 +127,7 @@ pub struct Details {
 }
 
 /// A `best_of` candidate that lost to the returned one.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BestOfSequence {
     pub generated_text: String,
     pub finish_reason: FinishReason,
@@ -136,14 +139,14 @@ pub struct BestOfSequence {
     pub top_tokens: Vec<Vec<Token>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GenerateResponse {
     pub generated_text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Details>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamDetails {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
@@ -151,7 +154,7 @@ pub struct StreamDetails {
     pub input_length: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct StreamResponse {
     pub index: u32,
     pub token: Token,
@@ -161,7 +164,7 @@ pub struct StreamResponse {
     pub details: Option<StreamDetails>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Info {
     pub model_id: String,
     pub model_sha: Option<String>,
