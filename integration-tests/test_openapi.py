@@ -16,6 +16,7 @@ ROUTES = {
     "/health": {"get"},
     "/ping": {"get"},
     "/info": {"get"},
+    "/metrics": {"get"},
 }
 
 

@@ -56,6 +56,8 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
                     token_budget: config.max_batch_total_tokens.saturating_sub(batch.max_tokens),
                 };
                 if let Some((mut new_entries, new_batch)) = queue.next_batch(&limits) {
+                    let reason = if min_size.is_some() { "backpressure" } else { "wait_exceeded" };
+                    metrics::counter!("tgi_batch_concat", "reason" => reason).increment(1);
                     if let Some(new_cached) = prefill(&client, new_batch, &mut new_entries, &healthy).await {
                         batches.push(new_cached);
                     }
@@ -64,6 +66,9 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
                 }
                 running = decode(&client, batches, &mut entries, &healthy).await;
                 waiting_tokens += 1;
+                let (size, max_tokens) = running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
+                metrics::gauge!("tgi_batch_current_size").set(size as f64);
+                metrics::gauge!("tgi_batch_current_max_tokens").set(max_tokens as f64);
             }
         }
     }
@@ -71,38 +76,44 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
 
 async fn prefill(client: &ShardedClient, batch: pb::Batch, entries: &mut Entries, healthy: &AtomicBool) -> Option<pb::CachedBatch> {
     let id = batch.id;
+    let start = Instant::now();
     let result = client.prefill(batch, None).await;
-    after_step(client, result, vec![id], entries, healthy).await
+    after_step(client, "prefill", start, result, vec![id], entries, healthy).await
 }
 
 async fn decode(client: &ShardedClient, batches: Vec<pb::CachedBatch>, entries: &mut Entries, healthy: &AtomicBool) -> Option<pb::CachedBatch> {
     let ids = batches.iter().map(|b| b.id).collect();
+    let start = Instant::now();
     let result = client.decode(batches).await;
-    after_step(client, result, ids, entries, healthy).await
+    after_step(client, "decode", start, result, ids, entries, healthy).await
 }
 
 /// Delivers a step's tokens, then shrinks the shards' batch to the requests still wanted.
 async fn after_step(
     client: &ShardedClient,
+    method: &'static str,
+    start: Instant,
     result: crate::client::Result<StepResult>,
     batch_ids: Vec<u64>,
     entries: &mut Entries,
     healthy: &AtomicBool,
 ) -> Option<pb::CachedBatch> {
+    metrics::counter!("tgi_batch_inference_count", "method" => method).increment(1);
     let step = match result {
         Ok(step) => step,
         Err(e) => {
+            metrics::counter!("tgi_batch_inference_failure", "method" => method).increment(1);
             tracing::error!("shard step failed: {e}");
             healthy.store(false, Ordering::SeqCst);
             for id in batch_ids {
                 let _ = client.clear_cache(Some(id)).await;
             }
-            for (_, entry) in entries.drain() {
-                let _ = entry.response_tx.send(Err(InferError::GenerationError(e.to_string())));
-            }
+            fail_all(entries, &e.to_string());
             return None;
         }
     };
+    metrics::counter!("tgi_batch_inference_success", "method" => method).increment(1);
+    metrics::histogram!("tgi_batch_forward_duration", "method" => method).record(step.forward_ns as f64 / 1e9);
     healthy.store(true, Ordering::SeqCst);
     tracing::trace!(forward_ns = step.forward_ns, generations = step.generations.len(), "step");
     for generation in step.generations {
@@ -115,7 +126,9 @@ async fn after_step(
             entries.remove(&id);
         }
     }
-    let batch = step.batch?;
+    let batch = step.batch;
+    metrics::histogram!("tgi_batch_inference_duration", "method" => method).record(start.elapsed().as_secs_f64());
+    let batch = batch?;
     let kept: Vec<u64> = batch.request_ids.iter().copied().filter(|id| entries.contains_key(id)).collect();
     if kept.is_empty() {
         let _ = client.clear_cache(Some(batch.id)).await;
@@ -129,12 +142,32 @@ async fn after_step(
         Err(e) => {
             tracing::error!("FilterBatch failed: {e}");
             healthy.store(false, Ordering::SeqCst);
-            for (_, entry) in entries.drain() {
-                let _ = entry.response_tx.send(Err(InferError::GenerationError(e.to_string())));
-            }
+            fail_all(entries, &e.to_string());
             None
         }
     }
+}
+
+/// Fails every request of a lost batch with TGI's generation error (HTTP 424).
+fn fail_all(entries: &mut Entries, message: &str) {
+    for (_, entry) in entries.drain() {
+        let e = InferError::GenerationError(message.to_string());
+        e.record();
+        let _ = entry.response_tx.send(Err(e));
+    }
+}
+
+/// The per-request timings of a finished request.
+fn record_success(entry: &Entry, generated_tokens: u32) {
+    let now = Instant::now();
+    let batched = entry.batched.unwrap_or(now);
+    let inference = now.saturating_duration_since(batched).as_secs_f64();
+    metrics::counter!("tgi_request_success").increment(1);
+    metrics::histogram!("tgi_request_duration").record(now.saturating_duration_since(entry.request.received).as_secs_f64());
+    metrics::histogram!("tgi_request_queue_duration").record(batched.saturating_duration_since(entry.queued).as_secs_f64());
+    metrics::histogram!("tgi_request_inference_duration").record(inference);
+    metrics::histogram!("tgi_request_mean_time_per_token_duration").record(inference / generated_tokens.max(1) as f64);
+    metrics::histogram!("tgi_request_generated_tokens").record(generated_tokens as f64);
 }
 
 fn tokens(t: &pb::Tokens) -> Vec<Token> {
@@ -155,6 +188,7 @@ fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
     if let Some(p) = &g.prefill_tokens {
         let prefill = tokens(p).into_iter().map(|t| PrefillToken { id: t.id, text: t.text, logprob: t.logprob }).collect();
         if tx.send(Ok(InferEvent::Prefill(prefill))).is_err() {
+            metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
             return false;
         }
     }
@@ -183,8 +217,12 @@ fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
             _ => InferEvent::Token { token, top_tokens },
         };
         if tx.send(Ok(event)).is_err() {
+            metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
             return false;
         }
+    }
+    if let Some(done) = &g.generated_text {
+        record_success(entry, done.generated_tokens);
     }
     g.generated_text.is_none()
 }

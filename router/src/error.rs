@@ -89,6 +89,18 @@ impl InferError {
         }
     }
 
+    /// Counts the failure in `tgi_request_failure{err}`.
+    pub fn record(&self) {
+        let err = match self {
+            InferError::GenerationError(_) => "generation",
+            InferError::Overloaded => "overloaded",
+            InferError::ValidationError(_) => "validation",
+            InferError::IncompleteGeneration => "incomplete",
+            InferError::TemplateError(_) => "template",
+        };
+        metrics::counter!("tgi_request_failure", "err" => err).increment(1);
+    }
+
     pub fn body(&self) -> ErrorResponse {
         ErrorResponse { error: self.to_string(), error_type: self.error_type().to_string() }
     }
@@ -102,6 +114,7 @@ pub struct ErrorResponse {
 
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
+        self.record();
         (self.status(), Json(self.body())).into_response()
     }
 }

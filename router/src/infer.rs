@@ -67,6 +67,7 @@ impl Infer {
 
     /// Takes `n` slots at once (one per sequence of an `n` > 1 request), or none.
     pub fn admit_many(&self, n: u32) -> Result<OwnedSemaphorePermit, InferError> {
+        metrics::counter!("tgi_request_count").increment(1);
         self.limit.clone().try_acquire_many_owned(n).map_err(|_| InferError::Overloaded)
     }
 

@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod client;
 pub mod error;
 pub mod infer;
+pub mod metrics;
 pub mod model_files;
 pub mod queue;
 pub mod server;

@@ -120,6 +120,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = warmup(&client, &requested, positions).await?;
     tracing::info!(?limits, "warmup done; setting max batch total tokens to {}", limits.max_batch_total_tokens);
 
+    let metrics = tessera_router::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
+    ::metrics::gauge!("tgi_batch_max_total_tokens").set(limits.max_batch_total_tokens as f64);
     let validation = Validation::new(
         Arc::new(files.tokenizer),
         Limits {
@@ -163,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         docker_label: option_env!("DOCKER_LABEL"),
     };
     let compute_type = std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
-    let state = Arc::new(AppState { infer, info, chat_template, compute_type });
+    let state = Arc::new(AppState { infer, info, chat_template, compute_type, metrics });
     let http = HttpConfig { payload_limit: args.payload_limit, api_key: args.api_key, cors_allow_origin: args.cors_allow_origin };
     serve(addr, app(state, http)).await
 }

@@ -53,6 +53,7 @@ impl Queue {
             let id = s.next_id;
             s.next_id += 1;
             s.entries.push_back((id, entry));
+            metrics::gauge!("tgi_queue_size").set(s.entries.len() as f64);
         }
         self.notify.notify_one();
     }
@@ -80,6 +81,7 @@ impl Queue {
         let mut taken: Vec<(u64, Entry)> = Vec::new();
         while let Some((id, mut entry)) = s.entries.pop_front() {
             if entry.response_tx.is_closed() {
+                metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
                 continue; // the client went away while waiting
             }
             let r = &entry.request;
@@ -125,6 +127,8 @@ impl Queue {
             .collect::<Vec<_>>();
         let id = s.next_batch_id;
         s.next_batch_id += 1;
+        metrics::gauge!("tgi_queue_size").set(s.entries.len() as f64);
+        metrics::histogram!("tgi_batch_next_size").record(requests.len() as f64);
         let batch = pb::Batch { id, size: requests.len() as u32, max_tokens: total_tokens, requests, max_blocks: 0 };
         Some((taken.into_iter().collect(), batch))
     }

@@ -31,6 +31,8 @@ pub struct Validation {
 /// A request that passed validation.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
+    /// When validation started: the start of the request as far as timings go.
+    pub received: std::time::Instant,
     pub inputs: String,
     pub input_length: u32,
     pub add_special_tokens: bool,
@@ -94,6 +96,7 @@ impl Validation {
         p: GenerateParameters,
         add_special_tokens: bool,
     ) -> Result<ValidRequest, ValidationError> {
+        let received = std::time::Instant::now();
         let l = &self.limits;
         let best_of = p.best_of.unwrap_or(1);
         let sampling = p.do_sample || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some() || p.typical_p.is_some();
@@ -172,7 +175,11 @@ impl Validation {
             return Err(ValidationError::Other("`watermark` is not supported yet".into()));
         }
         let seed = p.seed.unwrap_or_else(rand::random);
+        metrics::histogram!("tgi_request_input_length").record(input_length as f64);
+        metrics::histogram!("tgi_request_max_new_tokens").record(max_new_tokens as f64);
+        metrics::histogram!("tgi_request_validation_duration").record(received.elapsed().as_secs_f64());
         Ok(ValidRequest {
+            received,
             inputs,
             input_length: input_length as u32,
             add_special_tokens,

@@ -25,6 +25,7 @@ use crate::error::ErrorResponse;
         super::ping,
         super::root_health,
         super::info,
+        super::metrics,
     ),
     components(schemas(
         types::GenerateRequest, types::CompatGenerateRequest, types::GenerateParameters, types::GenerateResponse,

@@ -141,6 +141,7 @@ pub async fn compat_generate(State(state): State<SharedState>, JsonBody(req): Js
 }
 
 fn error_event(e: &InferError) -> Event {
+    e.record();
     Event::default().json_data(e.body()).unwrap_or_else(|_| Event::default().data("{}"))
 }
 

@@ -31,6 +31,7 @@ pub struct AppState {
     pub info: Info,
     pub chat_template: Option<ChatTemplate>,
     pub compute_type: String,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -62,6 +63,7 @@ pub fn app(state: SharedState, http: HttpConfig) -> Router {
         .route("/health", get(health))
         .route("/ping", get(ping))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(http.payload_limit))
         .layer(axum::middleware::from_fn_with_state(http.api_key, access::require_api_key))
         .layer(access::cors(&http.cors_allow_origin))
@@ -126,6 +128,13 @@ async fn ping(state: State<SharedState>) -> Response {
     responses((status = 200, description = "Healthy"), (status = 503, description = "Unhealthy", body = ErrorResponse)))]
 async fn root_health(state: State<SharedState>) -> Response {
     health(state).await
+}
+
+/// Prometheus metrics (TGI's `tgi_*` names), in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "Text Generation Inference",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+async fn metrics(State(state): State<SharedState>) -> String {
+    state.metrics.render()
 }
 
 /// Model and server facts.

@@ -132,6 +132,7 @@ pub(crate) fn event(data: &impl serde::Serialize) -> Event {
 
 /// An SSE event for a mid-stream failure (always reported as 422, as TGI does).
 pub(crate) fn error_event(e: &InferError) -> Event {
+    e.record();
     event(&StreamError { error: StreamErrorBody { message: e.to_string(), http_status_code: 422 } })
 }
 
