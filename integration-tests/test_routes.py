@@ -124,3 +124,27 @@ def test_api_key_leaves_probes_open_and_cors_allows_authorization(keyed):
     assert "access-control-allow-origin" not in r.headers
     client = OpenAI(base_url=keyed.url + "/v1/", api_key="s3cret")
     assert client.chat.completions.create(model="tgi", messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_tools_reach_the_template_and_tool_calling_is_refused_until_structured_output(smollm2):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    # SmolLM2's template cannot render tools, so they follow the last message as text (as in TGI).
+    r = requests.post(smollm2.url + "/chat_tokenize", json={"messages": msgs, "tools": TOOLS}).json()
+    assert '"get_weather"' in r["templated_text"] and "Given the functions available" in r["templated_text"]
+    r = requests.post(smollm2.url + "/chat_tokenize", json={"messages": msgs, "tools": TOOLS, "tool_choice": "none"}).json()
+    assert "get_weather" not in r["templated_text"]
+    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "tool_choice": "none",
+                                                                  "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "max_tokens": 3})
+    assert r.status_code == 422 and "tool calling" in r.json()["error"]
+    # Earlier tool calls and tool answers are accepted in the conversation.
+    history = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "0", "content": "21 C"}]
+    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": history, "max_tokens": 3})
+    assert r.status_code == 200, r.text

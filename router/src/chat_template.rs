@@ -10,17 +10,26 @@ use serde::Serialize;
 
 use crate::error::InferError;
 
-/// One message as the template sees it: plain text content.
-#[derive(Debug, Clone, Serialize)]
-pub struct TemplateMessage {
-    pub role: String,
-    pub content: String,
+/// TGI's instruction appended after the tools when a template cannot show tools itself.
+pub const DEFAULT_TOOL_PROMPT: &str = "Given the functions available, please respond with a JSON for a function call with its proper arguments that best answers the given prompt. Respond in the format {name: function name, parameters: dictionary of argument name and its value}.Do not use variables.";
+
+/// What a template is rendered with besides the messages.
+#[derive(Debug, Default)]
+pub struct TemplateInputs<'a> {
+    /// The request's tools, as the OpenAI API sends them (`[{type, function: {name, ...}}]`).
+    pub tools: Option<&'a serde_json::Value>,
+    pub tool_prompt: Option<&'a str>,
+    /// Extra template variables (`chat_template_kwargs`, e.g. `enable_thinking`).
+    pub kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
     eos_token: Option<String>,
+    /// Whether the template renders `tools` itself; if not, they are appended to the last
+    /// message as text (TGI's behaviour).
+    uses_tools: bool,
 }
 
 /// JSON with Python's `json.dumps` separators (`", "` and `": "`), as transformers' `tojson` emits.
@@ -84,23 +93,48 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
         env.add_template_owned("chat", source).map_err(|e| InferError::TemplateError(e.to_string()))?;
-        Ok(Self { env, bos_token, eos_token })
+        let uses_tools = env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(true).contains("tools"))
+            .map_err(|e| InferError::TemplateError(e.to_string()))?;
+        Ok(Self { env, bos_token, eos_token, uses_tools })
     }
 
-    /// Renders `messages` with the generation prompt. A trailing assistant message is continued
-    /// rather than closed, as transformers' `continue_final_message` does.
-    pub fn apply(&self, messages: &[TemplateMessage]) -> Result<String, InferError> {
+    /// Renders `messages` (OpenAI-shaped JSON objects: `role`, `content`, and optionally
+    /// `tool_calls`, `tool_call_id`, `name`) with the generation prompt. A trailing assistant
+    /// message is continued rather than closed, as transformers' `continue_final_message` does.
+    pub fn apply(&self, messages: &[serde_json::Value], inputs: &TemplateInputs) -> Result<String, InferError> {
         let template = self.env.get_template("chat").map_err(|e| InferError::TemplateError(e.to_string()))?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-            add_generation_prompt => true,
-        };
-        let mut text = template.render(ctx).map_err(|e| InferError::TemplateError(e.to_string()))?;
-        if let Some(last) = messages.last().filter(|m| m.role == "assistant" && !m.content.is_empty()) {
-            if let Some(pos) = text.rfind(&last.content) {
-                text.truncate(pos + last.content.len());
+        let mut messages = messages.to_vec();
+        let tools = inputs.tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+        // A template that renders tools gets them as transformers passes them; one that cannot
+        // gets them as text after the last message, as TGI does.
+        if let Some(tools) = tools.filter(|_| !self.uses_tools) {
+            let prompt = inputs.tool_prompt.filter(|p| !p.is_empty()).unwrap_or(DEFAULT_TOOL_PROMPT);
+            let text = format!("\n---\n{tools}\n{prompt}");
+            if let Some(content) = messages.last_mut().and_then(|m| m.get_mut("content")) {
+                if let Some(s) = content.as_str() {
+                    *content = serde_json::Value::String(format!("{s}{text}"));
+                }
+            }
+        }
+        let mut ctx = serde_json::Map::new();
+        if let Some(kwargs) = inputs.kwargs {
+            ctx.extend(kwargs.clone());
+        }
+        ctx.insert("messages".into(), serde_json::Value::Array(messages.clone()));
+        ctx.insert("bos_token".into(), self.bos_token.clone().into());
+        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        ctx.insert("add_generation_prompt".into(), true.into());
+        if let Some(tools) = tools.filter(|_| self.uses_tools) {
+            ctx.insert("tools".into(), tools.clone());
+        }
+        let mut text = template.render(Value::from_serialize(&ctx)).map_err(|e| InferError::TemplateError(e.to_string()))?;
+        let last = messages.last();
+        let last_content = last.and_then(|m| m.get("content")).and_then(|c| c.as_str()).unwrap_or("");
+        if last.and_then(|m| m.get("role")).and_then(|r| r.as_str()) == Some("assistant") && !last_content.is_empty() {
+            if let Some(pos) = text.rfind(last_content) {
+                text.truncate(pos + last_content.len());
                 text.truncate(text.trim_end().len());
             }
         }
@@ -114,21 +148,25 @@ mod tests {
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-    fn msg(role: &str, content: &str) -> TemplateMessage {
-        TemplateMessage { role: role.into(), content: content.into() }
+    fn msg(role: &str, content: &str) -> serde_json::Value {
+        serde_json::json!({"role": role, "content": content})
+    }
+
+    fn no_tools() -> TemplateInputs<'static> {
+        TemplateInputs::default()
     }
 
     #[test]
     fn chatml_renders_like_transformers() {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
-        let text = t.apply(&[msg("system", "Be brief."), msg("user", "Hi")]).unwrap();
+        let text = t.apply(&[msg("system", "Be brief."), msg("user", "Hi")], &no_tools()).unwrap();
         assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn continues_a_final_assistant_message() {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
-        let text = t.apply(&[msg("user", "Count"), msg("assistant", "1, 2,")]).unwrap();
+        let text = t.apply(&[msg("user", "Count"), msg("assistant", "1, 2,")], &no_tools()).unwrap();
         assert!(text.ends_with("<|im_start|>assistant\n1, 2,"), "{text:?}");
     }
 
@@ -136,8 +174,8 @@ mod tests {
     fn python_features_and_errors() {
         let src = "{% if messages[0]['content'].strip().startswith('x') %}{{ raise_exception('no x') }}{% endif %}{{ messages|tojson }}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        assert_eq!(t.apply(&[msg("user", " a ")]).unwrap(), r#"[{"role": "user", "content": " a "}]"#);
-        let e = t.apply(&[msg("user", " xy")]).unwrap_err();
+        assert_eq!(t.apply(&[msg("user", " a ")], &no_tools()).unwrap(), r#"[{"role": "user", "content": " a "}]"#);
+        let e = t.apply(&[msg("user", " xy")], &no_tools()).unwrap_err();
         assert!(e.to_string().contains("no x"), "{e}");
         assert!(ChatTemplate::new("{% for %}", None, None).is_err());
     }

@@ -20,7 +20,7 @@ use super::json::JsonBody;
 use super::openai_types::*;
 use super::types::{GenerateParameters, Token};
 use super::SharedState;
-use crate::chat_template::TemplateMessage;
+use crate::chat_template::TemplateInputs;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::InferEvent;
 
@@ -28,8 +28,9 @@ pub(crate) fn unsupported(what: &str) -> InferError {
     ValidationError::Other(format!("{what} is not supported yet")).into()
 }
 
-/// Flattens multi-part content to text. Images are refused: no vision model is served yet.
-fn template_messages(messages: Vec<Message>) -> Result<Vec<TemplateMessage>, InferError> {
+/// Messages as the template sees them: multi-part content flattened to text (images are
+/// refused: no vision model is served yet), tool calls and tool answers kept.
+fn template_messages(messages: Vec<Message>) -> Result<Vec<serde_json::Value>, InferError> {
     messages
         .into_iter()
         .map(|m| {
@@ -47,22 +48,23 @@ fn template_messages(messages: Vec<Message>) -> Result<Vec<TemplateMessage>, Inf
                     text
                 }
             };
-            Ok(TemplateMessage { role: m.role, content })
+            let mut msg = serde_json::json!({"role": m.role, "content": content});
+            if let Some(calls) = m.tool_calls {
+                msg["tool_calls"] = calls.into();
+            }
+            if let Some(id) = m.tool_call_id {
+                msg["tool_call_id"] = id.into();
+            }
+            if let Some(name) = m.name {
+                msg["name"] = name.into();
+            }
+            Ok(msg)
         })
         .collect()
 }
 
-/// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
-pub(crate) fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
-    if req.presence_penalty.is_some_and(|p| p != 0.0) {
-        return Err(unsupported("`presence_penalty`"));
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_null()) {
-        return Err(unsupported("`tools`"));
-    }
-    if !is_plain_text_format(&req.response_format) {
-        return Err(unsupported("`response_format`"));
-    }
+/// The rendered prompt of a chat request.
+pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<String, InferError> {
     if req.messages.is_empty() {
         return Err(ValidationError::Other("`messages` cannot be empty".into()).into());
     }
@@ -70,7 +72,29 @@ pub(crate) fn prepare(state: &SharedState, req: ChatRequest) -> Result<(String, 
         .chat_template
         .as_ref()
         .ok_or_else(|| InferError::TemplateError("this model has no chat template".into()))?;
-    let prompt = template.apply(&template_messages(req.messages)?)?;
+    let messages = template_messages(std::mem::take(&mut req.messages))?;
+    let inputs = TemplateInputs {
+        tools: req.active_tools(),
+        tool_prompt: req.tool_prompt.as_deref(),
+        kwargs: req.chat_template_kwargs.as_ref(),
+    };
+    template.apply(&messages, &inputs)
+}
+
+/// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
+pub(crate) fn prepare(state: &SharedState, mut req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
+    if req.presence_penalty.is_some_and(|p| p != 0.0) {
+        return Err(unsupported("`presence_penalty`"));
+    }
+    if req.active_tools().is_some() {
+        // Calling tools needs constrained decoding (structured output), which is not there yet;
+        // `tool_choice: "none"` works and simply leaves the tools out, as in TGI.
+        return Err(unsupported("tool calling (`tools` with a `tool_choice` other than \"none\")"));
+    }
+    if !is_plain_text_format(&req.response_format) {
+        return Err(unsupported("`response_format`"));
+    }
+    let prompt = render(state, &mut req)?;
     let (do_sample, temperature) = sampling(req.temperature);
     let top_n_tokens = if req.logprobs.unwrap_or(false) { req.top_logprobs.or(Some(0)) } else { None };
     let stop = Stop::into_vec(req.stop);

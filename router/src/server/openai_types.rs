@@ -28,6 +28,15 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant's earlier tool calls (`[{id?, type: "function", function: {name, arguments}}]`).
+    #[serde(default)]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<Value>>,
+    /// For `role: tool`: the call this message answers.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -88,6 +97,28 @@ pub struct ChatRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub response_format: Option<Value>,
+    /// `auto` (the default with tools), `none`, `required` or `{"type": "function", ...}`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// Instruction shown with the tools when the template cannot render them itself.
+    #[serde(default)]
+    pub tool_prompt: Option<String>,
+    /// Extra variables for the chat template, e.g. `{"enable_thinking": false}` (as in vLLM).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+}
+
+impl ChatRequest {
+    /// Tools the template should see: none when absent, empty or `tool_choice: "none"`.
+    pub fn active_tools(&self) -> Option<&Value> {
+        let tools = self.tools.as_ref().filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))?;
+        match &self.tool_choice {
+            Some(Value::String(s)) if s == "none" => None,
+            _ => Some(tools),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize, ToSchema)]

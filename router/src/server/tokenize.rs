@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 
-use super::openai::prepare;
+use super::openai::render;
 use super::openai_types::ChatRequest;
 use super::types::GenerateRequest;
 use super::json::JsonBody;
@@ -49,8 +49,8 @@ pub async fn tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<
 /// Render the chat template for a chat request and tokenize the result.
 #[utoipa::path(post, path = "/chat_tokenize", tag = "Text Generation Inference", request_body = ChatRequest,
     responses((status = 200, description = "Templated text and its tokens", body = ChatTokenizeResponse), (status = 422, description = "Invalid request or template error", body = ErrorResponse)))]
-pub async fn chat_tokenize(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
-    let (templated_text, _) = prepare(&state, req)?;
+pub async fn chat_tokenize(State(state): State<SharedState>, JsonBody(mut req): JsonBody<ChatRequest>) -> Result<Json<ChatTokenizeResponse>, InferError> {
+    let templated_text = render(&state, &mut req)?;
     let tokenize_response = simple_tokens(&state, &templated_text, false).await?;
     Ok(Json(ChatTokenizeResponse { tokenize_response, templated_text }))
 }
