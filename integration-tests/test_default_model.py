@@ -122,7 +122,7 @@ def test_validation_errors(smollm2):
     assert r.status_code == 422 and "must be <=" in r.json()["error"]
     r = requests.post(smollm2.url + "/generate", data="{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
-    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": PARIS, "presence_penalty": 1.0})
+    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": PARIS, "response_format": {"type": "json_object"}})
     assert r.status_code == 422 and "not supported" in r.json()["error"]
     # Errors in a stream arrive as an SSE event, as in TGI.
     r = requests.post(smollm2.url + "/generate_stream", json={"inputs": "hi", "parameters": {"top_k": -1}})

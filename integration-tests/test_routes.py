@@ -19,6 +19,11 @@ def test_openai_completions(smollm2):
     greedy = requests.post(smollm2.url + "/generate", json={"inputs": "The capital of France is",
                                                             "parameters": {"max_new_tokens": 6}}).json()
     assert [c.text for c in r.choices if c.index == 1] == [greedy["generated_text"]]
+    raw = requests.post(smollm2.url + "/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2, "temperature": 0})
+    for h in ["x-compute-type", "x-compute-time", "x-compute-characters", "x-total-time", "x-validation-time",
+              "x-queue-time", "x-inference-time", "x-time-per-token", "x-prompt-tokens", "x-generated-tokens"]:
+        assert h in raw.headers, h
+    assert float(raw.headers["x-generated-tokens"]) == raw.json()["usage"]["completion_tokens"]
 
 
 def test_openai_completions_streaming(smollm2):
@@ -72,6 +77,24 @@ def test_invocations_dispatches_on_fields(smollm2):
     assert r.json()["object"] == "text_completion"
     r = requests.post(url, json={"nothing": 1})
     assert r.status_code == 422
+
+
+def test_presence_penalty_changes_greedy_output(smollm2):
+    client = OpenAI(base_url=smollm2.url + "/v1/", api_key="-")
+    msgs = [{"role": "user", "content": "Repeat the word cat ten times."}]
+    plain = client.chat.completions.create(model="tgi", messages=msgs, temperature=0, max_tokens=20, logprobs=True)
+    penalised = client.chat.completions.create(model="tgi", messages=msgs, temperature=0, max_tokens=20, logprobs=True,
+                                               presence_penalty=2.0)
+    a, b = plain.choices[0].logprobs.content, penalised.choices[0].logprobs.content
+    # The first step whose greedy choice repeats an earlier generated token is where the penalty
+    # bites: before it both runs agree; there the token changes or its logprob drops.
+    seen = set()
+    first_repeat = next(i for i, t in enumerate(a) if t.token in seen or seen.add(t.token))
+    assert [t.token for t in a[:first_repeat]] == [t.token for t in b[:first_repeat]]
+    at_a, at_b = a[first_repeat], b[first_repeat]
+    assert at_b.token != at_a.token or at_b.logprob < at_a.logprob - 1.0, (at_a, at_b)
+    r = requests.post(smollm2.url + "/v1/chat/completions", json={"messages": msgs, "presence_penalty": 3})
+    assert r.status_code == 422 and "presence_penalty" in r.json()["error"]
 
 
 def test_payload_limit(smollm2):

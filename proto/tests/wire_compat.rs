@@ -48,10 +48,12 @@ fn request_and_parameters() {
         watermark: true,
         grammar: "x".into(),
         grammar_type: pb::GrammarType::Regex as i32,
+        presence_penalty: 0.5,
     };
+    // 1001 is Tessera's own extension; TGI's numbers are unchanged.
     assert_eq!(
         fields(&params.encode_to_vec()),
-        vec![(1, F32), (2, V), (3, F32), (4, F32), (5, V), (6, V), (7, F32), (8, V), (9, F32), (10, L), (11, V)]
+        vec![(1, F32), (2, V), (3, F32), (4, F32), (5, V), (6, V), (7, F32), (8, V), (9, F32), (10, L), (11, V), (1001, F32)]
     );
     let stop = pb::StoppingCriteriaParameters { max_new_tokens: 1, stop_sequences: vec!["s".into()], ignore_eos_token: true };
     assert_eq!(fields(&stop.encode_to_vec()), vec![(1, V), (2, L), (3, V)]);

@@ -23,6 +23,8 @@ pub enum ValidationError {
     RepetitionPenalty,
     #[error("`frequency_penalty` must be >= -2.0 and <= 2.0")]
     FrequencyPenalty,
+    #[error("`presence_penalty` must be >= -2.0 and <= 2.0")]
+    PresencePenalty,
     #[error("`top_p` must be > 0.0 and < 1.0")]
     TopP,
     #[error("`typical_p` must be > 0.0 and < 1.0")]

@@ -115,6 +115,10 @@ impl Validation {
         if !(-2.0..=2.0).contains(&frequency_penalty) {
             return Err(ValidationError::FrequencyPenalty);
         }
+        let presence_penalty = p.presence_penalty.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&presence_penalty) {
+            return Err(ValidationError::PresencePenalty);
+        }
         let top_p = p.top_p.unwrap_or(1.0);
         if p.top_p.is_some() && (top_p <= 0.0 || top_p >= 1.0) {
             return Err(ValidationError::TopP);
@@ -196,6 +200,7 @@ impl Validation {
                 watermark: p.watermark,
                 grammar: String::new(),
                 grammar_type: pb::GrammarType::None as i32,
+                presence_penalty,
             },
             stopping: pb::StoppingCriteriaParameters { max_new_tokens, stop_sequences: p.stop, ignore_eos_token: false },
             top_n_tokens,

@@ -152,6 +152,7 @@ impl Runner {
             seed: p.seed,
             repetition_penalty: p.repetition_penalty,
             frequency_penalty: p.frequency_penalty,
+            presence_penalty: p.presence_penalty,
         };
         Ok(Sequence {
             id: r.id,
@@ -286,7 +287,7 @@ impl Runner {
     }
 
     fn next_token(&self, seq: &mut Sequence, row: &mut [f32], prefill_tokens: Option<pb::Tokens>) -> Result<pb::Generation> {
-        let choice = seq.sampler.choose(row, &seq.tokens);
+        let choice = seq.sampler.choose(row, &seq.tokens, seq.prompt_len);
         seq.tokens.push(choice.token);
         let text = seq.decoder.next(&self.tokenizer, &seq.tokens)?;
         let finish = seq.stopping.check(seq.generated(), self.eos.contains(&choice.token), &text);

@@ -18,6 +18,8 @@ pub struct SamplingParams {
     pub seed: u64,
     pub repetition_penalty: f32,
     pub frequency_penalty: f32,
+    /// OpenAI's presence penalty (a Tessera extension of the v3 protocol).
+    pub presence_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -31,6 +33,7 @@ impl Default for SamplingParams {
             seed: 0,
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
+            presence_penalty: 0.0,
         }
     }
 }
@@ -87,8 +90,8 @@ impl Sampler {
     }
 
     /// Processes `scores` in place (they become log-probabilities) and picks the next token.
-    /// `history` is every token of the sequence so far, prompt included.
-    pub fn choose(&mut self, scores: &mut [f32], history: &[u32]) -> Choice {
+    /// `history` is every token of the sequence so far, the prompt's `prompt_len` first.
+    pub fn choose(&mut self, scores: &mut [f32], history: &[u32], prompt_len: usize) -> Choice {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             let mut seen = history.to_vec();
@@ -104,6 +107,17 @@ impl Sampler {
             for &t in history {
                 if let Some(s) = scores.get_mut(t as usize) {
                     *s -= p.frequency_penalty;
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 {
+            // As OpenAI defines it: once per distinct token sampled so far (the prompt excluded).
+            let mut generated = history.get(prompt_len..).unwrap_or_default().to_vec();
+            generated.sort_unstable();
+            generated.dedup();
+            for t in generated {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s -= p.presence_penalty;
                 }
             }
         }
@@ -236,7 +250,7 @@ mod tests {
     fn greedy_picks_argmax_with_its_logprob() {
         let mut s = Sampler::new(params());
         let mut x = vec![0.0, 2.0, 1.0];
-        let c = s.choose(&mut x, &[]);
+        let c = s.choose(&mut x, &[], 0);
         assert_eq!(c.token, 1);
         let expected = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
         assert!((c.logprob - expected).abs() < 1e-6);
@@ -247,7 +261,7 @@ mod tests {
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params() });
         // token 0 (positive, seen) is divided, token 2 (negative, seen) is multiplied.
         let mut x = vec![3.0, 2.0, -1.0];
-        let c = s.choose(&mut x, &[0, 2, 0]);
+        let c = s.choose(&mut x, &[0, 2, 0], 0);
         assert_eq!(c.token, 1);
     }
 
@@ -256,12 +270,22 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
             let mut s = Sampler::new(SamplingParams { do_sample: true, seed, ..params() });
-            (0..20).map(|_| s.choose(&mut logits.clone(), &[]).token).collect::<Vec<_>>()
+            (0..20).map(|_| s.choose(&mut logits.clone(), &[], 0).token).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         let mut s = Sampler::new(SamplingParams { top_k: 1, seed: 3, ..params() });
-        assert_eq!(s.choose(&mut logits.clone(), &[]).token as usize, argmax(&logits));
+        assert_eq!(s.choose(&mut logits.clone(), &[], 0).token as usize, argmax(&logits));
+    }
+
+    #[test]
+    fn presence_penalty_counts_generated_tokens_once() {
+        let mut s = Sampler::new(SamplingParams { presence_penalty: 1.0, ..params() });
+        // Token 0 is in the prompt only (not penalised); token 1 was generated twice (penalised once).
+        let mut x = vec![2.0, 2.5, 1.2];
+        assert_eq!(s.choose(&mut x, &[0, 1, 1], 1).token, 0);
+        let mut x = vec![2.0, 2.5, 1.2];
+        assert_eq!(s.choose(&mut x, &[0, 1, 1], 3).token, 1);
     }
 
     #[test]

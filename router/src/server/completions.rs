@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::json::JsonBody;
+use super::generate::timing_headers;
 use super::openai::{choices, error_event, event, now, sampling};
 use super::openai_types::{Completion, CompletionChoice, CompletionRequest, Prompt, Stop, Usage};
 use super::types::GenerateParameters;
@@ -76,6 +77,7 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         seed: req.seed,
         repetition_penalty: req.repetition_penalty,
         frequency_penalty: req.frequency_penalty,
+        presence_penalty: req.presence_penalty,
         stop: Stop::into_vec(req.stop),
         details: true,
         ..Default::default()
@@ -146,8 +148,10 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     drop(permits);
     let mut usage = Usage::default();
     let mut choices = Vec::new();
+    let mut timings = Vec::new();
     for (index, (result, input_length)) in results.into_iter().zip(lengths).enumerate() {
         let r = result?;
+        timings.push(timing_headers(&state.compute_type, 0, start, &r, input_length));
         let g = r.generated_text;
         // A prompt's tokens count once, however many samples were drawn from it.
         if index as u32 % n == 0 {
@@ -157,9 +161,12 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         choices.push(CompletionChoice { index, text: g.text, logprobs: None, finish_reason: g.finish_reason.openai() });
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    // As TGI: the per-prompt timing and token headers, summed over the prompts.
+    for name in ["x-compute-time", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time", "x-time-per-token", "x-generated-tokens"] {
+        let sum: f64 = timings.iter().filter_map(|t| t.get(name)?.to_str().ok()?.parse::<f64>().ok()).sum();
+        headers.insert(name, h(sum.to_string()));
+    }
     headers.insert("x-prompt-tokens", h(usage.prompt_tokens.to_string()));
-    headers.insert("x-generated-tokens", h(usage.completion_tokens.to_string()));
-    headers.insert("x-total-time", h(start.elapsed().as_millis().to_string()));
     let body = Completion {
         object: "text_completion",
         id,

@@ -83,9 +83,6 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
 pub(crate) fn prepare(state: &SharedState, mut req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
-    if req.presence_penalty.is_some_and(|p| p != 0.0) {
-        return Err(unsupported("`presence_penalty`"));
-    }
     if req.active_tools().is_some() {
         // Calling tools needs constrained decoding (structured output), which is not there yet;
         // `tool_choice: "none"` works and simply leaves the tools out, as in TGI.
@@ -105,6 +102,7 @@ pub(crate) fn prepare(state: &SharedState, mut req: ChatRequest) -> Result<(Stri
             temperature,
             top_p: req.top_p,
             frequency_penalty: req.frequency_penalty,
+            presence_penalty: req.presence_penalty,
             max_new_tokens: req.max_tokens,
             stop,
             seed: req.seed,

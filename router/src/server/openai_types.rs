@@ -157,6 +157,8 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    #[serde(default)]
     pub stop: Option<Stop>,
     #[serde(default)]
     pub n: Option<u32>,

@@ -14,6 +14,9 @@ pub struct GenerateParameters {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    /// Beyond TGI: OpenAI's presence penalty, in [-2, 2].
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
     #[serde(default)]
     pub top_k: Option<i32>,
     #[serde(default)]
