@@ -1,5 +1,6 @@
 """Snapshots of full responses on tiny-llama (f32, greedy), so any change to a JSON shape, a
-field name or an SSE framing shows up as a diff. Volatile fields (ids, timestamps, the version
+field name or an SSE framing shows up as a diff. Volatile fields (ids, timestamps, the model
+path, the version
 in the fingerprint) are replaced and floats rounded to 3 decimals, so the snapshots hold across
 machines. Update with `pytest integration-tests/test_snapshots.py --snapshot-update`.
 """
@@ -10,7 +11,7 @@ import requests
 
 from conftest import TINY, start
 
-VOLATILE = {"id": "<id>", "created": 0, "system_fingerprint": "<fingerprint>"}
+VOLATILE = {"id": "<id>", "created": 0, "system_fingerprint": "<fingerprint>", "model": "<model path>"}
 
 
 def normalise(value):

@@ -1,5 +1,7 @@
-//! The HTTP server: routes, shared state, and the operational endpoints (`/health`, `/info`).
-//! Generation routes live in `generate` (TGI), `openai` (chat) and `completions` (OpenAI).
+//! The HTTP server: the route table, shared state, and the operational endpoints (`/health`,
+//! `/ping`, `/info`, `/metrics`, `/invocations`). Generation routes live in `generate` (TGI),
+//! `openai` (chat) and `completions`; `tokenize` shows what the model sees; `access` holds the
+//! API key and CORS; `json` the body extractor; `docs` the OpenAPI document.
 
 pub mod access;
 pub mod completions;
