@@ -1,8 +1,8 @@
 """Snapshots of full responses on tiny-llama (f32, greedy), so any change to a JSON shape, a
 field name or an SSE framing shows up as a diff. Volatile fields (ids, timestamps, the model
-path, the version
-in the fingerprint) are replaced and floats rounded to 3 decimals, so the snapshots hold across
-machines. Update with `pytest integration-tests/test_snapshots.py --snapshot-update`.
+path, the version in the fingerprint) are replaced and floats rounded to 3 decimals, so the
+snapshots hold across machines and checkouts. Update with
+`pytest integration-tests/test_snapshots.py --snapshot-update`.
 """
 import json
 

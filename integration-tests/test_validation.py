@@ -27,9 +27,9 @@ RULES = [
     ({"repetition_penalty": 0.0}, "`repetition_penalty` must be strictly positive"),
     ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ({"frequency_penalty": -2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
-    ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
-    ({"top_p": 0.0}, "`top_p` must be > 0.0 and < 1.0"),
-    ({"typical_p": 1.0}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"top_p": 1.5}, "`top_p` must be > 0.0 and <= 1.0"),
+    ({"top_p": 0.0}, "`top_p` must be > 0.0 and <= 1.0"),
+    ({"typical_p": 0.0}, "`typical_p` must be > 0.0 and <= 1.0"),
     ({"top_k": 0}, "`top_k` must be strictly positive"),
     ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
@@ -134,3 +134,16 @@ def test_bad_json_names_the_field(server):
     assert r.status_code == 422
     r = requests.post(server.url + "/generate", data='{"inputs": "Hi"}', headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+
+
+def test_fixed_tgi_quirks(server):
+    # top_p = 1.0 means "no nucleus filtering" (TGI refuses it; OpenAI clients send it).
+    r = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"top_p": 1.0, "max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+    # A missing `parameters` object means the same defaults as `{}`: greedy, so deterministic.
+    a = requests.post(server.url + "/generate", json={"inputs": "Hello"}).json()
+    b = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {}}).json()
+    assert a == b
+    r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                                  "logit_bias": {"5": 10}})
+    assert r.status_code == 422 and "logit_bias" in r.json()["error"]

@@ -25,9 +25,9 @@ pub enum ValidationError {
     FrequencyPenalty,
     #[error("`presence_penalty` must be >= -2.0 and <= 2.0")]
     PresencePenalty,
-    #[error("`top_p` must be > 0.0 and < 1.0")]
+    #[error("`top_p` must be > 0.0 and <= 1.0")]
     TopP,
-    #[error("`typical_p` must be > 0.0 and < 1.0")]
+    #[error("`typical_p` must be > 0.0 and <= 1.0")]
     TypicalP,
     #[error("`top_k` must be strictly positive")]
     TopK,

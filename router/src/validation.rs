@@ -120,11 +120,12 @@ impl Validation {
             return Err(ValidationError::PresencePenalty);
         }
         let top_p = p.top_p.unwrap_or(1.0);
-        if p.top_p.is_some() && (top_p <= 0.0 || top_p >= 1.0) {
+        // 1.0 means "no nucleus filtering" (TGI rejects it, but OpenAI clients send it).
+        if p.top_p.is_some() && (top_p <= 0.0 || top_p > 1.0) {
             return Err(ValidationError::TopP);
         }
         let typical_p = p.typical_p.unwrap_or(1.0);
-        if p.typical_p.is_some() && (typical_p <= 0.0 || typical_p >= 1.0) {
+        if p.typical_p.is_some() && (typical_p <= 0.0 || typical_p > 1.0) {
             return Err(ValidationError::TypicalP);
         }
         let top_k = match p.top_k {
@@ -235,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn tgi_messages_for_bad_parameters() {
         assert_eq!(err("a", GenerateParameters { temperature: Some(0.0), ..params() }).await, "`temperature` must be strictly positive");
-        assert_eq!(err("a", GenerateParameters { top_p: Some(1.0), ..params() }).await, "`top_p` must be > 0.0 and < 1.0");
+        assert_eq!(err("a", GenerateParameters { top_p: Some(1.5), ..params() }).await, "`top_p` must be > 0.0 and <= 1.0");
         assert_eq!(err("a", GenerateParameters { top_k: Some(0), ..params() }).await, "`top_k` must be strictly positive");
         assert_eq!(err("a", GenerateParameters { max_new_tokens: Some(0), ..params() }).await, "`max_new_tokens` must be strictly positive");
         assert_eq!(err("", params()).await, "`inputs` cannot be empty");

@@ -83,6 +83,9 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
 pub(crate) fn prepare(state: &SharedState, mut req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
+    if req.logit_bias.as_ref().is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty())) {
+        return Err(unsupported("`logit_bias`"));
+    }
     if req.active_tools().is_some() {
         // Calling tools needs constrained decoding (structured output), which is not there yet;
         // `tool_choice: "none"` works and simply leaves the tools out, as in TGI.

@@ -71,6 +71,10 @@ pub struct ChatRequest {
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
     pub presence_penalty: Option<f32>,
+    /// Token id → bias. Not supported yet: a non-empty map is refused rather than ignored.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<Value>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]

@@ -50,15 +50,12 @@ pub struct GenerateParameters {
     pub adapter_id: Option<String>,
 }
 
-/// What TGI uses when a request has no `parameters` object at all (note `do_sample: true`).
-pub fn default_parameters() -> GenerateParameters {
-    GenerateParameters { do_sample: true, ..Default::default() }
-}
-
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     pub inputs: String,
-    #[serde(default = "default_parameters")]
+    /// Omitted parameters mean the defaults, greedy included (TGI samples when the whole object
+    /// is missing but not when it is `{}`; see docs/compatibility.md).
+    #[serde(default)]
     pub parameters: GenerateParameters,
 }
 
@@ -66,7 +63,7 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
     pub inputs: String,
-    #[serde(default = "default_parameters")]
+    #[serde(default)]
     pub parameters: GenerateParameters,
     #[serde(default)]
     pub stream: bool,
