@@ -28,7 +28,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, model, *extra, startup_timeout=180):
+    def __init__(self, model, *extra, startup_timeout=180, env=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = tempfile.mkdtemp(prefix="tessera-test-")
@@ -36,7 +36,7 @@ class Server:
         self.log = open(self.log_path, "wb")
         cmd = [str(BIN / "tessera-launcher"), "--model-id", str(model), "--port", str(self.port),
                "--hostname", "127.0.0.1", "--shard-uds-path", f"{self.tmp}/shard", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.time() + startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -51,7 +51,8 @@ class Server:
         raise RuntimeError(f"server not healthy after {startup_timeout}s:\n{self.output()}")
 
     def output(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self):
@@ -67,8 +68,8 @@ class Server:
         return self.proc.returncode
 
 
-def start(model, *extra):
-    return Server(model, *extra)
+def start(model, *extra, env=None):
+    return Server(model, *extra, env=env)
 
 
 @pytest.fixture(scope="session")

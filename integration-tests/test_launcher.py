@@ -30,6 +30,12 @@ def test_missing_model_path(tmp_path):
     assert "not found" in out.stderr
 
 
+def test_typo_in_a_local_path_is_not_sent_to_the_hub():
+    out = launch("--model-id", "models/no-such-model", "--port", str(free_port()))
+    assert_one_line_error(out)
+    assert "neither a local folder nor a Hub id" in out.stderr
+
+
 def test_malformed_config(tmp_path):
     model = tmp_path / "broken"
     shutil.copytree(TINY / "tiny-llama", model)

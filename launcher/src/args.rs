@@ -29,10 +29,12 @@ impl Dtype {
 #[derive(Parser, Debug)]
 #[command(name = "tessera-launcher", version, about = "Start, supervise and stop Tessera's shards and router (TGI-compatible flags)")]
 pub struct Args {
-    /// The model to serve: a local folder with config.json, tokenizer.json and *.safetensors.
+    /// The model to serve: a local folder with config.json, tokenizer.json and *.safetensors, or
+    /// a Hub id (`org/name`), downloaded into the Hub cache (HF_HOME, HUGGINGFACE_HUB_CACHE;
+    /// HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE=1 are honoured).
     #[arg(long, env)]
     pub model_id: String,
-    /// A Hub revision. Not supported yet: models are served from local folders.
+    /// The Hub revision (branch, tag or commit) of `--model-id`.
     #[arg(long, env)]
     pub revision: Option<String>,
     /// Run dtype. Defaults to the checkpoint's own dtype (float16 runs as bfloat16 on CPU).

@@ -4,6 +4,7 @@
 //! rest are stopped and the launcher exits non-zero, naming the child and its last words.
 
 mod args;
+mod hub;
 mod process;
 
 use std::path::{Path, PathBuf};
@@ -56,9 +57,6 @@ fn check_args(args: &Args) -> anyhow::Result<()> {
     if args.trust_remote_code {
         bail!("`--trust-remote-code` is not supported: Tessera runs only its own model code");
     }
-    if args.revision.is_some() {
-        bail!("`--revision` is not supported yet: serve a local folder instead");
-    }
     if args.num_shard.is_some_and(|n| n != 1) {
         bail!("Invalid argument: `--num-shard` other than 1 is not supported yet");
     }
@@ -89,9 +87,9 @@ fn binary(args: &Args, name: &str) -> PathBuf {
     PathBuf::from(name) // resolved through PATH
 }
 
-fn shard_command(args: &Args) -> Command {
+fn shard_command(args: &Args, model_dir: &Path) -> Command {
     let mut cmd = Command::new(binary(args, "tessera-shard"));
-    cmd.arg("serve").arg(&args.model_id).arg("--uds-path").arg(&args.shard_uds_path);
+    cmd.arg("serve").arg(model_dir).arg("--uds-path").arg(&args.shard_uds_path);
     if let Some(d) = args.dtype {
         cmd.arg("--dtype").arg(d.as_str());
     }
@@ -102,12 +100,12 @@ fn shard_command(args: &Args) -> Command {
     cmd
 }
 
-fn router_command(args: &Args, max_batch_prefill_tokens: u32) -> Command {
+fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) -> Command {
     let mut cmd = Command::new(binary(args, "tessera-router"));
     let mut opt = |flag: &str, value: String| {
         cmd.arg(flag).arg(value);
     };
-    opt("--tokenizer-name", args.model_id.clone());
+    opt("--tokenizer-name", model_dir.display().to_string());
     opt("--model-id", args.model_id.clone());
     opt("--master-shard-uds-path", format!("{}-0", args.shard_uds_path));
     opt("--hostname", args.hostname.clone());
@@ -155,7 +153,8 @@ fn stop_all(children: &mut [Supervised], timeout: Duration) {
 
 fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     check_args(&args)?;
-    let config = check_model(Path::new(&args.model_id))?;
+    let model_dir = hub::resolve(&args.model_id, args.revision.as_deref())?;
+    let config = check_model(&model_dir)?;
     // Fail before loading anything when the port is taken.
     let addr = format!("{}:{}", args.hostname, args.port);
     std::net::TcpListener::bind(&addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -175,7 +174,7 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         std::fs::remove_file(&socket).with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
     }
     tracing::info!("Starting shard 0");
-    let mut children = vec![Supervised::spawn("shard 0", shard_command(&args))?];
+    let mut children = vec![Supervised::spawn("shard 0", shard_command(&args, &model_dir))?];
     let start = Instant::now();
     let mut last_note = Instant::now();
     while !socket.exists() {
@@ -195,7 +194,7 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     tracing::info!("Shard ready in {:.2}s", start.elapsed().as_secs_f64());
 
     tracing::info!("Starting router");
-    match Supervised::spawn("router", router_command(&args, max_batch_prefill_tokens)) {
+    match Supervised::spawn("router", router_command(&args, &model_dir, max_batch_prefill_tokens)) {
         Ok(router) => children.push(router),
         Err(e) => {
             stop_all(&mut children, timeout);
