@@ -73,16 +73,21 @@ def test_invalid_argument_combination(tmp_path):
     assert "Invalid argument" in out.stderr
 
 
-def test_dead_shard_stops_everything():
-    server = start(TINY / "tiny-llama", "--dtype", "float32")
-    shard = subprocess.run(["pgrep", "-f", f"tessera-shard serve .*--uds-path {server.tmp}/shard"],
-                           capture_output=True, text=True).stdout.split()
-    assert len(shard) == 1
-    os.kill(int(shard[0]), signal.SIGKILL)
+def shard_pid(server):
+    pids = subprocess.run(["pgrep", "-f", f"tessera-shard serve .*--uds-path {server.tmp}/shard"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+def test_dead_shard_without_restarts_stops_everything():
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--max-restarts", "0")
+    os.kill(shard_pid(server), signal.SIGKILL)
     code = server.proc.wait(timeout=30)
     assert code == 1
     out = server.output()
     assert "shard 0 exited unexpectedly (signal 9 (SIGKILL))" in out, out[-2000:]
+    assert "giving up after 0 restarts" in out
     router = subprocess.run(["pgrep", "-f", f"tessera-router .*{server.tmp}/shard"], capture_output=True, text=True)
     assert router.stdout.strip() == "", "router left running"
 
@@ -99,3 +104,55 @@ def test_two_instances_side_by_side_and_sigint():
         b.proc.send_signal(signal.SIGINT)
         assert b.proc.wait(timeout=60) == 0
         assert a.stop() == 0
+
+
+def stream_events(response):
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data:"):
+            yield json.loads(line[5:])
+
+
+def test_killed_shard_is_restarted_and_service_heals():
+    import requests
+    server = start(TINY / "tiny-llama", "--dtype", "float32")
+    try:
+        first = shard_pid(server)
+        r = requests.post(server.url + "/generate_stream", stream=True, timeout=60,
+                          json={"inputs": "Hello", "parameters": {"max_new_tokens": 400}})
+        events = stream_events(r)
+        assert "token" in next(events)
+        os.kill(first, signal.SIGKILL)
+        rest = list(events)
+        # The stream caught in the crash ends with an error event, not silently.
+        assert rest and "error" in rest[-1] and rest[-1]["error_type"] == "generation", rest[-1:]
+        statuses = []
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            statuses.append(requests.get(server.url + "/health", timeout=10).status_code)
+            if statuses[-1] == 200:
+                break
+            time.sleep(0.2)
+        assert statuses[-1] == 200 and 503 in statuses, statuses
+        r = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 200
+        assert shard_pid(server) != first
+        assert server.proc.poll() is None, "the launcher must keep running"
+        assert "restarting it in 1s (restart 1 of 3)" in server.output()
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_lets_an_active_stream_finish():
+    import requests
+    server = start(TINY / "tiny-llama", "--dtype", "float32")
+    # This prompt runs tiny-llama to the length limit (no EOS within 300 tokens).
+    r = requests.post(server.url + "/generate_stream", stream=True, timeout=60,
+                      json={"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 300, "details": True}})
+    events = stream_events(r)
+    assert "token" in next(events)
+    server.proc.send_signal(signal.SIGTERM)
+    rest = list(events)
+    assert rest[-1]["generated_text"] is not None and rest[-1]["index"] == 300, rest[-1]
+    assert rest[-1]["details"]["finish_reason"] == "length"
+    assert server.proc.wait(timeout=60) == 0
+    server.log.close()

@@ -8,7 +8,11 @@ fn main() {
     if std::env::var("GIT_SHA").is_ok() {
         return;
     }
-    let sha = Command::new("git").args(["rev-parse", "HEAD"]).output().ok().filter(|o| o.status.success());
+    let sha = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
     if let Some(out) = sha {
         let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
         println!("cargo:rustc-env=GIT_SHA={sha}");

@@ -24,18 +24,35 @@ fn request(id: u64, prompt_tokens: u32, new_tokens: u32) -> pb::Request {
         inputs: "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens as usize),
         truncate: prompt_tokens,
         add_special_tokens: true,
-        parameters: Some(pb::NextTokenChooserParameters { repetition_penalty: 1.0, ..Default::default() }),
-        stopping_parameters: Some(pb::StoppingCriteriaParameters { max_new_tokens: new_tokens, stop_sequences: vec![], ignore_eos_token: true }),
+        parameters: Some(pb::NextTokenChooserParameters {
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
+        stopping_parameters: Some(pb::StoppingCriteriaParameters {
+            max_new_tokens: new_tokens,
+            stop_sequences: vec![],
+            ignore_eos_token: true,
+        }),
         ..Default::default()
     }
 }
 
 /// Seconds per decode step for `batch` sequences, after one prefill.
 fn decode_step_seconds(runner: &mut Runner, batch: usize, steps: u32) -> f64 {
-    let b = pb::Batch { id: 1, requests: (0..batch as u64).map(|i| request(i, 32, steps + 1)).collect(), size: batch as u32, ..Default::default() };
+    let b = pb::Batch {
+        id: 1,
+        requests: (0..batch as u64)
+            .map(|i| request(i, 32, steps + 1))
+            .collect(),
+        size: batch as u32,
+        ..Default::default()
+    };
     let mut cached = runner.prefill(&b, None).expect("prefill").batch;
     // One untimed step so allocations settle.
-    cached = runner.decode(&[cached.expect("batch")]).expect("decode").batch;
+    cached = runner
+        .decode(&[cached.expect("batch")])
+        .expect("decode")
+        .batch;
     let start = Instant::now();
     let mut n = 0;
     while let Some(c) = cached {
@@ -46,7 +63,12 @@ fn decode_step_seconds(runner: &mut Runner, batch: usize, steps: u32) -> f64 {
 }
 
 fn prefill_seconds(runner: &mut Runner, tokens: u32) -> f64 {
-    let b = pb::Batch { id: 2, requests: vec![request(0, tokens, 1)], size: 1, ..Default::default() };
+    let b = pb::Batch {
+        id: 2,
+        requests: vec![request(0, tokens, 1)],
+        size: 1,
+        ..Default::default()
+    };
     runner.prefill(&b, None).expect("warm prefill");
     let start = Instant::now();
     let reps = 3;
@@ -104,14 +126,38 @@ fn main() {
     let roof_decode = bandwidth / weight_bytes;
     let roof_prefill = flops / (2.0 * params);
 
-    println!("model {MODEL}, {dtype}, {:.1}M params ({:.0} MB), {} threads", params / 1e6, weight_bytes / 1e6, tch::get_num_threads());
-    println!("measured: read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s", bandwidth / 1e9, flops / 1e9);
+    println!(
+        "model {MODEL}, {dtype}, {:.1}M params ({:.0} MB), {} threads",
+        params / 1e6,
+        weight_bytes / 1e6,
+        tch::get_num_threads()
+    );
+    println!(
+        "measured: read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s",
+        bandwidth / 1e9,
+        flops / 1e9
+    );
     println!("| benchmark | Tessera | roofline | ratio |");
     println!("|---|---|---|---|");
     let t1 = decode_step_seconds(&mut runner, 1, 64);
-    println!("| decode, batch 1 (tok/s) | {:.1} | {:.1} | {:.2} |", 1.0 / t1, roof_decode, (1.0 / t1) / roof_decode);
+    println!(
+        "| decode, batch 1 (tok/s) | {:.1} | {:.1} | {:.2} |",
+        1.0 / t1,
+        roof_decode,
+        (1.0 / t1) / roof_decode
+    );
     let t8 = decode_step_seconds(&mut runner, 8, 32);
-    println!("| decode, batch 8 (tok/s) | {:.1} | {:.1} | {:.2} |", 8.0 / t8, 8.0 * roof_decode, (8.0 / t8) / (8.0 * roof_decode));
+    println!(
+        "| decode, batch 8 (tok/s) | {:.1} | {:.1} | {:.2} |",
+        8.0 / t8,
+        8.0 * roof_decode,
+        (8.0 / t8) / (8.0 * roof_decode)
+    );
     let tp = prefill_seconds(&mut runner, 512);
-    println!("| prefill, 512 tokens (tok/s) | {:.0} | {:.0} | {:.2} |", 512.0 / tp, roof_prefill, (512.0 / tp) / roof_prefill);
+    println!(
+        "| prefill, 512 tokens (tok/s) | {:.0} | {:.0} | {:.2} |",
+        512.0 / tp,
+        roof_prefill,
+        (512.0 / tp) / roof_prefill
+    );
 }

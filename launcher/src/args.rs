@@ -27,7 +27,11 @@ impl Dtype {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "tessera-launcher", version, about = "Start, supervise and stop Tessera's shards and router (TGI-compatible flags)")]
+#[command(
+    name = "tessera-launcher",
+    version,
+    about = "Start, supervise and stop Tessera's shards and router (TGI-compatible flags)"
+)]
 pub struct Args {
     /// The model to serve: a local folder with config.json, tokenizer.json and *.safetensors, or
     /// a Hub id (`org/name`), downloaded into the Hub cache (HF_HOME, HUGGINGFACE_HUB_CACHE;
@@ -89,6 +93,10 @@ pub struct Args {
     /// Seconds to wait for a child to stop after SIGTERM before killing it.
     #[arg(short, long, env, default_value_t = 90)]
     pub graceful_termination_timeout: u64,
+    /// How many times in a row a crashed shard is restarted before the launcher gives up
+    /// (beyond TGI, which stops the whole service on the first crash). 0 disables restarts.
+    #[arg(long, env, default_value_t = 3)]
+    pub max_restarts: u32,
     /// Log as JSON lines (passed on to the router and shards).
     #[arg(long, env)]
     pub json_output: bool,

@@ -33,11 +33,16 @@ fn cache() -> Cache {
 }
 
 fn repo(model_id: &str, revision: Option<&str>) -> Repo {
-    Repo::with_revision(model_id.to_string(), RepoType::Model, revision.unwrap_or("main").to_string())
+    Repo::with_revision(
+        model_id.to_string(),
+        RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    )
 }
 
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "True" | "yes"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "True" | "yes"))
 }
 
 /// Logs a line at every 10% of a file.
@@ -59,14 +64,22 @@ impl Progress for LogProgress {
     fn update(&mut self, size: usize) {
         self.done += size;
         if self.done >= self.next_report && self.done < self.size {
-            tracing::info!("Downloading {}: {}%", self.name, self.done * 100 / self.size.max(1));
+            tracing::info!(
+                "Downloading {}: {}%",
+                self.name,
+                self.done * 100 / self.size.max(1)
+            );
             self.next_report += (self.size / 10).max(1);
         }
     }
 
     fn finish(&mut self) {
         let secs = self.start.elapsed().as_secs_f64();
-        tracing::info!("Downloaded {} ({} bytes) in {secs:.1}s", self.name, self.size);
+        tracing::info!(
+            "Downloaded {} ({} bytes) in {secs:.1}s",
+            self.name,
+            self.size
+        );
     }
 }
 
@@ -75,7 +88,9 @@ fn describe(e: hf_hub::api::sync::ApiError, model_id: &str) -> anyhow::Error {
     if text.contains("404") {
         anyhow!("model `{model_id}` was not found on the Hub (HTTP 404): check the id and --revision, or HF_TOKEN for a private model")
     } else if text.contains("401") || text.contains("403") {
-        anyhow!("access to `{model_id}` was refused ({text}): set HF_TOKEN to a token that can read it")
+        anyhow!(
+            "access to `{model_id}` was refused ({text}): set HF_TOKEN to a token that can read it"
+        )
     } else {
         anyhow!("cannot download `{model_id}`: {text}")
     }
@@ -86,8 +101,15 @@ fn fetch(api: &ApiRepo, cached: &CacheRepo, file: &str, model_id: &str) -> anyho
     if let Some(path) = cached.get(file) {
         return Ok(path);
     }
-    let progress = LogProgress { name: file.into(), size: 0, done: 0, next_report: 0, start: Instant::now() };
-    api.download_with_progress(file, progress).map_err(|e| describe(e, model_id))
+    let progress = LogProgress {
+        name: file.into(),
+        size: 0,
+        done: 0,
+        next_report: 0,
+        start: Instant::now(),
+    };
+    api.download_with_progress(file, progress)
+        .map_err(|e| describe(e, model_id))
 }
 
 /// A local folder for `model_id`: the folder itself when it exists, else the Hub snapshot.
@@ -100,32 +122,53 @@ pub fn resolve(model_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf
         return Ok(local.to_path_buf());
     }
     // `models/typo` names a folder that exists locally: a typo of a local path, not a Hub id.
-    let parent_exists = local.parent().is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
-    if model_id.split('/').count() != 2 || model_id.starts_with('.') || model_id.starts_with('/') || parent_exists {
+    let parent_exists = local
+        .parent()
+        .is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
+    if model_id.split('/').count() != 2
+        || model_id.starts_with('.')
+        || model_id.starts_with('/')
+        || parent_exists
+    {
         bail!("model `{model_id}` not found: it is neither a local folder nor a Hub id like `org/name`");
     }
     let cached = cache().repo(repo(model_id, revision));
     if offline() {
-        let config = cached
-            .get("config.json")
-            .ok_or_else(|| anyhow!("HF_HUB_OFFLINE is set and `{model_id}` is not in the Hub cache"))?;
-        let dir = config.parent().map(Path::to_path_buf).context("cache layout")?;
-        tracing::info!("Using the cached `{model_id}` at {} (offline)", dir.display());
+        let config = cached.get("config.json").ok_or_else(|| {
+            anyhow!("HF_HUB_OFFLINE is set and `{model_id}` is not in the Hub cache")
+        })?;
+        let dir = config
+            .parent()
+            .map(Path::to_path_buf)
+            .context("cache layout")?;
+        tracing::info!(
+            "Using the cached `{model_id}` at {} (offline)",
+            dir.display()
+        );
         return Ok(dir);
     }
-    let token = std::env::var("HF_TOKEN").or_else(|_| std::env::var("HF_API_TOKEN")).ok();
+    let token = std::env::var("HF_TOKEN")
+        .or_else(|_| std::env::var("HF_API_TOKEN"))
+        .ok();
     let api = ApiBuilder::from_cache(cache())
         .with_progress(false)
         .with_token(token)
-        .with_endpoint(std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()))
+        .with_endpoint(
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into()),
+        )
         .build()
         .map_err(|e| anyhow!("cannot set up the Hub client: {e}"))?
         .repo(repo(model_id, revision));
     let info = api.info().map_err(|e| describe(e, model_id))?;
     let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let weights: Vec<&String> = files.iter().filter(|f| f.ends_with(".safetensors") && !f.contains('/')).collect();
+    let weights: Vec<&String> = files
+        .iter()
+        .filter(|f| f.ends_with(".safetensors") && !f.contains('/'))
+        .collect();
     if weights.is_empty() {
-        bail!("`{model_id}` has no .safetensors weights (only safetensors are loaded, never pickles)");
+        bail!(
+            "`{model_id}` has no .safetensors weights (only safetensors are loaded, never pickles)"
+        );
     }
     for required in REQUIRED {
         if !files.iter().any(|f| f == required) {
@@ -134,12 +177,20 @@ pub fn resolve(model_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf
     }
     let start = Instant::now();
     let mut dir = None;
-    let wanted = REQUIRED.iter().chain(OPTIONAL).filter(|f| files.iter().any(|x| x == *f)).map(|f| f.to_string());
+    let wanted = REQUIRED
+        .iter()
+        .chain(OPTIONAL)
+        .filter(|f| files.iter().any(|x| x == *f))
+        .map(|f| f.to_string());
     for file in wanted.chain(weights.into_iter().cloned()) {
         let path = fetch(&api, &cached, &file, model_id)?;
         dir = dir.or_else(|| path.parent().map(Path::to_path_buf));
     }
     let dir = dir.context("nothing downloaded")?;
-    tracing::info!("`{model_id}` ready at {} in {:.1}s", dir.display(), start.elapsed().as_secs_f64());
+    tracing::info!(
+        "`{model_id}` ready at {} in {:.1}s",
+        dir.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(dir)
 }

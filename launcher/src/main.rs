@@ -4,6 +4,7 @@
 //! rest are stopped and the launcher exits non-zero, naming the child and its last words.
 
 mod args;
+mod health;
 mod hub;
 mod process;
 
@@ -21,8 +22,12 @@ use args::Args;
 use process::{describe, Supervised};
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -39,11 +44,15 @@ fn check_model(dir: &Path) -> anyhow::Result<serde_json::Value> {
         );
     }
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("malformed {}", config_path.display()))?;
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("malformed {}", config_path.display()))?;
     if !config.is_object() {
-        bail!("malformed {}: expected a JSON object", config_path.display());
+        bail!(
+            "malformed {}: expected a JSON object",
+            config_path.display()
+        );
     }
     for file in ["tokenizer.json"] {
         if !dir.join(file).is_file() {
@@ -77,7 +86,11 @@ fn check_args(args: &Args) -> anyhow::Result<()> {
 }
 
 fn binary(args: &Args, name: &str) -> PathBuf {
-    let dirs = args.bin_dir.clone().into_iter().chain(std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)));
+    let dirs = args.bin_dir.clone().into_iter().chain(
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf)),
+    );
     for dir in dirs {
         let candidate = dir.join(name);
         if candidate.is_file() {
@@ -89,14 +102,19 @@ fn binary(args: &Args, name: &str) -> PathBuf {
 
 fn shard_command(args: &Args, model_dir: &Path) -> Command {
     let mut cmd = Command::new(binary(args, "tessera-shard"));
-    cmd.arg("serve").arg(model_dir).arg("--uds-path").arg(&args.shard_uds_path);
+    cmd.arg("serve")
+        .arg(model_dir)
+        .arg("--uds-path")
+        .arg(&args.shard_uds_path);
     if let Some(d) = args.dtype {
         cmd.arg("--dtype").arg(d.as_str());
     }
     if args.json_output {
         cmd.arg("--json-output");
     }
-    cmd.env("RANK", "0").env("WORLD_SIZE", "1").env("MEMORY_FRACTION", args.cuda_memory_fraction.to_string());
+    cmd.env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .env("MEMORY_FRACTION", args.cuda_memory_fraction.to_string());
     cmd
 }
 
@@ -107,17 +125,32 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
     };
     opt("--tokenizer-name", model_dir.display().to_string());
     opt("--model-id", args.model_id.clone());
-    opt("--master-shard-uds-path", format!("{}-0", args.shard_uds_path));
+    opt(
+        "--master-shard-uds-path",
+        format!("{}-0", args.shard_uds_path),
+    );
     opt("--hostname", args.hostname.clone());
     opt("--port", args.port.to_string());
-    opt("--max-concurrent-requests", args.max_concurrent_requests.to_string());
+    opt(
+        "--max-concurrent-requests",
+        args.max_concurrent_requests.to_string(),
+    );
     opt("--max-best-of", args.max_best_of.to_string());
     opt("--max-stop-sequences", args.max_stop_sequences.to_string());
     opt("--max-top-n-tokens", args.max_top_n_tokens.to_string());
-    opt("--max-batch-prefill-tokens", max_batch_prefill_tokens.to_string());
+    opt(
+        "--max-batch-prefill-tokens",
+        max_batch_prefill_tokens.to_string(),
+    );
     opt("--max-waiting-tokens", args.max_waiting_tokens.to_string());
-    opt("--waiting-served-ratio", args.waiting_served_ratio.to_string());
-    opt("--max-client-batch-size", args.max_client_batch_size.to_string());
+    opt(
+        "--waiting-served-ratio",
+        args.waiting_served_ratio.to_string(),
+    );
+    opt(
+        "--max-client-batch-size",
+        args.max_client_batch_size.to_string(),
+    );
     opt("--payload-limit", args.payload_limit.to_string());
     if let Some(v) = args.max_input_tokens {
         opt("--max-input-tokens", v.to_string());
@@ -144,7 +177,7 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
     cmd
 }
 
-/// Stops children in order, each with the graceful timeout.
+/// Stops children from last to first (the router before the shards), each with the timeout.
 fn stop_all(children: &mut [Supervised], timeout: Duration) {
     for child in children.iter_mut().rev() {
         child.terminate(timeout);
@@ -157,7 +190,8 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let config = check_model(&model_dir)?;
     // Fail before loading anything when the port is taken.
     let addr = format!("{}:{}", args.hostname, args.port);
-    std::net::TcpListener::bind(&addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    std::net::TcpListener::bind(&addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let positions = ["max_position_embeddings", "n_positions", "max_seq_len"]
         .iter()
         .find_map(|k| config.get(*k)?.as_u64())
@@ -165,25 +199,54 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // TGI's default prefill budget (4096), never beyond the model's context.
     let max_batch_prefill_tokens = args.max_batch_prefill_tokens.unwrap_or_else(|| {
         let default = 4096.min(positions);
-        args.max_input_tokens.map_or(default, |i| default.max(i as u32))
+        args.max_input_tokens
+            .map_or(default, |i| default.max(i as u32))
     });
     let timeout = Duration::from_secs(args.graceful_termination_timeout);
 
+    let Some(shard) = start_shard(&args, &model_dir, &stop)? else {
+        return Ok(());
+    };
+    tracing::info!("Starting router");
+    let router = match Supervised::spawn(
+        "router",
+        router_command(&args, &model_dir, max_batch_prefill_tokens),
+    ) {
+        Ok(router) => router,
+        Err(e) => {
+            stop_all(&mut [shard], timeout);
+            return Err(e);
+        }
+    };
+    supervise(&args, &model_dir, &stop, shard, router)
+}
+
+/// Starts shard 0 and waits until it answers Health. `None` when a signal arrived meanwhile.
+fn start_shard(
+    args: &Args,
+    model_dir: &Path,
+    stop: &AtomicBool,
+) -> anyhow::Result<Option<Supervised>> {
     let socket = PathBuf::from(format!("{}-0", args.shard_uds_path));
     if socket.exists() {
-        std::fs::remove_file(&socket).with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
     }
     tracing::info!("Starting shard 0");
-    let mut children = vec![Supervised::spawn("shard 0", shard_command(&args, &model_dir))?];
+    let mut shard = Supervised::spawn("shard 0", shard_command(args, model_dir))?;
     let start = Instant::now();
     let mut last_note = Instant::now();
-    while !socket.exists() {
+    while !health::shard_ready(&socket) {
         if stop.load(Ordering::SeqCst) {
-            stop_all(&mut children, timeout);
-            return Ok(());
+            shard.terminate(Duration::from_secs(args.graceful_termination_timeout));
+            return Ok(None);
         }
-        if let Some(status) = children[0].exited() {
-            bail!("shard 0 failed to start ({}): {}", describe(status), children[0].last_words());
+        if let Some(status) = shard.exited() {
+            bail!(
+                "shard 0 failed to start ({}): {}",
+                describe(status),
+                shard.last_words()
+            );
         }
         if last_note.elapsed() > Duration::from_secs(10) {
             tracing::info!("Waiting for shard to be ready...");
@@ -192,29 +255,73 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("Shard ready in {:.2}s", start.elapsed().as_secs_f64());
+    Ok(Some(shard))
+}
 
-    tracing::info!("Starting router");
-    match Supervised::spawn("router", router_command(&args, &model_dir, max_batch_prefill_tokens)) {
-        Ok(router) => children.push(router),
-        Err(e) => {
-            stop_all(&mut children, timeout);
-            return Err(e);
-        }
-    }
+/// Watches the children until a signal (stop all, Ok) or a death. A dead shard is restarted
+/// with exponential backoff, at most `--max-restarts` times in a row (a shard that then stays
+/// up for ten minutes earns its budget back); the router reconnects by itself, and requests
+/// caught in the crash fail with 424. A dead router stops everything.
+fn supervise(
+    args: &Args,
+    model_dir: &Path,
+    stop: &AtomicBool,
+    mut shard: Supervised,
+    mut router: Supervised,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.graceful_termination_timeout);
+    let mut restarts = 0u32;
+    let mut up_since = Instant::now();
     loop {
         if stop.load(Ordering::SeqCst) {
             tracing::info!("Shutting down");
-            stop_all(&mut children, timeout);
+            stop_all(&mut [shard, router], timeout);
             return Ok(());
         }
-        let died = children.iter_mut().position(|c| c.exited().is_some());
-        if let Some(i) = died {
-            let status = children[i].exited().map(describe).unwrap_or_default();
-            let why = children[i].last_words();
-            let name = children[i].name.clone();
-            children.remove(i);
-            stop_all(&mut children, timeout);
-            bail!("{name} exited unexpectedly ({status}): {why}");
+        if let Some(status) = router.exited() {
+            let why = router.last_words();
+            stop_all(&mut [shard], timeout);
+            bail!("router exited unexpectedly ({}): {why}", describe(status));
+        }
+        if let Some(status) = shard.exited() {
+            let why = format!(
+                "shard 0 exited unexpectedly ({}): {}",
+                describe(status),
+                shard.last_words()
+            );
+            if up_since.elapsed() > Duration::from_secs(600) {
+                restarts = 0;
+            }
+            if restarts >= args.max_restarts {
+                stop_all(&mut [router], timeout);
+                bail!("{why}; giving up after {restarts} restarts (--max-restarts)");
+            }
+            restarts += 1;
+            let backoff = Duration::from_secs(1 << (restarts - 1).min(5));
+            tracing::error!(
+                "{why}; restarting it in {}s (restart {restarts} of {})",
+                backoff.as_secs(),
+                args.max_restarts
+            );
+            let resume = Instant::now() + backoff;
+            while Instant::now() < resume && !stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(50));
+            }
+            match start_shard(args, model_dir, stop) {
+                Ok(Some(new)) => {
+                    shard = new;
+                    up_since = Instant::now();
+                }
+                Ok(None) => {
+                    stop_all(&mut [router], timeout);
+                    return Ok(());
+                }
+                Err(e) => {
+                    stop_all(&mut [router], timeout);
+                    return Err(e.context(why));
+                }
+            }
+            continue;
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -225,7 +332,11 @@ fn main() -> ExitCode {
     init_logging(args.json_output);
     // Set by SIGINT/SIGTERM/SIGHUP; the supervision loop sees it within 100 ms.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
         if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
             eprintln!("Error: cannot install signal handler: {e}");
             return ExitCode::FAILURE;

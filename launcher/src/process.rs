@@ -44,9 +44,14 @@ impl Supervised {
     pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
         // Own process group: a Ctrl-C in the terminal reaches only the launcher, which then
         // stops the children in order.
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
         let program = cmd.get_program().to_string_lossy().into_owned();
-        let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot start {name} ({program}): {e}"))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start {name} ({program}): {e}"))?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(out) = child.stdout.take() {
             relay(out, tail.clone(), false);
@@ -54,7 +59,11 @@ impl Supervised {
         if let Some(err) = child.stderr.take() {
             relay(err, tail.clone(), true);
         }
-        Ok(Self { name: name.to_string(), child, tail })
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            tail,
+        })
     }
 
     /// `Some(status)` once the child has exited.

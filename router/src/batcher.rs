@@ -30,7 +30,12 @@ pub struct BatchingConfig {
 
 type Entries = HashMap<u64, Entry>;
 
-pub async fn batching_task(client: ShardedClient, queue: Queue, config: BatchingConfig, healthy: Arc<AtomicBool>) {
+pub async fn batching_task(
+    client: ShardedClient,
+    queue: Queue,
+    config: BatchingConfig,
+    healthy: Arc<AtomicBool>,
+) {
     loop {
         queue.wait().await;
         let first = BatchLimits {
@@ -51,14 +56,24 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
                 };
                 let limits = BatchLimits {
                     min_size,
-                    max_size: config.max_batch_size.map(|m| m.saturating_sub(batch.size as usize)),
+                    max_size: config
+                        .max_batch_size
+                        .map(|m| m.saturating_sub(batch.size as usize)),
                     prefill_token_budget: config.max_batch_prefill_tokens,
-                    token_budget: config.max_batch_total_tokens.saturating_sub(batch.max_tokens),
+                    token_budget: config
+                        .max_batch_total_tokens
+                        .saturating_sub(batch.max_tokens),
                 };
                 if let Some((mut new_entries, new_batch)) = queue.next_batch(&limits) {
-                    let reason = if min_size.is_some() { "backpressure" } else { "wait_exceeded" };
+                    let reason = if min_size.is_some() {
+                        "backpressure"
+                    } else {
+                        "wait_exceeded"
+                    };
                     metrics::counter!("tgi_batch_concat", "reason" => reason).increment(1);
-                    if let Some(new_cached) = prefill(&client, new_batch, &mut new_entries, &healthy).await {
+                    if let Some(new_cached) =
+                        prefill(&client, new_batch, &mut new_entries, &healthy).await
+                    {
                         batches.push(new_cached);
                     }
                     entries.extend(new_entries);
@@ -66,7 +81,8 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
                 }
                 running = decode(&client, batches, &mut entries, &healthy).await;
                 waiting_tokens += 1;
-                let (size, max_tokens) = running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
+                let (size, max_tokens) =
+                    running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
                 metrics::gauge!("tgi_batch_current_size").set(size as f64);
                 metrics::gauge!("tgi_batch_current_max_tokens").set(max_tokens as f64);
             }
@@ -74,14 +90,24 @@ pub async fn batching_task(client: ShardedClient, queue: Queue, config: Batching
     }
 }
 
-async fn prefill(client: &ShardedClient, batch: pb::Batch, entries: &mut Entries, healthy: &AtomicBool) -> Option<pb::CachedBatch> {
+async fn prefill(
+    client: &ShardedClient,
+    batch: pb::Batch,
+    entries: &mut Entries,
+    healthy: &AtomicBool,
+) -> Option<pb::CachedBatch> {
     let id = batch.id;
     let start = Instant::now();
     let result = client.prefill(batch, None).await;
     after_step(client, "prefill", start, result, vec![id], entries, healthy).await
 }
 
-async fn decode(client: &ShardedClient, batches: Vec<pb::CachedBatch>, entries: &mut Entries, healthy: &AtomicBool) -> Option<pb::CachedBatch> {
+async fn decode(
+    client: &ShardedClient,
+    batches: Vec<pb::CachedBatch>,
+    entries: &mut Entries,
+    healthy: &AtomicBool,
+) -> Option<pb::CachedBatch> {
     let ids = batches.iter().map(|b| b.id).collect();
     let start = Instant::now();
     let result = client.decode(batches).await;
@@ -113,9 +139,14 @@ async fn after_step(
         }
     };
     metrics::counter!("tgi_batch_inference_success", "method" => method).increment(1);
-    metrics::histogram!("tgi_batch_forward_duration", "method" => method).record(step.forward_ns as f64 / 1e9);
+    metrics::histogram!("tgi_batch_forward_duration", "method" => method)
+        .record(step.forward_ns as f64 / 1e9);
     healthy.store(true, Ordering::SeqCst);
-    tracing::trace!(forward_ns = step.forward_ns, generations = step.generations.len(), "step");
+    tracing::trace!(
+        forward_ns = step.forward_ns,
+        generations = step.generations.len(),
+        "step"
+    );
     for generation in step.generations {
         let id = generation.request_id;
         let keep = match entries.get(&id) {
@@ -127,9 +158,15 @@ async fn after_step(
         }
     }
     let batch = step.batch;
-    metrics::histogram!("tgi_batch_inference_duration", "method" => method).record(start.elapsed().as_secs_f64());
+    metrics::histogram!("tgi_batch_inference_duration", "method" => method)
+        .record(start.elapsed().as_secs_f64());
     let batch = batch?;
-    let kept: Vec<u64> = batch.request_ids.iter().copied().filter(|id| entries.contains_key(id)).collect();
+    let kept: Vec<u64> = batch
+        .request_ids
+        .iter()
+        .copied()
+        .filter(|id| entries.contains_key(id))
+        .collect();
     if kept.is_empty() {
         let _ = client.clear_cache(Some(batch.id)).await;
         return None;
@@ -163,10 +200,18 @@ fn record_success(entry: &Entry, generated_tokens: u32) {
     let batched = entry.batched.unwrap_or(now);
     let inference = now.saturating_duration_since(batched).as_secs_f64();
     metrics::counter!("tgi_request_success").increment(1);
-    metrics::histogram!("tgi_request_duration").record(now.saturating_duration_since(entry.request.received).as_secs_f64());
-    metrics::histogram!("tgi_request_queue_duration").record(batched.saturating_duration_since(entry.queued).as_secs_f64());
+    metrics::histogram!("tgi_request_duration").record(
+        now.saturating_duration_since(entry.request.received)
+            .as_secs_f64(),
+    );
+    metrics::histogram!("tgi_request_queue_duration").record(
+        batched
+            .saturating_duration_since(entry.queued)
+            .as_secs_f64(),
+    );
     metrics::histogram!("tgi_request_inference_duration").record(inference);
-    metrics::histogram!("tgi_request_mean_time_per_token_duration").record(inference / generated_tokens.max(1) as f64);
+    metrics::histogram!("tgi_request_mean_time_per_token_duration")
+        .record(inference / generated_tokens.max(1) as f64);
     metrics::histogram!("tgi_request_generated_tokens").record(generated_tokens as f64);
 }
 
@@ -186,7 +231,14 @@ fn tokens(t: &pb::Tokens) -> Vec<Token> {
 fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
     let tx = &entry.response_tx;
     if let Some(p) = &g.prefill_tokens {
-        let prefill = tokens(p).into_iter().map(|t| PrefillToken { id: t.id, text: t.text, logprob: t.logprob }).collect();
+        let prefill = tokens(p)
+            .into_iter()
+            .map(|t| PrefillToken {
+                id: t.id,
+                text: t.text,
+                logprob: t.logprob,
+            })
+            .collect();
         if tx.send(Ok(InferEvent::Prefill(prefill))).is_err() {
             metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
             return false;

@@ -36,14 +36,22 @@ pub struct ChatTemplate {
 struct PythonJson;
 
 impl serde_json::ser::Formatter for PythonJson {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -61,21 +69,34 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, minij
     let _: Option<bool> = kwargs.get("sort_keys")?;
     kwargs.assert_all_used()?;
     let mut out = Vec::new();
-    let err = |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let err =
+        |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
     match indent {
         Some(n) => {
             let pad = vec![b' '; n];
             let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
-            value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt)).map_err(err)?;
+            value
+                .serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt))
+                .map_err(err)?;
         }
-        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonJson)).map_err(err)?,
+        None => value
+            .serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, PythonJson,
+            ))
+            .map_err(err)?,
     }
     // Output is raw JSON text; marking it safe keeps minijinja from escaping it.
-    Ok(Value::from_safe_string(String::from_utf8_lossy(&out).into_owned()))
+    Ok(Value::from_safe_string(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, InferError> {
+    pub fn new(
+        source: &str,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self, InferError> {
         // Python slicing minijinja lacks; `generation` blocks are a transformers training extension.
         let source = source
             .replace("[::-1]", "|reverse")
@@ -88,29 +109,52 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_filter("tojson", tojson);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| {
+            chrono::Local::now().format(&fmt).to_string()
         });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
-        env.add_template_owned("chat", source).map_err(|e| InferError::TemplateError(e.to_string()))?;
+        env.add_template_owned("chat", source)
+            .map_err(|e| InferError::TemplateError(e.to_string()))?;
         let uses_tools = env
             .get_template("chat")
             .map(|t| t.undeclared_variables(true).contains("tools"))
             .map_err(|e| InferError::TemplateError(e.to_string()))?;
-        Ok(Self { env, bos_token, eos_token, uses_tools })
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+            uses_tools,
+        })
     }
 
     /// Renders `messages` (OpenAI-shaped JSON objects: `role`, `content`, and optionally
     /// `tool_calls`, `tool_call_id`, `name`) with the generation prompt. A trailing assistant
     /// message is continued rather than closed, as transformers' `continue_final_message` does.
-    pub fn apply(&self, messages: &[serde_json::Value], inputs: &TemplateInputs) -> Result<String, InferError> {
-        let template = self.env.get_template("chat").map_err(|e| InferError::TemplateError(e.to_string()))?;
+    pub fn apply(
+        &self,
+        messages: &[serde_json::Value],
+        inputs: &TemplateInputs,
+    ) -> Result<String, InferError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| InferError::TemplateError(e.to_string()))?;
         let mut messages = messages.to_vec();
-        let tools = inputs.tools.filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+        let tools = inputs
+            .tools
+            .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));
         // A template that renders tools gets them as transformers passes them; one that cannot
         // gets them as text after the last message, as TGI does.
         if let Some(tools) = tools.filter(|_| !self.uses_tools) {
-            let prompt = inputs.tool_prompt.filter(|p| !p.is_empty()).unwrap_or(DEFAULT_TOOL_PROMPT);
+            let prompt = inputs
+                .tool_prompt
+                .filter(|p| !p.is_empty())
+                .unwrap_or(DEFAULT_TOOL_PROMPT);
             let text = format!("\n---\n{tools}\n{prompt}");
             if let Some(content) = messages.last_mut().and_then(|m| m.get_mut("content")) {
                 if let Some(s) = content.as_str() {
@@ -122,17 +166,27 @@ impl ChatTemplate {
         if let Some(kwargs) = inputs.kwargs {
             ctx.extend(kwargs.clone());
         }
-        ctx.insert("messages".into(), serde_json::Value::Array(messages.clone()));
+        ctx.insert(
+            "messages".into(),
+            serde_json::Value::Array(messages.clone()),
+        );
         ctx.insert("bos_token".into(), self.bos_token.clone().into());
         ctx.insert("eos_token".into(), self.eos_token.clone().into());
         ctx.insert("add_generation_prompt".into(), true.into());
         if let Some(tools) = tools.filter(|_| self.uses_tools) {
             ctx.insert("tools".into(), tools.clone());
         }
-        let mut text = template.render(Value::from_serialize(&ctx)).map_err(|e| InferError::TemplateError(e.to_string()))?;
+        let mut text = template
+            .render(Value::from_serialize(&ctx))
+            .map_err(|e| InferError::TemplateError(e.to_string()))?;
         let last = messages.last();
-        let last_content = last.and_then(|m| m.get("content")).and_then(|c| c.as_str()).unwrap_or("");
-        if last.and_then(|m| m.get("role")).and_then(|r| r.as_str()) == Some("assistant") && !last_content.is_empty() {
+        let last_content = last
+            .and_then(|m| m.get("content"))
+            .and_then(|c| c.as_str())
+            .unwrap_or("");
+        if last.and_then(|m| m.get("role")).and_then(|r| r.as_str()) == Some("assistant")
+            && !last_content.is_empty()
+        {
             if let Some(pos) = text.rfind(last_content) {
                 text.truncate(pos + last_content.len());
                 text.truncate(text.trim_end().len());
@@ -159,14 +213,24 @@ mod tests {
     #[test]
     fn chatml_renders_like_transformers() {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
-        let text = t.apply(&[msg("system", "Be brief."), msg("user", "Hi")], &no_tools()).unwrap();
+        let text = t
+            .apply(
+                &[msg("system", "Be brief."), msg("user", "Hi")],
+                &no_tools(),
+            )
+            .unwrap();
         assert_eq!(text, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn continues_a_final_assistant_message() {
         let t = ChatTemplate::new(CHATML, None, None).unwrap();
-        let text = t.apply(&[msg("user", "Count"), msg("assistant", "1, 2,")], &no_tools()).unwrap();
+        let text = t
+            .apply(
+                &[msg("user", "Count"), msg("assistant", "1, 2,")],
+                &no_tools(),
+            )
+            .unwrap();
         assert!(text.ends_with("<|im_start|>assistant\n1, 2,"), "{text:?}");
     }
 
@@ -174,7 +238,10 @@ mod tests {
     fn python_features_and_errors() {
         let src = "{% if messages[0]['content'].strip().startswith('x') %}{{ raise_exception('no x') }}{% endif %}{{ messages|tojson }}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        assert_eq!(t.apply(&[msg("user", " a ")], &no_tools()).unwrap(), r#"[{"role": "user", "content": " a "}]"#);
+        assert_eq!(
+            t.apply(&[msg("user", " a ")], &no_tools()).unwrap(),
+            r#"[{"role": "user", "content": " a "}]"#
+        );
         let e = t.apply(&[msg("user", " xy")], &no_tools()).unwrap_err();
         assert!(e.to_string().contains("no x"), "{e}");
         assert!(ChatTemplate::new("{% for %}", None, None).is_err());

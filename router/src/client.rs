@@ -32,7 +32,8 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 
 async fn connect_uds(path: PathBuf) -> Result<TextGenerationServiceClient<Channel>> {
     // The URI is required by tonic but unused: the connector below always dials the socket.
-    let endpoint = Endpoint::try_from("http://[::]:50051").map_err(|e| ClientError::Connection(e.to_string()))?;
+    let endpoint = Endpoint::try_from("http://[::]:50051")
+        .map_err(|e| ClientError::Connection(e.to_string()))?;
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
@@ -40,7 +41,9 @@ async fn connect_uds(path: PathBuf) -> Result<TextGenerationServiceClient<Channe
         }))
         .await
         .map_err(|e| ClientError::Connection(e.to_string()))?;
-    Ok(TextGenerationServiceClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(TextGenerationServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 /// One client per rank; calls fan out to all of them.
@@ -60,14 +63,20 @@ impl ShardedClient {
     /// Connects to rank 0 at `master_uds_path`, then to every rank it lists.
     pub async fn connect(master_uds_path: &str) -> Result<Self> {
         let mut master = connect_uds(PathBuf::from(master_uds_path)).await?;
-        let urls = master.service_discovery(pb::ServiceDiscoveryRequest {}).await?.into_inner().urls;
+        let urls = master
+            .service_discovery(pb::ServiceDiscoveryRequest {})
+            .await?
+            .into_inner()
+            .urls;
         let mut clients = Vec::with_capacity(urls.len());
         for url in urls {
             let path = url.strip_prefix("unix://").unwrap_or(&url).to_string();
             clients.push(connect_uds(PathBuf::from(path)).await?);
         }
         if clients.is_empty() {
-            return Err(ClientError::Connection("ServiceDiscovery returned no shards".into()));
+            return Err(ClientError::Connection(
+                "ServiceDiscovery returned no shards".into(),
+            ));
         }
         Ok(Self { clients })
     }
@@ -90,21 +99,36 @@ impl ShardedClient {
     }
 
     pub async fn info(&self) -> Result<pb::InfoResponse> {
-        self.all(|mut c| async move { c.info(pb::InfoRequest {}).await }).await
+        self.all(|mut c| async move { c.info(pb::InfoRequest {}).await })
+            .await
     }
 
     pub async fn health(&self) -> Result<()> {
-        self.all(|mut c| async move { c.health(pb::HealthRequest {}).await }).await.map(|_| ())
+        self.all(|mut c| async move { c.health(pb::HealthRequest {}).await })
+            .await
+            .map(|_| ())
     }
 
     pub async fn clear_cache(&self, id: Option<u64>) -> Result<()> {
-        self.all(|mut c| async move { c.clear_cache(pb::ClearCacheRequest { id }).await }).await.map(|_| ())
+        self.all(|mut c| async move { c.clear_cache(pb::ClearCacheRequest { id }).await })
+            .await
+            .map(|_| ())
     }
 
-    pub async fn filter_batch(&self, batch_id: u64, request_ids: Vec<u64>) -> Result<Option<pb::CachedBatch>> {
+    pub async fn filter_batch(
+        &self,
+        batch_id: u64,
+        request_ids: Vec<u64>,
+    ) -> Result<Option<pb::CachedBatch>> {
         self.all(|mut c| {
             let request_ids = request_ids.clone();
-            async move { c.filter_batch(pb::FilterBatchRequest { batch_id, request_ids }).await }
+            async move {
+                c.filter_batch(pb::FilterBatchRequest {
+                    batch_id,
+                    request_ids,
+                })
+                .await
+            }
         })
         .await
         .map(|r| r.batch)
@@ -118,23 +142,40 @@ impl ShardedClient {
         .await
     }
 
-    pub async fn prefill(&self, batch: pb::Batch, cached_batch: Option<pb::CachedBatch>) -> Result<StepResult> {
+    pub async fn prefill(
+        &self,
+        batch: pb::Batch,
+        cached_batch: Option<pb::CachedBatch>,
+    ) -> Result<StepResult> {
         let r = self
             .all(|mut c| {
-                let req = pb::PrefillRequest { batch: Some(batch.clone()), cached_batch: cached_batch.clone() };
+                let req = pb::PrefillRequest {
+                    batch: Some(batch.clone()),
+                    cached_batch: cached_batch.clone(),
+                };
                 async move { c.prefill(req).await }
             })
             .await?;
-        Ok(StepResult { generations: r.generations, batch: r.batch, forward_ns: r.forward_ns })
+        Ok(StepResult {
+            generations: r.generations,
+            batch: r.batch,
+            forward_ns: r.forward_ns,
+        })
     }
 
     pub async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepResult> {
         let r = self
             .all(|mut c| {
-                let req = pb::DecodeRequest { batches: batches.clone() };
+                let req = pb::DecodeRequest {
+                    batches: batches.clone(),
+                };
                 async move { c.decode(req).await }
             })
             .await?;
-        Ok(StepResult { generations: r.generations, batch: r.batch, forward_ns: r.forward_ns })
+        Ok(StepResult {
+            generations: r.generations,
+            batch: r.batch,
+            forward_ns: r.forward_ns,
+        })
     }
 }

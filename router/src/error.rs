@@ -86,7 +86,9 @@ impl InferError {
         match self {
             InferError::GenerationError(_) => StatusCode::FAILED_DEPENDENCY,
             InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            InferError::ValidationError(_) | InferError::TemplateError(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            InferError::ValidationError(_) | InferError::TemplateError(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             InferError::IncompleteGeneration => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,7 +106,10 @@ impl InferError {
     }
 
     pub fn body(&self) -> ErrorResponse {
-        ErrorResponse { error: self.to_string(), error_type: self.error_type().to_string() }
+        ErrorResponse {
+            error: self.to_string(),
+            error_type: self.error_type().to_string(),
+        }
     }
 }
 

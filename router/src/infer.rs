@@ -29,8 +29,17 @@ pub struct GeneratedText {
 #[derive(Debug)]
 pub enum InferEvent {
     Prefill(Vec<PrefillToken>),
-    Token { token: Token, top_tokens: Vec<Token> },
-    End { token: Token, top_tokens: Vec<Token>, generated_text: GeneratedText, queued: Instant, start: Instant },
+    Token {
+        token: Token,
+        top_tokens: Vec<Token>,
+    },
+    End {
+        token: Token,
+        top_tokens: Vec<Token>,
+        generated_text: GeneratedText,
+        queued: Instant,
+        start: Instant,
+    },
 }
 
 pub type InferStream = UnboundedReceiverStream<Result<InferEvent, InferError>>;
@@ -56,8 +65,20 @@ pub struct Infer {
 }
 
 impl Infer {
-    pub fn new(validation: Validation, queue: Queue, client: ShardedClient, max_concurrent_requests: usize, healthy: Arc<AtomicBool>) -> Self {
-        Self { validation, queue, limit: Arc::new(Semaphore::new(max_concurrent_requests)), client, healthy }
+    pub fn new(
+        validation: Validation,
+        queue: Queue,
+        client: ShardedClient,
+        max_concurrent_requests: usize,
+        healthy: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            validation,
+            queue,
+            limit: Arc::new(Semaphore::new(max_concurrent_requests)),
+            client,
+            healthy,
+        }
     }
 
     /// Takes a concurrency slot, or fails with 429 at once.
@@ -68,7 +89,10 @@ impl Infer {
     /// Takes `n` slots at once (one per sequence of an `n` > 1 request), or none.
     pub fn admit_many(&self, n: u32) -> Result<OwnedSemaphorePermit, InferError> {
         metrics::counter!("tgi_request_count").increment(1);
-        self.limit.clone().try_acquire_many_owned(n).map_err(|_| InferError::Overloaded)
+        self.limit
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| InferError::Overloaded)
     }
 
     /// Queues several requests together (so they share prefills and decodes) and merges their
@@ -84,7 +108,12 @@ impl Infer {
     /// Queues a validated request; the permit must be held until the stream is consumed.
     pub fn schedule(&self, request: ValidRequest) -> InferStream {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry { request, response_tx: tx, queued: Instant::now(), batched: None });
+        self.queue.append(Entry {
+            request,
+            response_tx: tx,
+            queued: Instant::now(),
+            batched: None,
+        });
         UnboundedReceiverStream::new(rx)
     }
 
@@ -94,17 +123,33 @@ impl Infer {
         while let Some(event) = stream.next().await {
             match event? {
                 InferEvent::Prefill(p) => prefill = p,
-                InferEvent::Token { token, top_tokens: top } => {
+                InferEvent::Token {
+                    token,
+                    top_tokens: top,
+                } => {
                     tokens.push(token);
                     top_tokens.push(top);
                 }
-                InferEvent::End { token, top_tokens: top, generated_text, queued, start } => {
+                InferEvent::End {
+                    token,
+                    top_tokens: top,
+                    generated_text,
+                    queued,
+                    start,
+                } => {
                     tokens.push(token);
                     top_tokens.push(top);
                     if top_tokens.iter().all(|t| t.is_empty()) {
                         top_tokens.clear();
                     }
-                    return Ok(InferResponse { prefill, tokens, top_tokens, generated_text, queued, start });
+                    return Ok(InferResponse {
+                        prefill,
+                        tokens,
+                        top_tokens,
+                        generated_text,
+                        queued,
+                        start,
+                    });
                 }
             }
         }
@@ -117,10 +162,17 @@ impl Infer {
         let ok = if self.healthy.load(Ordering::SeqCst) {
             self.client.health().await.is_ok()
         } else {
-            let probe = self.validation.validate("liveness".into(), crate::server::types::GenerateParameters {
-                max_new_tokens: Some(1),
-                ..Default::default()
-            }, true).await;
+            let probe = self
+                .validation
+                .validate(
+                    "liveness".into(),
+                    crate::server::types::GenerateParameters {
+                        max_new_tokens: Some(1),
+                        ..Default::default()
+                    },
+                    true,
+                )
+                .await;
             match probe {
                 Ok(req) => self.generate(req).await.is_ok(),
                 Err(_) => false,

@@ -20,7 +20,11 @@ use tessera_router::validation::{Limits, Validation};
 use tessera_router::warmup::{warmup, Requested};
 
 #[derive(Parser, Debug)]
-#[command(name = "tessera-router", version, about = "Tessera HTTP router (TGI and OpenAI APIs)")]
+#[command(
+    name = "tessera-router",
+    version,
+    about = "Tessera HTTP router (TGI and OpenAI APIs)"
+)]
 struct Args {
     #[arg(long, env, default_value_t = 128)]
     max_concurrent_requests: usize,
@@ -75,8 +79,11 @@ struct Args {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -97,7 +104,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let addr = SocketAddr::new(hostname, args.port);
     // Fail on a busy port before the (slow) warmup, not after it.
-    drop(std::net::TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?);
+    drop(
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?,
+    );
 
     let files = ModelFiles::load(&args.tokenizer_name, args.tokenizer_config_path.as_deref())?;
     let chat_template = match &files.chat_template {
@@ -109,7 +119,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let client = ShardedClient::connect(&args.master_shard_uds_path).await?;
     let shard_info = client.info().await?;
-    tracing::info!(?shard_info, world_size = client.world_size(), "connected to shards");
+    tracing::info!(
+        ?shard_info,
+        world_size = client.world_size(),
+        "connected to shards"
+    );
     let requested = Requested {
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,
@@ -118,9 +132,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let positions = files.max_position_embeddings.unwrap_or(usize::MAX);
     let limits = warmup(&client, &requested, positions).await?;
-    tracing::info!(?limits, "warmup done; setting max batch total tokens to {}", limits.max_batch_total_tokens);
+    tracing::info!(
+        ?limits,
+        "warmup done; setting max batch total tokens to {}",
+        limits.max_batch_total_tokens
+    );
 
-    let metrics = tessera_router::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
+    let metrics =
+        tessera_router::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
     ::metrics::gauge!("tgi_batch_max_total_tokens").set(limits.max_batch_total_tokens as f64);
     let validation = Validation::new(
         Arc::new(files.tokenizer),
@@ -141,9 +160,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_waiting_tokens: args.max_waiting_tokens,
         waiting_served_ratio: args.waiting_served_ratio,
     };
-    tokio::spawn(batching_task(client.clone(), queue.clone(), batching, healthy.clone()));
-    let infer = Infer::new(validation, queue, client, args.max_concurrent_requests, healthy);
-    let model_id = args.model_id.clone().unwrap_or_else(|| args.tokenizer_name.display().to_string());
+    tokio::spawn(batching_task(
+        client.clone(),
+        queue.clone(),
+        batching,
+        healthy.clone(),
+    ));
+    let infer = Infer::new(
+        validation,
+        queue,
+        client,
+        args.max_concurrent_requests,
+        healthy,
+    );
+    let model_id = args
+        .model_id
+        .clone()
+        .unwrap_or_else(|| args.tokenizer_name.display().to_string());
     let info = Info {
         model_id,
         model_sha: None,
@@ -164,16 +197,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sha: option_env!("GIT_SHA"),
         docker_label: option_env!("DOCKER_LABEL"),
     };
-    let compute_type = std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
-    let state = Arc::new(AppState { infer, info, chat_template, compute_type, metrics });
-    let http = HttpConfig { payload_limit: args.payload_limit, api_key: args.api_key, cors_allow_origin: args.cors_allow_origin };
+    let compute_type =
+        std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
+    let state = Arc::new(AppState {
+        infer,
+        info,
+        chat_template,
+        compute_type,
+        metrics,
+    });
+    let http = HttpConfig {
+        payload_limit: args.payload_limit,
+        api_key: args.api_key,
+        cors_allow_origin: args.cors_allow_origin,
+    };
     serve(addr, app(state, http)).await
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.json_output);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: Tokio runtime failed to start: {e}");

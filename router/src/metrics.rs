@@ -17,13 +17,28 @@ fn linear_buckets(max: usize) -> Vec<f64> {
     (1..=100).map(|i| i as f64 * step).collect()
 }
 
-pub fn install(max_input_tokens: usize, max_total_tokens: usize) -> anyhow::Result<PrometheusHandle> {
+pub fn install(
+    max_input_tokens: usize,
+    max_total_tokens: usize,
+) -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration".into()), &duration_buckets())?
-        .set_buckets_for_metric(Matcher::Full("tgi_request_input_length".into()), &linear_buckets(max_input_tokens))?
-        .set_buckets_for_metric(Matcher::Full("tgi_request_generated_tokens".into()), &linear_buckets(max_total_tokens))?
-        .set_buckets_for_metric(Matcher::Full("tgi_request_max_new_tokens".into()), &linear_buckets(max_total_tokens))?
-        .set_buckets_for_metric(Matcher::Full("tgi_batch_next_size".into()), &(1..=1024).map(f64::from).collect::<Vec<_>>())?
+        .set_buckets_for_metric(
+            Matcher::Full("tgi_request_input_length".into()),
+            &linear_buckets(max_input_tokens),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("tgi_request_generated_tokens".into()),
+            &linear_buckets(max_total_tokens),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("tgi_request_max_new_tokens".into()),
+            &linear_buckets(max_total_tokens),
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full("tgi_batch_next_size".into()),
+            &(1..=1024).map(f64::from).collect::<Vec<_>>(),
+        )?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
     Ok(handle)

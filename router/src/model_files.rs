@@ -21,14 +21,17 @@ fn read_json(path: &Path) -> anyhow::Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path)?;
-    let value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(Some(value))
 }
 
 /// A special token that may be written as a string or as `{"content": ...}`.
 fn token_text(v: Option<&Value>) -> Option<String> {
     let v = v?;
-    v.as_str().or_else(|| v.get("content")?.as_str()).map(str::to_string)
+    v.as_str()
+        .or_else(|| v.get("content")?.as_str())
+        .map(str::to_string)
 }
 
 /// A template that may be a string or a list of `{name, template}` (the `default` one wins).
@@ -46,9 +49,11 @@ fn template_text(v: Option<&Value>) -> Option<String> {
 impl ModelFiles {
     pub fn load(dir: &Path, tokenizer_config_path: Option<&Path>) -> anyhow::Result<Self> {
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
-        let config_path = tokenizer_config_path.map(Path::to_path_buf).unwrap_or_else(|| dir.join("tokenizer_config.json"));
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", tok_path.display()))?;
+        let config_path = tokenizer_config_path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join("tokenizer_config.json"));
         let config = read_json(&config_path)?.unwrap_or(Value::Null);
         let mut chat_template = template_text(config.get("chat_template"));
         if let Ok(jinja) = std::fs::read_to_string(dir.join("chat_template.jinja")) {

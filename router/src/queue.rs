@@ -63,7 +63,11 @@ impl Queue {
     }
 
     pub fn len(&self) -> usize {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).entries.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -73,7 +77,11 @@ impl Queue {
     /// Pops the longest prefix of the queue that fits `limits` and turns it into a batch.
     pub fn next_batch(&self, limits: &BatchLimits) -> Option<(HashMap<u64, Entry>, pb::Batch)> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.entries.is_empty() || limits.max_size == Some(0) || limits.prefill_token_budget == 0 || limits.token_budget == 0 {
+        if s.entries.is_empty()
+            || limits.max_size == Some(0)
+            || limits.prefill_token_budget == 0
+            || limits.token_budget == 0
+        {
             return None;
         }
         let now = Instant::now();
@@ -113,7 +121,9 @@ impl Queue {
                     id: *id,
                     inputs: r.inputs.clone(),
                     input_chunks: Some(pb::Input {
-                        chunks: vec![pb::InputChunk { chunk: Some(pb::input_chunk::Chunk::Text(r.inputs.clone())) }],
+                        chunks: vec![pb::InputChunk {
+                            chunk: Some(pb::input_chunk::Chunk::Text(r.inputs.clone())),
+                        }],
                     }),
                     truncate: r.truncate,
                     parameters: Some(r.parameters.clone()),
@@ -129,7 +139,13 @@ impl Queue {
         s.next_batch_id += 1;
         metrics::gauge!("tgi_queue_size").set(s.entries.len() as f64);
         metrics::histogram!("tgi_batch_next_size").record(requests.len() as f64);
-        let batch = pb::Batch { id, size: requests.len() as u32, max_tokens: total_tokens, requests, max_blocks: 0 };
+        let batch = pb::Batch {
+            id,
+            size: requests.len() as u32,
+            max_tokens: total_tokens,
+            requests,
+            max_blocks: 0,
+        };
         Some((taken.into_iter().collect(), batch))
     }
 }

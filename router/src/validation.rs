@@ -70,8 +70,12 @@ impl Validation {
     /// TGI's `validate_best_of`: how many candidates to run (1 when `best_of` is unset).
     pub fn best_of(&self, best_of: Option<usize>) -> Result<usize, ValidationError> {
         match best_of {
-            Some(n) if n > 1 && self.limits.max_best_of == 1 => Err(ValidationError::BestOfDisabled),
-            Some(n) if n > self.limits.max_best_of => Err(ValidationError::BestOf(self.limits.max_best_of, n)),
+            Some(n) if n > 1 && self.limits.max_best_of == 1 => {
+                Err(ValidationError::BestOfDisabled)
+            }
+            Some(n) if n > self.limits.max_best_of => {
+                Err(ValidationError::BestOf(self.limits.max_best_of, n))
+            }
             Some(n) if n > 1 => Ok(n),
             _ => Ok(1),
         }
@@ -82,7 +86,11 @@ impl Validation {
     }
 
     /// Token ids of `text` (off the async threads: long prompts take milliseconds).
-    pub async fn tokenize(&self, text: String, add_special_tokens: bool) -> Result<tokenizers::Encoding, ValidationError> {
+    pub async fn tokenize(
+        &self,
+        text: String,
+        add_special_tokens: bool,
+    ) -> Result<tokenizers::Encoding, ValidationError> {
         let tokenizer = self.tokenizer.clone();
         tokio::task::spawn_blocking(move || tokenizer.encode(text, add_special_tokens))
             .await
@@ -99,7 +107,11 @@ impl Validation {
         let received = std::time::Instant::now();
         let l = &self.limits;
         let best_of = p.best_of.unwrap_or(1);
-        let sampling = p.do_sample || p.temperature.is_some() || p.top_k.is_some() || p.top_p.is_some() || p.typical_p.is_some();
+        let sampling = p.do_sample
+            || p.temperature.is_some()
+            || p.top_k.is_some()
+            || p.top_p.is_some()
+            || p.typical_p.is_some();
         if best_of > 1 && !sampling {
             return Err(ValidationError::BestOfSampling);
         }
@@ -137,14 +149,20 @@ impl Validation {
             return Err(ValidationError::NegativeMaxNewTokens);
         }
         if p.stop.len() > l.max_stop_sequences {
-            return Err(ValidationError::StopSequence(l.max_stop_sequences, p.stop.len()));
+            return Err(ValidationError::StopSequence(
+                l.max_stop_sequences,
+                p.stop.len(),
+            ));
         }
         if best_of > 1 && p.seed.is_some() {
             return Err(ValidationError::BestOfSeed);
         }
         let top_n_tokens = p.top_n_tokens.unwrap_or(0);
         if top_n_tokens > l.max_top_n_tokens {
-            return Err(ValidationError::TopNTokens(l.max_top_n_tokens, top_n_tokens));
+            return Err(ValidationError::TopNTokens(
+                l.max_top_n_tokens,
+                top_n_tokens,
+            ));
         }
         if inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
@@ -161,13 +179,22 @@ impl Validation {
         }
         let max_new_tokens = match p.max_new_tokens {
             Some(n) => n,
-            None => (l.max_total_tokens.saturating_sub(input_length) as u32).min(DEFAULT_MAX_NEW_TOKENS),
+            None => {
+                (l.max_total_tokens.saturating_sub(input_length) as u32).min(DEFAULT_MAX_NEW_TOKENS)
+            }
         };
         if input_length + max_new_tokens as usize > l.max_total_tokens {
-            return Err(ValidationError::MaxTotalTokens(l.max_total_tokens, input_length, max_new_tokens));
+            return Err(ValidationError::MaxTotalTokens(
+                l.max_total_tokens,
+                input_length,
+                max_new_tokens,
+            ));
         }
         if input_length > l.max_input_tokens {
-            return Err(ValidationError::InputLength(l.max_input_tokens, input_length));
+            return Err(ValidationError::InputLength(
+                l.max_input_tokens,
+                input_length,
+            ));
         }
         if max_new_tokens == 0 {
             return Err(ValidationError::NegativeMaxNewTokens);
@@ -177,12 +204,15 @@ impl Validation {
         }
         if p.watermark {
             // The shard does not watermark yet; refusing beats silently ignoring the flag.
-            return Err(ValidationError::Other("`watermark` is not supported yet".into()));
+            return Err(ValidationError::Other(
+                "`watermark` is not supported yet".into(),
+            ));
         }
         let seed = p.seed.unwrap_or_else(rand::random);
         metrics::histogram!("tgi_request_input_length").record(input_length as f64);
         metrics::histogram!("tgi_request_max_new_tokens").record(max_new_tokens as f64);
-        metrics::histogram!("tgi_request_validation_duration").record(received.elapsed().as_secs_f64());
+        metrics::histogram!("tgi_request_validation_duration")
+            .record(received.elapsed().as_secs_f64());
         Ok(ValidRequest {
             received,
             inputs,
@@ -203,7 +233,11 @@ impl Validation {
                 grammar_type: pb::GrammarType::None as i32,
                 presence_penalty,
             },
-            stopping: pb::StoppingCriteriaParameters { max_new_tokens, stop_sequences: p.stop, ignore_eos_token: false },
+            stopping: pb::StoppingCriteriaParameters {
+                max_new_tokens,
+                stop_sequences: p.stop,
+                ignore_eos_token: false,
+            },
             top_n_tokens,
             decoder_input_details: p.decoder_input_details,
         })
@@ -217,11 +251,27 @@ mod tests {
     fn validation() -> Validation {
         use tokenizers::models::wordlevel::WordLevel;
         use tokenizers::pre_tokenizers::whitespace::Whitespace;
-        let vocab = [("a".to_string(), 0u32), ("b".to_string(), 1), ("[UNK]".to_string(), 2)].into_iter().collect();
-        let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+        let vocab = [
+            ("a".to_string(), 0u32),
+            ("b".to_string(), 1),
+            ("[UNK]".to_string(), 2),
+        ]
+        .into_iter()
+        .collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
         let mut tok = Tokenizer::new(model);
         tok.with_pre_tokenizer(Some(Whitespace {}));
-        let limits = Limits { max_best_of: 2, max_stop_sequences: 2, max_top_n_tokens: 5, max_input_tokens: 4, max_total_tokens: 8 };
+        let limits = Limits {
+            max_best_of: 2,
+            max_stop_sequences: 2,
+            max_top_n_tokens: 5,
+            max_input_tokens: 4,
+            max_total_tokens: 8,
+        };
         Validation::new(Arc::new(tok), limits)
     }
 
@@ -230,22 +280,80 @@ mod tests {
     }
 
     async fn err(inputs: &str, p: GenerateParameters) -> String {
-        validation().validate(inputs.into(), p, true).await.unwrap_err().to_string()
+        validation()
+            .validate(inputs.into(), p, true)
+            .await
+            .unwrap_err()
+            .to_string()
     }
 
     #[tokio::test]
     async fn tgi_messages_for_bad_parameters() {
-        assert_eq!(err("a", GenerateParameters { temperature: Some(0.0), ..params() }).await, "`temperature` must be strictly positive");
-        assert_eq!(err("a", GenerateParameters { top_p: Some(1.5), ..params() }).await, "`top_p` must be > 0.0 and <= 1.0");
-        assert_eq!(err("a", GenerateParameters { top_k: Some(0), ..params() }).await, "`top_k` must be strictly positive");
-        assert_eq!(err("a", GenerateParameters { max_new_tokens: Some(0), ..params() }).await, "`max_new_tokens` must be strictly positive");
+        assert_eq!(
+            err(
+                "a",
+                GenerateParameters {
+                    temperature: Some(0.0),
+                    ..params()
+                }
+            )
+            .await,
+            "`temperature` must be strictly positive"
+        );
+        assert_eq!(
+            err(
+                "a",
+                GenerateParameters {
+                    top_p: Some(1.5),
+                    ..params()
+                }
+            )
+            .await,
+            "`top_p` must be > 0.0 and <= 1.0"
+        );
+        assert_eq!(
+            err(
+                "a",
+                GenerateParameters {
+                    top_k: Some(0),
+                    ..params()
+                }
+            )
+            .await,
+            "`top_k` must be strictly positive"
+        );
+        assert_eq!(
+            err(
+                "a",
+                GenerateParameters {
+                    max_new_tokens: Some(0),
+                    ..params()
+                }
+            )
+            .await,
+            "`max_new_tokens` must be strictly positive"
+        );
         assert_eq!(err("", params()).await, "`inputs` cannot be empty");
         assert_eq!(
-            err("a", GenerateParameters { stop: vec!["x".into(); 3], ..params() }).await,
+            err(
+                "a",
+                GenerateParameters {
+                    stop: vec!["x".into(); 3],
+                    ..params()
+                }
+            )
+            .await,
             "`stop` supports up to 2 stop sequences. Given: 3"
         );
         assert_eq!(
-            err("a b a b a", GenerateParameters { max_new_tokens: Some(1), ..params() }).await,
+            err(
+                "a b a b a",
+                GenerateParameters {
+                    max_new_tokens: Some(1),
+                    ..params()
+                }
+            )
+            .await,
             "`inputs` must have less than 4 tokens. Given: 5"
         );
         assert_eq!(
@@ -256,10 +364,20 @@ mod tests {
 
     #[tokio::test]
     async fn defaults_fill_the_budget_and_truncate_counts() {
-        let v = validation().validate("a b a".into(), params(), true).await.unwrap();
+        let v = validation()
+            .validate("a b a".into(), params(), true)
+            .await
+            .unwrap();
         assert_eq!((v.input_length, v.stopping.max_new_tokens), (3, 5));
-        let p = GenerateParameters { truncate: Some(2), max_new_tokens: Some(2), ..params() };
-        let v = validation().validate("a b a b a b".into(), p, true).await.unwrap();
+        let p = GenerateParameters {
+            truncate: Some(2),
+            max_new_tokens: Some(2),
+            ..params()
+        };
+        let v = validation()
+            .validate("a b a b a b".into(), p, true)
+            .await
+            .unwrap();
         assert_eq!((v.input_length, v.truncate), (2, 2));
     }
 }

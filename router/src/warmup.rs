@@ -39,7 +39,11 @@ fn warmup_batch(tokens: u32) -> pb::Batch {
             frequency_penalty: 0.1,
             ..Default::default()
         }),
-        stopping_parameters: Some(pb::StoppingCriteriaParameters { max_new_tokens: 2, stop_sequences: vec![], ignore_eos_token: true }),
+        stopping_parameters: Some(pb::StoppingCriteriaParameters {
+            max_new_tokens: 2,
+            stop_sequences: vec![],
+            ignore_eos_token: true,
+        }),
         // Prompt logprobs would add a vocab-sized logits row per prompt token; like TGI's flash
         // models we only compute them for requests that ask (decoder_input_details).
         prefill_logprobs: false,
@@ -47,10 +51,20 @@ fn warmup_batch(tokens: u32) -> pb::Batch {
         add_special_tokens: true,
         ..Default::default()
     };
-    pb::Batch { id: 0, size: 1, max_tokens: tokens + 2, requests: vec![request], max_blocks: 0 }
+    pb::Batch {
+        id: 0,
+        size: 1,
+        max_tokens: tokens + 2,
+        requests: vec![request],
+        max_blocks: 0,
+    }
 }
 
-pub async fn warmup(client: &ShardedClient, req: &Requested, max_position_embeddings: usize) -> anyhow::Result<Limits> {
+pub async fn warmup(
+    client: &ShardedClient,
+    req: &Requested,
+    max_position_embeddings: usize,
+) -> anyhow::Result<Limits> {
     client.clear_cache(None).await?;
     let tokens = req
         .max_input_tokens
@@ -88,10 +102,17 @@ pub async fn warmup(client: &ShardedClient, req: &Requested, max_position_embedd
         (Some(s), Some(user)) => user.min(s),
         (Some(s), None) => s,
         (None, Some(user)) => user,
-        (None, None) => 16000u32.max(max_total_tokens as u32).max(req.max_batch_prefill_tokens),
+        (None, None) => 16000u32
+            .max(max_total_tokens as u32)
+            .max(req.max_batch_prefill_tokens),
     };
     if max_total_tokens as u32 > max_batch_total_tokens {
         anyhow::bail!("`max_total_tokens` must be <= `max_batch_total_tokens`. Given: {max_total_tokens} and {max_batch_total_tokens}");
     }
-    Ok(Limits { max_input_tokens, max_total_tokens, max_batch_prefill_tokens: req.max_batch_prefill_tokens, max_batch_total_tokens })
+    Ok(Limits {
+        max_input_tokens,
+        max_total_tokens,
+        max_batch_prefill_tokens: req.max_batch_prefill_tokens,
+        max_batch_total_tokens,
+    })
 }

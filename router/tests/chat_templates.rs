@@ -17,8 +17,12 @@ fn root() -> PathBuf {
 #[test]
 fn templates_match_transformers() {
     let path = root().join("models/templates/chat_templates.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}. Run `make test-models` to create the references", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Run `make test-models` to create the references",
+            path.display()
+        )
+    });
     let cases: Vec<Value> = serde_json::from_str(&text).expect("references");
     let mut checked = 0;
     let mut with_tools = 0;
@@ -26,15 +30,28 @@ fn templates_match_transformers() {
         let dir = root().join(case["tokenizer_dir"].as_str().expect("dir"));
         let name = format!("{} / {}", dir.display(), case["case"]);
         let files = ModelFiles::load(&dir, None).expect("model files");
-        let template = ChatTemplate::new(files.chat_template.as_deref().expect("template"), files.bos_token.clone(), files.eos_token.clone())
-            .expect("template compiles");
+        let template = ChatTemplate::new(
+            files.chat_template.as_deref().expect("template"),
+            files.bos_token.clone(),
+            files.eos_token.clone(),
+        )
+        .expect("template compiles");
         let messages = case["messages"].as_array().expect("messages").clone();
         let kwargs = case["kwargs"].as_object().filter(|k| !k.is_empty());
-        let inputs = TemplateInputs { tools: case.get("tools").filter(|t| !t.is_null()), tool_prompt: None, kwargs };
+        let inputs = TemplateInputs {
+            tools: case.get("tools").filter(|t| !t.is_null()),
+            tool_prompt: None,
+            kwargs,
+        };
         match (&case["expected"], template.apply(&messages, &inputs)) {
             (Value::String(expected), Ok(got)) => {
                 assert_eq!(&got, expected, "{name}");
-                let ids: Vec<u32> = case["ids"].as_array().expect("ids").iter().map(|i| i.as_u64().expect("id") as u32).collect();
+                let ids: Vec<u32> = case["ids"]
+                    .as_array()
+                    .expect("ids")
+                    .iter()
+                    .map(|i| i.as_u64().expect("id") as u32)
+                    .collect();
                 let enc = files.tokenizer.encode(got.as_str(), false).expect("encode");
                 assert_eq!(enc.get_ids(), ids.as_slice(), "{name}: token ids");
                 checked += 1;

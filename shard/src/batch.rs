@@ -40,7 +40,9 @@ pub struct BatchRegistry {
 
 impl BatchRegistry {
     pub fn take(&mut self, id: u64) -> Result<Batch> {
-        self.batches.remove(&id).ok_or(ShardError::BatchNotFound(id))
+        self.batches
+            .remove(&id)
+            .ok_or(ShardError::BatchNotFound(id))
     }
 
     /// Takes several batches and joins them under the first one's id.
@@ -48,7 +50,10 @@ impl BatchRegistry {
         if let Some(missing) = ids.iter().find(|id| !self.batches.contains_key(id)) {
             return Err(ShardError::BatchNotFound(*missing));
         }
-        let first = ids.first().copied().ok_or_else(|| ShardError::Request("no batches given".into()))?;
+        let first = ids
+            .first()
+            .copied()
+            .ok_or_else(|| ShardError::Request("no batches given".into()))?;
         let mut seqs = Vec::new();
         for id in ids {
             seqs.extend(self.take(*id)?.seqs);
@@ -82,6 +87,10 @@ impl BatchRegistry {
     }
 
     pub fn cached_tokens(&self) -> usize {
-        self.batches.values().flat_map(|b| &b.seqs).map(|s| s.max_tokens()).sum()
+        self.batches
+            .values()
+            .flat_map(|b| &b.seqs)
+            .map(|s| s.max_tokens())
+            .sum()
     }
 }

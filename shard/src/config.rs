@@ -68,8 +68,14 @@ pub struct ModelConfig {
 /// Token ids from a JSON value that may be a number, a list of numbers, or null.
 pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -87,7 +93,8 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ShardError::Config(e.to_string()))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| ShardError::Config(e.to_string()))?;
         let model_type = raw
             .model_type
             .clone()
@@ -104,7 +111,9 @@ impl ModelConfig {
                 return Err(ShardError::Unsupported(format!("hidden_act `{act}`")));
             }
         }
-        let need = |v: Option<usize>, name: &str| v.ok_or_else(|| ShardError::Config(format!("missing `{name}`")));
+        let need = |v: Option<usize>, name: &str| {
+            v.ok_or_else(|| ShardError::Config(format!("missing `{name}`")))
+        };
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
@@ -119,7 +128,10 @@ impl ModelConfig {
             .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
             .unwrap_or(10000.0);
         let scaling = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
-        if let Some(kind) = scaling.and_then(|s| s.get("rope_type").or_else(|| s.get("type"))).and_then(|t| t.as_str()) {
+        if let Some(kind) = scaling
+            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+            .and_then(|t| t.as_str())
+        {
             if kind != "default" {
                 return Err(ShardError::Unsupported(format!("rope scaling `{kind}`")));
             }

@@ -19,15 +19,25 @@ impl IncrementalDecoder {
     /// Starts decoding after `prompt_len` prompt tokens. The window starts a few tokens back so
     /// the first generated token is decoded in context (leading spaces survive).
     pub fn new(prompt_len: usize) -> Self {
-        Self { prefix_offset: prompt_len.saturating_sub(5), read_offset: prompt_len }
+        Self {
+            prefix_offset: prompt_len.saturating_sub(5),
+            read_offset: prompt_len,
+        }
     }
 
     /// The text that the newest token of `ids` completes (empty while a character is incomplete).
     pub fn next(&mut self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String> {
-        let decode = |s: &[u32]| tokenizer.decode(s, false).map_err(|e| ShardError::Tokenizer(e.to_string()));
+        let decode = |s: &[u32]| {
+            tokenizer
+                .decode(s, false)
+                .map_err(|e| ShardError::Tokenizer(e.to_string()))
+        };
         let prefix = decode(&ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             self.prefix_offset = self.read_offset;
             self.read_offset = ids.len();
             Ok(full[prefix.len()..].to_string())
@@ -56,8 +66,16 @@ pub struct StoppingCriteria {
 
 impl StoppingCriteria {
     pub fn new(max_new_tokens: usize, stop_sequences: Vec<String>, ignore_eos: bool) -> Self {
-        let stop_sequences = stop_sequences.into_iter().filter(|s| !s.is_empty()).collect();
-        Self { max_new_tokens, stop_sequences, ignore_eos, text: String::new() }
+        let stop_sequences = stop_sequences
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect();
+        Self {
+            max_new_tokens,
+            stop_sequences,
+            ignore_eos,
+            text: String::new(),
+        }
     }
 
     /// Checks the newest token (`generated` tokens so far, `piece` its text) in TGI's order:
@@ -86,7 +104,12 @@ impl StoppingCriteria {
             }
         }
         // Only the tail can matter for future matches.
-        let keep = self.stop_sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let keep = self
+            .stop_sequences
+            .iter()
+            .map(|s| s.len())
+            .max()
+            .unwrap_or(0);
         if self.text.len() > 4 * keep + 64 {
             let mut cut = self.text.len() - keep;
             while !self.text.is_char_boundary(cut) {

@@ -34,7 +34,9 @@ pub type Result<T> = std::result::Result<T, ShardError>;
 impl From<ShardError> for tonic::Status {
     fn from(e: ShardError) -> Self {
         match e {
-            ShardError::Request(_) | ShardError::Tokenizer(_) => tonic::Status::invalid_argument(e.to_string()),
+            ShardError::Request(_) | ShardError::Tokenizer(_) => {
+                tonic::Status::invalid_argument(e.to_string())
+            }
             ShardError::BatchNotFound(_) => tonic::Status::not_found(e.to_string()),
             ShardError::OutOfMemory(_) => tonic::Status::resource_exhausted(e.to_string()),
             _ => tonic::Status::internal(e.to_string()),

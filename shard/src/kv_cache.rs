@@ -32,7 +32,11 @@ impl KvLayout {
 
 impl SeqKvCache {
     pub fn new(layout: KvLayout, capacity: usize) -> Self {
-        let shape = [layout.num_kv_heads as i64, capacity as i64, layout.head_dim as i64];
+        let shape = [
+            layout.num_kv_heads as i64,
+            capacity as i64,
+            layout.head_dim as i64,
+        ];
         // Uninitialised on purpose: only the first `len` positions are ever read.
         let alloc = || Tensor::empty(shape, (layout.kind, layout.device));
         Self {
@@ -63,7 +67,10 @@ impl SeqKvCache {
         let past = self.len as i64;
         self.keys[layer].narrow(1, past, t).copy_(k);
         self.values[layer].narrow(1, past, t).copy_(v);
-        (self.keys[layer].narrow(1, 0, past + t), self.values[layer].narrow(1, 0, past + t))
+        (
+            self.keys[layer].narrow(1, 0, past + t),
+            self.values[layer].narrow(1, 0, past + t),
+        )
     }
 
     /// Marks `t` more tokens as cached, once every layer has appended them.

@@ -13,7 +13,11 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 #[derive(Parser)]
-#[command(name = "tessera-shard", version, about = "Tessera model shard (gRPC over a Unix socket)")]
+#[command(
+    name = "tessera-shard",
+    version,
+    about = "Tessera model shard (gRPC over a Unix socket)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,8 +67,12 @@ fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         builder.json().flatten_event(true).init();
     } else {
@@ -74,7 +82,10 @@ fn init_logging(json: bool) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {
@@ -86,16 +97,23 @@ async fn shutdown_signal() {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if args.world_size != 1 {
-        anyhow::bail!("tensor parallelism is not available yet: WORLD_SIZE must be 1, got {}", args.world_size);
+        anyhow::bail!(
+            "tensor parallelism is not available yet: WORLD_SIZE must be 1, got {}",
+            args.world_size
+        );
     }
     if !(0.0..=1.0).contains(&args.memory_fraction) || args.memory_fraction == 0.0 {
-        anyhow::bail!("--memory-fraction must be in (0, 1], got {}", args.memory_fraction);
+        anyhow::bail!(
+            "--memory-fraction must be in (0, 1], got {}",
+            args.memory_fraction
+        );
     }
     let device = parse_device(args.device.as_deref())?;
     let start = std::time::Instant::now();
     let dir = args.model_dir.clone();
     let dtype = args.dtype.clone();
-    let runner = tokio::task::spawn_blocking(move || Runner::load(&dir, dtype.as_deref(), device)).await??;
+    let runner =
+        tokio::task::spawn_blocking(move || Runner::load(&dir, dtype.as_deref(), device)).await??;
     tracing::info!(
         model = %args.model_dir.display(),
         dtype = tessera_shard::runner::kind_name(runner.model.kind()),
@@ -107,9 +125,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if path.exists() {
         std::fs::remove_file(&path)?;
     }
-    let listener = UnixListener::bind(&path).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
     tracing::info!("serving on unix://{}", path.display());
-    let service = ShardService::new(runner, &args.uds_path, args.world_size, args.memory_fraction);
+    let service = ShardService::new(
+        runner,
+        &args.uds_path,
+        args.world_size,
+        args.memory_fraction,
+    );
     let result = tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
@@ -124,7 +148,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Serve(args) = cli.command;
     init_logging(args.json_output);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");

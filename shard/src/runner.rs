@@ -57,14 +57,21 @@ pub fn kind_name(kind: Kind) -> &'static str {
 /// The EOS ids: generation_config.json's list wins (as in transformers), then config.json, then
 /// the tokenizer's `eos_token`.
 fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> HashSet<u32> {
-    let read = |f: &str| -> Option<serde_json::Value> { serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok() };
-    let mut ids = read("generation_config.json").map(|g| token_ids(g.get("eos_token_id"))).unwrap_or_default();
+    let read = |f: &str| -> Option<serde_json::Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
+    };
+    let mut ids = read("generation_config.json")
+        .map(|g| token_ids(g.get("eos_token_id")))
+        .unwrap_or_default();
     if ids.is_empty() {
         ids = config.eos_token_ids.clone();
     }
     if ids.is_empty() {
         let tc = read("tokenizer_config.json");
-        let eos = tc.as_ref().and_then(|t| t.get("eos_token")).and_then(|e| e.as_str().or_else(|| e.get("content")?.as_str()));
+        let eos = tc
+            .as_ref()
+            .and_then(|t| t.get("eos_token"))
+            .and_then(|e| e.as_str().or_else(|| e.get("content")?.as_str()));
         ids.extend(eos.and_then(|e| tokenizer.token_to_id(e)));
     }
     ids.into_iter().collect()
@@ -75,22 +82,43 @@ impl Runner {
     pub fn load(dir: &Path, dtype: Option<&str>, device: Device) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let kind = match dtype {
-            Some(d) => parse_kind(d).ok_or_else(|| ShardError::Request(format!("unknown dtype `{d}`")))?,
-            None => config.torch_dtype.as_deref().and_then(parse_kind).unwrap_or(Kind::Float),
+            Some(d) => {
+                parse_kind(d).ok_or_else(|| ShardError::Request(format!("unknown dtype `{d}`")))?
+            }
+            None => config
+                .torch_dtype
+                .as_deref()
+                .and_then(parse_kind)
+                .unwrap_or(Kind::Float),
         };
         // f16 matmuls are unusably slow on CPU; bf16 has the same size and range enough.
-        let kind = if kind == Kind::Half && device == Device::Cpu { Kind::BFloat16 } else { kind };
+        let kind = if kind == Kind::Half && device == Device::Cpu {
+            Kind::BFloat16
+        } else {
+            kind
+        };
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| ShardError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         let weights = crate::weights::Weights::open(dir, kind, device)?;
         let eos = eos_ids(dir, &config, &tokenizer);
-        let special = tokenizer.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        let special = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         let model = {
             let _guard = tch::no_grad_guard();
             Llama::load(config, &weights, kind, device)?
         };
-        Ok(Self { model, tokenizer, eos, special, batches: BatchRegistry::default() })
+        Ok(Self {
+            model,
+            tokenizer,
+            eos,
+            special,
+            batches: BatchRegistry::default(),
+        })
     }
 
     pub fn eos_token_ids(&self) -> &HashSet<u32> {
@@ -105,7 +133,9 @@ impl Runner {
                     match &chunk.chunk {
                         Some(pb::input_chunk::Chunk::Text(t)) => text.push_str(t),
                         Some(pb::input_chunk::Chunk::Image(_)) => {
-                            return Err(ShardError::Request("this model does not take image inputs".into()))
+                            return Err(ShardError::Request(
+                                "this model does not take image inputs".into(),
+                            ))
                         }
                         None => {}
                     }
@@ -129,7 +159,10 @@ impl Runner {
     fn new_sequence(&self, r: &pb::Request) -> Result<Sequence> {
         let ids = self.tokenize(r)?;
         if ids.is_empty() {
-            return Err(ShardError::Request(format!("request {}: the prompt is empty after tokenization", r.id)));
+            return Err(ShardError::Request(format!(
+                "request {}: the prompt is empty after tokenization",
+                r.id
+            )));
         }
         let stop = r.stopping_parameters.clone().unwrap_or_default();
         let max_new = (stop.max_new_tokens as usize).max(1);
@@ -169,8 +202,16 @@ impl Runner {
     }
 
     /// Prefill of a new batch, folded together with one step of `cached` when given.
-    pub fn prefill(&mut self, batch: &pb::Batch, cached: Option<&pb::CachedBatch>) -> Result<StepOutput> {
-        let mut seqs = batch.requests.iter().map(|r| self.new_sequence(r)).collect::<Result<Vec<_>>>()?;
+    pub fn prefill(
+        &mut self,
+        batch: &pb::Batch,
+        cached: Option<&pb::CachedBatch>,
+    ) -> Result<StepOutput> {
+        let mut seqs = batch
+            .requests
+            .iter()
+            .map(|r| self.new_sequence(r))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(c) = cached {
             seqs.extend(self.batches.take(c.id)?.seqs);
         }
@@ -239,7 +280,10 @@ impl Runner {
                     pos += 1;
                 }
             }
-            let logits = self.model.forward(&input, &mut caches).to_device(Device::Cpu);
+            let logits = self
+                .model
+                .forward(&input, &mut caches)
+                .to_device(Device::Cpu);
             Some(Vec::<f32>::try_from(logits.reshape([-1]))?)
         };
         let forward_ns = start.elapsed().as_nanos() as u64;
@@ -249,7 +293,14 @@ impl Runner {
         if let Some(mut logits) = logits {
             for (i, first_row, rows) in active {
                 let seq = &mut batch.seqs[i];
-                let prefill_tokens = if rows > 1 { Some(self.prompt_tokens(seq, &mut logits[first_row * vocab..(first_row + rows - 1) * vocab])?) } else { None };
+                let prefill_tokens = if rows > 1 {
+                    Some(self.prompt_tokens(
+                        seq,
+                        &mut logits[first_row * vocab..(first_row + rows - 1) * vocab],
+                    )?)
+                } else {
+                    None
+                };
                 let row = &mut logits[(first_row + rows - 1) * vocab..(first_row + rows) * vocab];
                 generations.push(self.next_token(seq, row, prefill_tokens)?);
             }
@@ -265,7 +316,11 @@ impl Runner {
 
     fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>> {
         ids.iter()
-            .map(|&id| self.tokenizer.decode(&[id], false).map_err(|e| ShardError::Tokenizer(e.to_string())))
+            .map(|&id| {
+                self.tokenizer
+                    .decode(&[id], false)
+                    .map_err(|e| ShardError::Tokenizer(e.to_string()))
+            })
             .collect()
     }
 
@@ -286,11 +341,18 @@ impl Runner {
         })
     }
 
-    fn next_token(&self, seq: &mut Sequence, row: &mut [f32], prefill_tokens: Option<pb::Tokens>) -> Result<pb::Generation> {
+    fn next_token(
+        &self,
+        seq: &mut Sequence,
+        row: &mut [f32],
+        prefill_tokens: Option<pb::Tokens>,
+    ) -> Result<pb::Generation> {
         let choice = seq.sampler.choose(row, &seq.tokens, seq.prompt_len);
         seq.tokens.push(choice.token);
         let text = seq.decoder.next(&self.tokenizer, &seq.tokens)?;
-        let finish = seq.stopping.check(seq.generated(), self.eos.contains(&choice.token), &text);
+        let finish = seq
+            .stopping
+            .check(seq.generated(), self.eos.contains(&choice.token), &text);
         let top_tokens = if seq.top_n_tokens > 0 {
             let best = top_n(row, seq.top_n_tokens);
             let ids: Vec<u32> = best.iter().map(|b| b.0).collect();

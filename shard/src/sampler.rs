@@ -99,7 +99,11 @@ impl Sampler {
             seen.dedup();
             for &t in &seen {
                 if let Some(s) = scores.get_mut(t as usize) {
-                    *s = if *s < 0.0 { *s * p.repetition_penalty } else { *s / p.repetition_penalty };
+                    *s = if *s < 0.0 {
+                        *s * p.repetition_penalty
+                    } else {
+                        *s / p.repetition_penalty
+                    };
                 }
             }
         }
@@ -137,8 +141,15 @@ impl Sampler {
             }
         }
         log_softmax(scores);
-        let token = if sampling { self.sample(scores) } else { argmax(scores) };
-        Choice { token: token as u32, logprob: scores[token] }
+        let token = if sampling {
+            self.sample(scores)
+        } else {
+            argmax(scores)
+        };
+        Choice {
+            token: token as u32,
+            logprob: scores[token],
+        }
     }
 
     fn sample(&mut self, logprobs: &[f32]) -> usize {
@@ -193,15 +204,23 @@ fn top_k_filter(scores: &mut [f32], k: usize) {
     let mut sorted = scores.to_vec();
     sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
     let kth = sorted[k - 1];
-    scores.iter_mut().filter(|s| **s < kth).for_each(|s| *s = f32::NEG_INFINITY);
+    scores
+        .iter_mut()
+        .filter(|s| **s < kth)
+        .for_each(|s| *s = f32::NEG_INFINITY);
 }
 
 /// Indices sorted by descending score, with their probabilities.
 fn sorted_probs(scores: &[f32]) -> (Vec<usize>, Vec<f64>) {
-    let mut idx: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] != f32::NEG_INFINITY).collect();
+    let mut idx: Vec<usize> = (0..scores.len())
+        .filter(|&i| scores[i] != f32::NEG_INFINITY)
+        .collect();
     idx.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
     let max = idx.first().map(|&i| scores[i]).unwrap_or(0.0);
-    let exps: Vec<f64> = idx.iter().map(|&i| ((scores[i] - max) as f64).exp()).collect();
+    let exps: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((scores[i] - max) as f64).exp())
+        .collect();
     let sum: f64 = exps.iter().sum();
     (idx, exps.into_iter().map(|e| e / sum).collect())
 }
@@ -222,7 +241,11 @@ fn top_p_filter(scores: &mut [f32], top_p: f32) {
 /// entropy until their mass reaches `typical_p`.
 fn typical_filter(scores: &mut [f32], typical_p: f32) {
     let (idx, probs) = sorted_probs(scores);
-    let entropy: f64 = -probs.iter().filter(|p| **p > 0.0).map(|p| p * p.ln()).sum::<f64>();
+    let entropy: f64 = -probs
+        .iter()
+        .filter(|p| **p > 0.0)
+        .map(|p| p * p.ln())
+        .sum::<f64>();
     let mut order: Vec<usize> = (0..idx.len()).collect();
     order.sort_by(|a, b| {
         let da = (-probs[*a].ln() - entropy).abs();
@@ -258,7 +281,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_follows_transformers() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params() });
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params()
+        });
         // token 0 (positive, seen) is divided, token 2 (negative, seen) is multiplied.
         let mut x = vec![3.0, 2.0, -1.0];
         let c = s.choose(&mut x, &[0, 2, 0], 0);
@@ -269,18 +295,34 @@ mod tests {
     fn same_seed_same_samples_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { do_sample: true, seed, ..params() });
-            (0..20).map(|_| s.choose(&mut logits.clone(), &[], 0).token).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                do_sample: true,
+                seed,
+                ..params()
+            });
+            (0..20)
+                .map(|_| s.choose(&mut logits.clone(), &[], 0).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
-        let mut s = Sampler::new(SamplingParams { top_k: 1, seed: 3, ..params() });
-        assert_eq!(s.choose(&mut logits.clone(), &[], 0).token as usize, argmax(&logits));
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            seed: 3,
+            ..params()
+        });
+        assert_eq!(
+            s.choose(&mut logits.clone(), &[], 0).token as usize,
+            argmax(&logits)
+        );
     }
 
     #[test]
     fn presence_penalty_counts_generated_tokens_once() {
-        let mut s = Sampler::new(SamplingParams { presence_penalty: 1.0, ..params() });
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 1.0,
+            ..params()
+        });
         // Token 0 is in the prompt only (not penalised); token 1 was generated twice (penalised once).
         let mut x = vec![2.0, 2.5, 1.2];
         assert_eq!(s.choose(&mut x, &[0, 1, 1], 1).token, 0);

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tessera_proto as pb;
-use tessera_proto::text_generation_service_server::{TextGenerationService, TextGenerationServiceServer};
+use tessera_proto::text_generation_service_server::{
+    TextGenerationService, TextGenerationServiceServer,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::{Result, ShardError};
@@ -41,12 +43,21 @@ impl ShardService {
             attention_impl: "varlen".to_string(),
             block_size: 16,
         };
-        let urls = (0..world_size).map(|r| format!("unix://{}", socket_path(uds_path, r).display())).collect();
-        Self { runner: Arc::new(Mutex::new(runner)), info, urls, memory_fraction }
+        let urls = (0..world_size)
+            .map(|r| format!("unix://{}", socket_path(uds_path, r).display()))
+            .collect();
+        Self {
+            runner: Arc::new(Mutex::new(runner)),
+            info,
+            urls,
+            memory_fraction,
+        }
     }
 
     pub fn into_server(self) -> TextGenerationServiceServer<Self> {
-        TextGenerationServiceServer::new(self).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+        TextGenerationServiceServer::new(self)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
     }
 
     async fn with_runner<T, F>(&self, f: F) -> std::result::Result<T, Status>
@@ -56,7 +67,9 @@ impl ShardService {
     {
         let runner = self.runner.clone();
         let joined = tokio::task::spawn_blocking(move || {
-            let mut guard = runner.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = runner
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut guard)))
         })
         .await
@@ -81,7 +94,10 @@ impl ShardService {
 
 #[tonic::async_trait]
 impl TextGenerationService for ShardService {
-    async fn info(&self, _: Request<pb::InfoRequest>) -> std::result::Result<Response<pb::InfoResponse>, Status> {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> std::result::Result<Response<pb::InfoResponse>, Status> {
         Ok(Response::new(self.info.clone()))
     }
 
@@ -89,10 +105,15 @@ impl TextGenerationService for ShardService {
         &self,
         _: Request<pb::ServiceDiscoveryRequest>,
     ) -> std::result::Result<Response<pb::ServiceDiscoveryResponse>, Status> {
-        Ok(Response::new(pb::ServiceDiscoveryResponse { urls: self.urls.clone() }))
+        Ok(Response::new(pb::ServiceDiscoveryResponse {
+            urls: self.urls.clone(),
+        }))
     }
 
-    async fn clear_cache(&self, r: Request<pb::ClearCacheRequest>) -> std::result::Result<Response<pb::ClearCacheResponse>, Status> {
+    async fn clear_cache(
+        &self,
+        r: Request<pb::ClearCacheRequest>,
+    ) -> std::result::Result<Response<pb::ClearCacheResponse>, Status> {
         let id = r.into_inner().id;
         self.with_runner(move |run| {
             run.clear(id);
@@ -102,25 +123,40 @@ impl TextGenerationService for ShardService {
         Ok(Response::new(pb::ClearCacheResponse {}))
     }
 
-    async fn filter_batch(&self, r: Request<pb::FilterBatchRequest>) -> std::result::Result<Response<pb::FilterBatchResponse>, Status> {
+    async fn filter_batch(
+        &self,
+        r: Request<pb::FilterBatchRequest>,
+    ) -> std::result::Result<Response<pb::FilterBatchResponse>, Status> {
         let r = r.into_inner();
-        let batch = self.with_runner(move |run| run.filter(r.batch_id, &r.request_ids)).await?;
+        let batch = self
+            .with_runner(move |run| run.filter(r.batch_id, &r.request_ids))
+            .await?;
         Ok(Response::new(pb::FilterBatchResponse { batch }))
     }
 
-    async fn warmup(&self, r: Request<pb::WarmupRequest>) -> std::result::Result<Response<pb::WarmupResponse>, Status> {
+    async fn warmup(
+        &self,
+        r: Request<pb::WarmupRequest>,
+    ) -> std::result::Result<Response<pb::WarmupResponse>, Status> {
         let r = r.into_inner();
         let fraction = self.memory_fraction;
-        let resp = self.with_runner(move |run| crate::warmup::warmup(run, &r, fraction)).await?;
+        let resp = self
+            .with_runner(move |run| crate::warmup::warmup(run, &r, fraction))
+            .await?;
         Ok(Response::new(resp))
     }
 
-    async fn prefill(&self, r: Request<pb::PrefillRequest>) -> std::result::Result<Response<pb::PrefillResponse>, Status> {
+    async fn prefill(
+        &self,
+        r: Request<pb::PrefillRequest>,
+    ) -> std::result::Result<Response<pb::PrefillResponse>, Status> {
         let start = std::time::Instant::now();
         let r = r.into_inner();
         let out = self
             .with_runner(move |run| {
-                let batch = r.batch.ok_or_else(|| ShardError::Request("Prefill without a batch".into()))?;
+                let batch = r
+                    .batch
+                    .ok_or_else(|| ShardError::Request("Prefill without a batch".into()))?;
                 run.prefill(&batch, r.cached_batch.as_ref())
             })
             .await?;
@@ -134,7 +170,10 @@ impl TextGenerationService for ShardService {
         }))
     }
 
-    async fn decode(&self, r: Request<pb::DecodeRequest>) -> std::result::Result<Response<pb::DecodeResponse>, Status> {
+    async fn decode(
+        &self,
+        r: Request<pb::DecodeRequest>,
+    ) -> std::result::Result<Response<pb::DecodeResponse>, Status> {
         let start = std::time::Instant::now();
         let batches = r.into_inner().batches;
         let out = self.with_runner(move |run| run.decode(&batches)).await?;
@@ -148,7 +187,10 @@ impl TextGenerationService for ShardService {
         }))
     }
 
-    async fn health(&self, _: Request<pb::HealthRequest>) -> std::result::Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> std::result::Result<Response<pb::HealthResponse>, Status> {
         self.with_runner(|run| {
             let device = run.model.device();
             let t = tch::Tensor::ones([2], (tch::Kind::Float, device));

@@ -18,7 +18,11 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn warmup(runner: &mut Runner, req: &pb::WarmupRequest, memory_fraction: f64) -> Result<pb::WarmupResponse> {
+pub fn warmup(
+    runner: &mut Runner,
+    req: &pb::WarmupRequest,
+    memory_fraction: f64,
+) -> Result<pb::WarmupResponse> {
     if let Some(batch) = &req.batch {
         let tokens: usize = batch.requests.iter().map(|r| r.truncate as usize).sum();
         let result = runner.prefill(batch, None);
@@ -34,7 +38,9 @@ pub fn warmup(runner: &mut Runner, req: &pb::WarmupRequest, memory_fraction: f64
     let budget = (available as f64 * memory_fraction) as u64;
     let supported = (budget / per_token).min(u32::MAX as u64) as u32;
     let positions = runner.model.config.max_position_embeddings as u32;
-    let max_total = req.max_total_tokens.unwrap_or_else(|| supported.min(positions));
+    let max_total = req
+        .max_total_tokens
+        .unwrap_or_else(|| supported.min(positions));
     if max_total > supported {
         return Err(ShardError::OutOfMemory(format!(
             "not enough memory to handle `max_total_tokens={max_total}`: the KV cache budget holds {supported} tokens \
@@ -48,5 +54,9 @@ pub fn warmup(runner: &mut Runner, req: &pb::WarmupRequest, memory_fraction: f64
         )));
     }
     let max_input = req.max_input_tokens.unwrap_or(max_total.saturating_sub(1));
-    Ok(pb::WarmupResponse { max_supported_total_tokens: Some(supported), max_input_tokens: max_input, max_total_tokens: max_total })
+    Ok(pb::WarmupResponse {
+        max_supported_total_tokens: Some(supported),
+        max_input_tokens: max_input,
+        max_total_tokens: max_total,
+    })
 }

@@ -37,20 +37,30 @@ fn kind_of(d: Dtype, name: &str) -> Result<Kind> {
         Dtype::F64 => Kind::Double,
         Dtype::I64 => Kind::Int64,
         Dtype::I32 => Kind::Int,
-        other => return Err(ShardError::Weights(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        other => {
+            return Err(ShardError::Weights(format!(
+                "tensor `{name}` has unsupported dtype {other:?}"
+            )))
+        }
     })
 }
 
 /// The `.safetensors` files of a checkpoint folder, in a stable order.
 pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let rd = std::fs::read_dir(dir).map_err(|source| ShardError::Io { path: dir.display().to_string(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| ShardError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let mut files: Vec<PathBuf> = rd
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(ShardError::Weights(format!("no .safetensors files in {}", dir.display())));
+        return Err(ShardError::Weights(format!(
+            "no .safetensors files in {}",
+            dir.display()
+        )));
     }
     Ok(files)
 }
@@ -61,7 +71,10 @@ impl Weights {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (index, path) in safetensors_files(dir)?.into_iter().enumerate() {
-            let io = |source| ShardError::Io { path: path.display().to_string(), source };
+            let io = |source| ShardError::Io {
+                path: path.display().to_string(),
+                source,
+            };
             let file = File::open(&path).map_err(io)?;
             // SAFETY: the map is read-only and only used to parse the header; the checkpoint is not
             // expected to change while the shard runs.
@@ -82,11 +95,23 @@ impl Weights {
                     },
                 );
             }
-            let path_str = path.to_str().ok_or_else(|| ShardError::Weights(format!("non-UTF-8 path {}", path.display())))?;
-            let bytes = Tensor::f_from_file(path_str, false, Some(map.len() as i64), (Kind::Uint8, Device::Cpu))?;
+            let path_str = path
+                .to_str()
+                .ok_or_else(|| ShardError::Weights(format!("non-UTF-8 path {}", path.display())))?;
+            let bytes = Tensor::f_from_file(
+                path_str,
+                false,
+                Some(map.len() as i64),
+                (Kind::Uint8, Device::Cpu),
+            )?;
             files.push(bytes);
         }
-        Ok(Self { files, entries, device, kind })
+        Ok(Self {
+            files,
+            entries,
+            device,
+            kind,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -95,7 +120,10 @@ impl Weights {
 
     /// The tensor `name` in the checkpoint's own dtype, as a zero-copy view when alignment allows.
     pub fn raw(&self, name: &str) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| ShardError::Weights(format!("missing tensor `{name}`")))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| ShardError::Weights(format!("missing tensor `{name}`")))?;
         let bytes = self.files[e.file].narrow(0, e.start as i64, e.len as i64);
         // A view of another dtype needs an element-aligned offset; a packed file may not give one.
         let aligned = e.start % e.kind.elt_size_in_bytes() == 0;
@@ -107,7 +135,10 @@ impl Weights {
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         let t = self.raw(name)?;
         if t.size() != shape {
-            return Err(ShardError::Weights(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.size())));
+            return Err(ShardError::Weights(format!(
+                "tensor `{name}` has shape {:?}, expected {shape:?}",
+                t.size()
+            )));
         }
         Ok(t.f_to_device(self.device)?.f_to_kind(self.kind)?)
     }

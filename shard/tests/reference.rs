@@ -23,22 +23,41 @@ fn root() -> PathBuf {
 }
 
 fn refs(model: &str) -> Value {
-    let path = root().join("models/tiny-refs").join(format!("{model}.json"));
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}. Run `make test-models` to create the test checkpoints", path.display()));
+    let path = root()
+        .join("models/tiny-refs")
+        .join(format!("{model}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Run `make test-models` to create the test checkpoints",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("reference JSON")
 }
 
 fn load(model: &str, dtype: &str) -> Runner {
-    Runner::load(&root().join("models/tiny").join(model), Some(dtype), Device::Cpu).expect("load model")
+    Runner::load(
+        &root().join("models/tiny").join(model),
+        Some(dtype),
+        Device::Cpu,
+    )
+    .expect("load model")
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float")).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
 }
 
 fn request(id: u64, case: &Value, max_new: u32) -> pb::Request {
@@ -46,7 +65,10 @@ fn request(id: u64, case: &Value, max_new: u32) -> pb::Request {
         id,
         inputs: case["prompt"].as_str().expect("prompt").to_string(),
         add_special_tokens: case["kind"] == "text",
-        parameters: Some(pb::NextTokenChooserParameters { repetition_penalty: 1.0, ..Default::default() }),
+        parameters: Some(pb::NextTokenChooserParameters {
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
         stopping_parameters: Some(pb::StoppingCriteriaParameters {
             max_new_tokens: max_new,
             stop_sequences: vec![],
@@ -60,7 +82,11 @@ fn request(id: u64, case: &Value, max_new: u32) -> pb::Request {
 fn generate_batch(runner: &mut Runner, cases: &[Value], max_new: u32) -> Vec<Vec<u32>> {
     let batch = pb::Batch {
         id: 7,
-        requests: cases.iter().enumerate().map(|(i, c)| request(i as u64, c, max_new)).collect(),
+        requests: cases
+            .iter()
+            .enumerate()
+            .map(|(i, c)| request(i as u64, c, max_new))
+            .collect(),
         size: cases.len() as u32,
         ..Default::default()
     };
@@ -68,7 +94,8 @@ fn generate_batch(runner: &mut Runner, cases: &[Value], max_new: u32) -> Vec<Vec
     let mut step = runner.prefill(&batch, None).expect("prefill");
     loop {
         for g in &step.generations {
-            out[g.request_id as usize].extend(g.tokens.as_ref().expect("tokens").ids.iter().copied());
+            out[g.request_id as usize]
+                .extend(g.tokens.as_ref().expect("tokens").ids.iter().copied());
         }
         match step.batch.take() {
             Some(b) => step = runner.decode(&[b]).expect("decode"),
@@ -81,7 +108,10 @@ fn generate_batch(runner: &mut Runner, cases: &[Value], max_new: u32) -> Vec<Vec
 /// Last-position logits of each case, computed as one batched forward pass.
 fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let _guard = tch::no_grad_guard();
-    let mut caches: Vec<SeqKvCache> = prompts.iter().map(|p| SeqKvCache::new(runner.model.kv_layout(), p.len())).collect();
+    let mut caches: Vec<SeqKvCache> = prompts
+        .iter()
+        .map(|p| SeqKvCache::new(runner.model.kv_layout(), p.len()))
+        .collect();
     let flat: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
     let positions: Vec<i64> = prompts.iter().flat_map(|p| 0..p.len() as i64).collect();
     let mut rows = Vec::new();
@@ -98,7 +128,9 @@ fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     };
     let mut refs: Vec<&mut SeqKvCache> = caches.iter_mut().collect();
     let logits = runner.model.forward(&input, &mut refs);
-    (0..prompts.len() as i64).map(|i| Vec::<f32>::try_from(logits.get(i)).expect("row")).collect()
+    (0..prompts.len() as i64)
+        .map(|i| Vec::<f32>::try_from(logits.get(i)).expect("row"))
+        .collect()
 }
 
 #[test]
@@ -108,12 +140,25 @@ fn f32_greedy_batch_matches_transformers_token_for_token() {
         let cases = r["cases"].as_array().expect("cases");
         let mut runner = load(model, "float32");
         for c in cases {
-            let enc = runner.tokenizer.encode(c["prompt"].as_str().unwrap(), c["kind"] == "text").unwrap();
-            assert_eq!(enc.get_ids(), ids(&c["input_ids"]).as_slice(), "{model}: tokenization of {:?}", c["prompt"]);
+            let enc = runner
+                .tokenizer
+                .encode(c["prompt"].as_str().unwrap(), c["kind"] == "text")
+                .unwrap();
+            assert_eq!(
+                enc.get_ids(),
+                ids(&c["input_ids"]).as_slice(),
+                "{model}: tokenization of {:?}",
+                c["prompt"]
+            );
         }
         let got = generate_batch(&mut runner, cases, 20);
         for (c, g) in cases.iter().zip(&got) {
-            assert_eq!(g, &ids(&c["greedy"]["ids"]), "{model}: greedy tokens for {:?}", c["prompt"]);
+            assert_eq!(
+                g,
+                &ids(&c["greedy"]["ids"]),
+                "{model}: greedy tokens for {:?}",
+                c["prompt"]
+            );
         }
     }
 }
@@ -156,16 +201,32 @@ fn bf16_within_stated_tolerance() {
             let f32_top = &c["last_logits"]["top5"];
             for (id, want) in ids(&f32_top["ids"]).iter().zip(floats(&f32_top["values"])) {
                 let got = row[*id as usize] as f64;
-                assert!((got - want).abs() < 0.5, "{model} {:?}: bf16 logit {got} vs f32 {want}", c["prompt"]);
+                assert!(
+                    (got - want).abs() < 0.5,
+                    "{model} {:?}: bf16 logit {got} vs f32 {want}",
+                    c["prompt"]
+                );
             }
             let bf16_top = &c["bf16"]["last_logits_top5"];
-            for (id, want) in ids(&bf16_top["ids"]).iter().zip(floats(&bf16_top["values"])) {
+            for (id, want) in ids(&bf16_top["ids"])
+                .iter()
+                .zip(floats(&bf16_top["values"]))
+            {
                 let got = row[*id as usize] as f64;
-                assert!((got - want).abs() < 0.25, "{model} {:?}: bf16 logit {got} vs torch bf16 {want}", c["prompt"]);
+                assert!(
+                    (got - want).abs() < 0.25,
+                    "{model} {:?}: bf16 logit {got} vs torch bf16 {want}",
+                    c["prompt"]
+                );
             }
             let vals = floats(&f32_top["values"]);
             if vals[0] - vals[1] > 0.5 {
-                assert_eq!(first[0], ids(&f32_top["ids"])[0], "{model} {:?}: first bf16 token", c["prompt"]);
+                assert_eq!(
+                    first[0],
+                    ids(&f32_top["ids"])[0],
+                    "{model} {:?}: first bf16 token",
+                    c["prompt"]
+                );
             }
         }
     }
@@ -180,9 +241,17 @@ fn f32_prompt_logprobs_match_transformers() {
         let requests = cases
             .iter()
             .enumerate()
-            .map(|(i, c)| pb::Request { prefill_logprobs: true, ..request(i as u64, c, 1) })
+            .map(|(i, c)| pb::Request {
+                prefill_logprobs: true,
+                ..request(i as u64, c, 1)
+            })
             .collect::<Vec<_>>();
-        let batch = pb::Batch { id: 3, size: requests.len() as u32, requests, ..Default::default() };
+        let batch = pb::Batch {
+            id: 3,
+            size: requests.len() as u32,
+            requests,
+            ..Default::default()
+        };
         let out = runner.prefill(&batch, None).expect("prefill");
         let mut worst = 0f64;
         for g in &out.generations {
@@ -190,11 +259,17 @@ fn f32_prompt_logprobs_match_transformers() {
             let prefill = g.prefill_tokens.as_ref().expect("prefill tokens");
             assert_eq!(prefill.ids, ids(&case["input_ids"]), "{model}");
             let want = case["prompt_logprobs"].as_array().expect("logprobs");
-            assert!(prefill.logprobs[0].is_nan(), "the first prompt token has no logprob");
+            assert!(
+                prefill.logprobs[0].is_nan(),
+                "the first prompt token has no logprob"
+            );
             for (got, want) in prefill.logprobs.iter().zip(want).skip(1) {
                 worst = worst.max((*got as f64 - want.as_f64().expect("logprob")).abs());
             }
         }
-        assert!(worst < 1e-4, "{model}: max |prompt logprob - reference| = {worst}");
+        assert!(
+            worst < 1e-4,
+            "{model}: max |prompt logprob - reference| = {worst}"
+        );
     }
 }

@@ -15,10 +15,16 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Routes that stay reachable without the key.
 fn is_open(method: &Method, path: &str) -> bool {
-    matches!(path, "/health" | "/ping" | "/metrics") || (path == "/" && method == Method::GET) || method == Method::OPTIONS
+    matches!(path, "/health" | "/ping" | "/metrics")
+        || (path == "/" && method == Method::GET)
+        || method == Method::OPTIONS
 }
 
-pub async fn require_api_key(State(key): State<Option<String>>, request: Request<Body>, next: Next) -> Response {
+pub async fn require_api_key(
+    State(key): State<Option<String>>,
+    request: Request<Body>,
+    next: Next,
+) -> Response {
     let Some(key) = key else {
         return next.run(request).await;
     };

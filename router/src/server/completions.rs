@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::json::JsonBody;
 use super::generate::timing_headers;
+use super::json::JsonBody;
 use super::openai::{choices, error_event, event, now, sampling};
 use super::openai_types::{Completion, CompletionChoice, CompletionRequest, Prompt, Stop, Usage};
 use super::types::GenerateParameters;
@@ -26,7 +26,14 @@ use crate::infer::InferEvent;
 use crate::validation::ValidRequest;
 
 fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
-    (status, Json(ErrorResponse { error: error.into(), error_type: error_type.into() })).into_response()
+    (
+        status,
+        Json(ErrorResponse {
+            error: error.into(),
+            error_type: error_type.into(),
+        }),
+    )
+        .into_response()
 }
 
 /// Text completion (OpenAI API): one or several prompts, each with `n` samples.
@@ -36,7 +43,10 @@ fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
         (status = 422, description = "Invalid request", body = ErrorResponse),
         (status = 424, description = "Generation failed", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]
-pub async fn completions(State(state): State<SharedState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
+pub async fn completions(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<CompletionRequest>,
+) -> Response {
     match run(state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -58,7 +68,11 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         Prompt::Many(v) => v,
     };
     if prompts.is_empty() {
-        return Ok(error(StatusCode::UNPROCESSABLE_ENTITY, "Empty array detected. Do not use an empty array for the prompt.", "validation"));
+        return Ok(error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Empty array detected. Do not use an empty array for the prompt.",
+            "validation",
+        ));
     }
     let max = state.info.max_client_batch_size;
     if prompts.len() > max {
@@ -88,7 +102,14 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     let mut valid: Vec<ValidRequest> = Vec::with_capacity(prompts.len() * n as usize);
     let chars: usize = prompts.iter().map(|p| p.chars().count()).sum();
     for prompt in prompts {
-        valid.extend(state.infer.validation.validate(prompt, params.clone(), true).await?.samples(n));
+        valid.extend(
+            state
+                .infer
+                .validation
+                .validate(prompt, params.clone(), true)
+                .await?
+                .samples(n),
+        );
     }
     let model = state.info.model_id.clone();
     let fingerprint = state.system_fingerprint();
@@ -118,7 +139,11 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
                 let (token, end) = match item {
                     Ok(InferEvent::Prefill(_)) => continue,
                     Ok(InferEvent::Token { token, .. }) => (token, None),
-                    Ok(InferEvent::End { token, generated_text, .. }) => (token, Some(generated_text)),
+                    Ok(InferEvent::End {
+                        token,
+                        generated_text,
+                        ..
+                    }) => (token, Some(generated_text)),
                     Err(e) => {
                         let _ = tx.send(Ok(error_event(&e))).await;
                         break;
@@ -131,17 +156,29 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
                 });
                 let choice = CompletionChoice {
                     index,
-                    text: if token.special { String::new() } else { token.text },
+                    text: if token.special {
+                        String::new()
+                    } else {
+                        token.text
+                    },
                     logprobs: None,
                     finish_reason: end.as_ref().map_or("", |g| g.finish_reason.openai()),
                 };
-                if tx.send(Ok(event(&completion(choice, usage)))).await.is_err() {
+                if tx
+                    .send(Ok(event(&completion(choice, usage))))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
             let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         });
-        return Ok((headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response());
+        return Ok((
+            headers,
+            Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
+        )
+            .into_response());
     }
     let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
     let results = join_all(valid.into_iter().map(|r| state.infer.generate(r))).await;
@@ -151,19 +188,41 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     let mut timings = Vec::new();
     for (index, (result, input_length)) in results.into_iter().zip(lengths).enumerate() {
         let r = result?;
-        timings.push(timing_headers(&state.compute_type, 0, start, &r, input_length));
+        timings.push(timing_headers(
+            &state.compute_type,
+            0,
+            start,
+            &r,
+            input_length,
+        ));
         let g = r.generated_text;
         // A prompt's tokens count once, however many samples were drawn from it.
         if index as u32 % n == 0 {
             usage.prompt_tokens += input_length;
         }
         usage.completion_tokens += g.generated_tokens;
-        choices.push(CompletionChoice { index, text: g.text, logprobs: None, finish_reason: g.finish_reason.openai() });
+        choices.push(CompletionChoice {
+            index,
+            text: g.text,
+            logprobs: None,
+            finish_reason: g.finish_reason.openai(),
+        });
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
     // As TGI: the per-prompt timing and token headers, summed over the prompts.
-    for name in ["x-compute-time", "x-total-time", "x-validation-time", "x-queue-time", "x-inference-time", "x-time-per-token", "x-generated-tokens"] {
-        let sum: f64 = timings.iter().filter_map(|t| t.get(name)?.to_str().ok()?.parse::<f64>().ok()).sum();
+    for name in [
+        "x-compute-time",
+        "x-total-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+        "x-generated-tokens",
+    ] {
+        let sum: f64 = timings
+            .iter()
+            .filter_map(|t| t.get(name)?.to_str().ok()?.parse::<f64>().ok())
+            .sum();
         headers.insert(name, h(sum.to_string()));
     }
     headers.insert("x-prompt-tokens", h(usage.prompt_tokens.to_string()));

@@ -15,8 +15,11 @@ use tokio_stream::StreamExt;
 
 use futures::future::join_all;
 
-use super::types::{BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest, GenerateResponse, StreamDetails, StreamResponse};
 use super::json::JsonBody;
+use super::types::{
+    BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest,
+    GenerateResponse, StreamDetails, StreamResponse,
+};
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::{InferEvent, InferResponse};
@@ -26,7 +29,13 @@ fn header(v: impl ToString) -> HeaderValue {
 }
 
 /// TGI's per-request timing headers for non-streaming responses.
-pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &InferResponse, input_length: u32) -> HeaderMap {
+pub fn timing_headers(
+    compute_type: &str,
+    chars: usize,
+    start: Instant,
+    r: &InferResponse,
+    input_length: u32,
+) -> HeaderMap {
     let total = start.elapsed();
     let validation = r.queued.saturating_duration_since(start);
     let queue = r.start.saturating_duration_since(r.queued);
@@ -42,7 +51,10 @@ pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &Infe
     h.insert("x-inference-time", header(inference.as_millis()));
     h.insert("x-time-per-token", header(per_token.as_millis()));
     h.insert("x-prompt-tokens", header(input_length));
-    h.insert("x-generated-tokens", header(r.generated_text.generated_tokens));
+    h.insert(
+        "x-generated-tokens",
+        header(r.generated_text.generated_tokens),
+    );
     h
 }
 
@@ -53,7 +65,10 @@ pub fn timing_headers(compute_type: &str, chars: usize, start: Instant, r: &Infe
         (status = 422, description = "Invalid request", body = ErrorResponse),
         (status = 424, description = "Generation failed", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]
-pub async fn generate(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Result<Response, InferError> {
+pub async fn generate(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<GenerateRequest>,
+) -> Result<Response, InferError> {
     generate_inner(state, req.inputs, req.parameters, false).await
 }
 
@@ -63,23 +78,45 @@ fn mean_logprob(r: &InferResponse) -> f32 {
     r.tokens.iter().map(|t| t.logprob).sum::<f32>() / n
 }
 
-async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameters, default_full_text: bool) -> Result<Response, InferError> {
+async fn generate_inner(
+    state: SharedState,
+    inputs: String,
+    p: GenerateParameters,
+    default_full_text: bool,
+) -> Result<Response, InferError> {
     let start = Instant::now();
     let best_of = state.infer.validation.best_of(p.best_of)?;
     let _permit = state.infer.admit_many(best_of as u32)?;
     let chars = inputs.chars().count();
     let full_text = p.return_full_text.unwrap_or(default_full_text);
     let want_details = p.details || p.decoder_input_details;
-    let valid = state.infer.validation.validate(inputs.clone(), p, true).await?;
+    let valid = state
+        .infer
+        .validation
+        .validate(inputs.clone(), p, true)
+        .await?;
     let input_length = valid.input_length;
     // Candidates run concurrently, so they share prefills and decode steps.
-    let mut results = join_all(valid.samples(best_of as u32).into_iter().map(|r| state.infer.generate(r)))
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
-    let best = (0..results.len()).max_by(|&a, &b| mean_logprob(&results[a]).total_cmp(&mean_logprob(&results[b]))).unwrap_or(0);
+    let mut results = join_all(
+        valid
+            .samples(best_of as u32)
+            .into_iter()
+            .map(|r| state.infer.generate(r)),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
+    let best = (0..results.len())
+        .max_by(|&a, &b| mean_logprob(&results[a]).total_cmp(&mean_logprob(&results[b])))
+        .unwrap_or(0);
     let r = results.swap_remove(best);
-    let text = |t: &str| if full_text { format!("{inputs}{t}") } else { t.to_string() };
+    let text = |t: &str| {
+        if full_text {
+            format!("{inputs}{t}")
+        } else {
+            t.to_string()
+        }
+    };
     let best_of_sequences = (best_of > 1).then(|| {
         results
             .into_iter()
@@ -105,14 +142,24 @@ async fn generate_inner(state: SharedState, inputs: String, p: GenerateParameter
         best_of_sequences,
         top_tokens: r.top_tokens,
     });
-    Ok((headers, Json(GenerateResponse { generated_text, details })).into_response())
+    Ok((
+        headers,
+        Json(GenerateResponse {
+            generated_text,
+            details,
+        }),
+    )
+        .into_response())
 }
 
 /// Generate text, one SSE event per token (TGI API). Errors, validation included, arrive as
 /// an `ErrorResponse` event with status 200, as in TGI.
 #[utoipa::path(post, path = "/generate_stream", tag = "Text Generation Inference", request_body = GenerateRequest,
     responses((status = 200, description = "SSE stream of `StreamResponse` events", body = StreamResponse, content_type = "text/event-stream")))]
-pub async fn generate_stream(State(state): State<SharedState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
+pub async fn generate_stream(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<GenerateRequest>,
+) -> Response {
     stream_inner(state, req.inputs, req.parameters, false).await
 }
 
@@ -123,14 +170,19 @@ pub async fn generate_stream(State(state): State<SharedState>, JsonBody(req): Js
         (status = 200, description = "A one-element array of `GenerateResponse`, or an SSE stream with `stream: true`", body = [GenerateResponse]),
         (status = 422, description = "Invalid request", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]
-pub async fn compat_generate(State(state): State<SharedState>, JsonBody(req): JsonBody<CompatGenerateRequest>) -> Response {
+pub async fn compat_generate(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<CompatGenerateRequest>,
+) -> Response {
     if req.stream {
         return stream_inner(state, req.inputs, req.parameters, true).await;
     }
     match generate_inner(state, req.inputs, req.parameters, true).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
             let mut array = b"[".to_vec();
             array.extend_from_slice(&bytes);
             array.push(b']');
@@ -142,10 +194,17 @@ pub async fn compat_generate(State(state): State<SharedState>, JsonBody(req): Js
 
 fn error_event(e: &InferError) -> Event {
     e.record();
-    Event::default().json_data(e.body()).unwrap_or_else(|_| Event::default().data("{}"))
+    Event::default()
+        .json_data(e.body())
+        .unwrap_or_else(|_| Event::default().data("{}"))
 }
 
-async fn stream_inner(state: SharedState, inputs: String, p: GenerateParameters, default_full_text: bool) -> Response {
+async fn stream_inner(
+    state: SharedState,
+    inputs: String,
+    p: GenerateParameters,
+    default_full_text: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let mut headers = HeaderMap::new();
     headers.insert("x-compute-type", header(&state.compute_type));
@@ -157,7 +216,11 @@ async fn stream_inner(state: SharedState, inputs: String, p: GenerateParameters,
             let _ = tx.send(Ok(error_event(&e))).await;
         }
     });
-    (headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response()
+    (
+        headers,
+        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
+    )
+        .into_response()
 }
 
 async fn run_stream(
@@ -176,7 +239,11 @@ async fn run_stream(
     }
     let full_text = p.return_full_text.unwrap_or(default_full_text);
     let details = p.details;
-    let valid = state.infer.validation.validate(inputs.clone(), p, true).await?;
+    let valid = state
+        .infer
+        .validation
+        .validate(inputs.clone(), p, true)
+        .await?;
     let input_length = valid.input_length;
     let mut stream = state.infer.schedule(valid);
     let mut index = 0u32;
@@ -185,22 +252,45 @@ async fn run_stream(
             InferEvent::Prefill(_) => continue,
             InferEvent::Token { token, top_tokens } => {
                 index += 1;
-                StreamResponse { index, token, top_tokens, generated_text: None, details: None }
+                StreamResponse {
+                    index,
+                    token,
+                    top_tokens,
+                    generated_text: None,
+                    details: None,
+                }
             }
-            InferEvent::End { token, top_tokens, generated_text, .. } => {
+            InferEvent::End {
+                token,
+                top_tokens,
+                generated_text,
+                ..
+            } => {
                 index += 1;
-                let text = if full_text { format!("{inputs}{}", generated_text.text) } else { generated_text.text };
+                let text = if full_text {
+                    format!("{inputs}{}", generated_text.text)
+                } else {
+                    generated_text.text
+                };
                 let details = details.then_some(StreamDetails {
                     finish_reason: generated_text.finish_reason,
                     generated_tokens: generated_text.generated_tokens,
                     seed: generated_text.seed,
                     input_length,
                 });
-                StreamResponse { index, token, top_tokens, generated_text: Some(text), details }
+                StreamResponse {
+                    index,
+                    token,
+                    top_tokens,
+                    generated_text: Some(text),
+                    details,
+                }
             }
         };
         let done = response.generated_text.is_some();
-        let event = Event::default().json_data(&response).map_err(|_| InferError::IncompleteGeneration)?;
+        let event = Event::default()
+            .json_data(&response)
+            .map_err(|_| InferError::IncompleteGeneration)?;
         if tx.send(Ok(event)).await.is_err() {
             return Ok(()); // client disconnected; dropping the stream cancels the request
         }

@@ -25,13 +25,23 @@ where
             Ok(Json(value)) => Ok(JsonBody(value)),
             Err(rejection) => Err(match rejection {
                 JsonRejection::JsonDataError(_) | JsonRejection::JsonSyntaxError(_) => {
-                    let body = ErrorResponse { error: rejection.body_text(), error_type: "validation".into() };
+                    let body = ErrorResponse {
+                        error: rejection.body_text(),
+                        error_type: "validation".into(),
+                    };
                     (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
                 }
                 // Missing content type (415) and bodies over the payload limit (413) keep their codes.
                 other => {
                     let status = other.status();
-                    (status, Json(ErrorResponse { error: other.body_text(), error_type: "request".into() })).into_response()
+                    (
+                        status,
+                        Json(ErrorResponse {
+                            error: other.body_text(),
+                            error_type: "request".into(),
+                        }),
+                    )
+                        .into_response()
                 }
             }),
         }

@@ -67,7 +67,10 @@ pub fn app(state: SharedState, http: HttpConfig) -> Router {
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(http.payload_limit))
-        .layer(axum::middleware::from_fn_with_state(http.api_key, access::require_api_key))
+        .layer(axum::middleware::from_fn_with_state(
+            http.api_key,
+            access::require_api_key,
+        ))
         .layer(access::cors(&http.cors_allow_origin))
         .with_state(state)
         .merge(docs::routes())
@@ -80,7 +83,10 @@ async fn health(State(state): State<SharedState>) -> Response {
     if state.infer.health().await {
         StatusCode::OK.into_response()
     } else {
-        let body = ErrorResponse { error: "unhealthy".into(), error_type: "healthcheck".into() };
+        let body = ErrorResponse {
+            error: "unhealthy".into(),
+            error_type: "healthcheck".into(),
+        };
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
@@ -90,10 +96,16 @@ async fn health(State(state): State<SharedState>) -> Response {
     responses((status = 200, description = "As the route the request belongs to"), (status = 422, description = "Invalid request", body = ErrorResponse)))]
 /// SageMaker's single route: a generate, chat or completions request, told apart by its
 /// fields (`inputs`, `messages`, `prompt`, in TGI's order).
-async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<serde_json::Value>) -> Response {
+async fn invocations(
+    State(state): State<SharedState>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Response {
     fn parse<T: serde::de::DeserializeOwned>(body: serde_json::Value) -> Result<T, Response> {
         serde_json::from_value(body).map_err(|e| {
-            let body = ErrorResponse { error: format!("Failed to deserialize the JSON body into the target type: {e}"), error_type: "validation".into() };
+            let body = ErrorResponse {
+                error: format!("Failed to deserialize the JSON body into the target type: {e}"),
+                error_type: "validation".into(),
+            };
             (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
         })
     }
@@ -104,7 +116,9 @@ async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<
         }
     } else if body.get("messages").is_some() {
         match parse(body) {
-            Ok(r) => openai::chat_completions(State(state), JsonBody(r)).await.unwrap_or_else(|e| e.into_response()),
+            Ok(r) => openai::chat_completions(State(state), JsonBody(r))
+                .await
+                .unwrap_or_else(|e| e.into_response()),
             Err(resp) => resp,
         }
     } else if body.get("prompt").is_some() {
@@ -113,7 +127,10 @@ async fn invocations(State(state): State<SharedState>, JsonBody(body): JsonBody<
             Err(resp) => resp,
         }
     } else {
-        let body = ErrorResponse { error: "expected one of `inputs`, `messages` or `prompt`".into(), error_type: "validation".into() };
+        let body = ErrorResponse {
+            error: "expected one of `inputs`, `messages` or `prompt`".into(),
+            error_type: "validation".into(),
+        };
         (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
     }
 }
@@ -151,13 +168,18 @@ pub async fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

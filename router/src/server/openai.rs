@@ -42,7 +42,9 @@ fn template_messages(messages: Vec<Message>) -> Result<Vec<serde_json::Value>, I
                     for part in parts {
                         match part {
                             ContentPart::Text { text: t } => text.push_str(&t),
-                            ContentPart::ImageUrl { .. } => return Err(unsupported("image content")),
+                            ContentPart::ImageUrl { .. } => {
+                                return Err(unsupported("image content"))
+                            }
                         }
                     }
                     text
@@ -82,21 +84,34 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
 }
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
-pub(crate) fn prepare(state: &SharedState, mut req: ChatRequest) -> Result<(String, GenerateParameters), InferError> {
-    if req.logit_bias.as_ref().is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty())) {
+pub(crate) fn prepare(
+    state: &SharedState,
+    mut req: ChatRequest,
+) -> Result<(String, GenerateParameters), InferError> {
+    if req
+        .logit_bias
+        .as_ref()
+        .is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty()))
+    {
         return Err(unsupported("`logit_bias`"));
     }
     if req.active_tools().is_some() {
         // Calling tools needs constrained decoding (structured output), which is not there yet;
         // `tool_choice: "none"` works and simply leaves the tools out, as in TGI.
-        return Err(unsupported("tool calling (`tools` with a `tool_choice` other than \"none\")"));
+        return Err(unsupported(
+            "tool calling (`tools` with a `tool_choice` other than \"none\")",
+        ));
     }
     if !is_plain_text_format(&req.response_format) {
         return Err(unsupported("`response_format`"));
     }
     let prompt = render(state, &mut req)?;
     let (do_sample, temperature) = sampling(req.temperature);
-    let top_n_tokens = if req.logprobs.unwrap_or(false) { req.top_logprobs.or(Some(0)) } else { None };
+    let top_n_tokens = if req.logprobs.unwrap_or(false) {
+        req.top_logprobs.or(Some(0))
+    } else {
+        None
+    };
     let stop = Stop::into_vec(req.stop);
     Ok((
         prompt,
@@ -125,12 +140,25 @@ pub(crate) fn sampling(temperature: Option<f32>) -> (bool, Option<f32>) {
 }
 
 fn logprob_entry(token: &Token, top: &[Token]) -> ChatLogprob {
-    let top_logprobs = top.iter().map(|t| TopLogprob { token: t.text.clone(), logprob: t.logprob }).collect();
-    ChatLogprob { token: token.text.clone(), logprob: token.logprob, top_logprobs }
+    let top_logprobs = top
+        .iter()
+        .map(|t| TopLogprob {
+            token: t.text.clone(),
+            logprob: t.logprob,
+        })
+        .collect();
+    ChatLogprob {
+        token: token.text.clone(),
+        logprob: token.logprob,
+        top_logprobs,
+    }
 }
 
 pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// How many choices a request asks for (OpenAI's `n`), checked.
@@ -142,23 +170,38 @@ pub(crate) fn choices(n: Option<u32>) -> Result<u32, InferError> {
 }
 
 fn logprobs_of(tokens: &[Token], top: &[Vec<Token>]) -> ChatLogprobs {
-    let content = tokens.iter().enumerate().map(|(i, t)| logprob_entry(t, top.get(i).map(Vec::as_slice).unwrap_or(&[]))).collect();
+    let content = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| logprob_entry(t, top.get(i).map(Vec::as_slice).unwrap_or(&[])))
+        .collect();
     ChatLogprobs { content }
 }
 
 fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
-    Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
 }
 
 /// Serialises an SSE event; our types always serialise, the fallback keeps the stream alive.
 pub(crate) fn event(data: &impl serde::Serialize) -> Event {
-    Event::default().json_data(data).unwrap_or_else(|_| Event::default().data("{}"))
+    Event::default()
+        .json_data(data)
+        .unwrap_or_else(|_| Event::default().data("{}"))
 }
 
 /// An SSE event for a mid-stream failure (always reported as 422, as TGI does).
 pub(crate) fn error_event(e: &InferError) -> Event {
     e.record();
-    event(&StreamError { error: StreamErrorBody { message: e.to_string(), http_status_code: 422 } })
+    event(&StreamError {
+        error: StreamErrorBody {
+            message: e.to_string(),
+            http_status_code: 422,
+        },
+    })
 }
 
 /// Chat completion (OpenAI API): the messages are rendered with the model's chat template.
@@ -168,17 +211,28 @@ pub(crate) fn error_event(e: &InferError) -> Event {
         (status = 422, description = "Invalid request or template error", body = ErrorResponse),
         (status = 424, description = "Generation failed", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]
-pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): JsonBody<ChatRequest>) -> Result<Response, InferError> {
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    JsonBody(req): JsonBody<ChatRequest>,
+) -> Result<Response, InferError> {
     let start = Instant::now();
     let n = choices(req.n)?;
     let permit = state.infer.admit_many(n)?;
-    let model = req.model.clone().filter(|m| m != "tgi").unwrap_or_else(|| state.info.model_id.clone());
+    let model = req
+        .model
+        .clone()
+        .filter(|m| m != "tgi")
+        .unwrap_or_else(|| state.info.model_id.clone());
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let logprobs = req.logprobs.unwrap_or(false);
     let (prompt, params) = prepare(&state, req)?;
     let chars = prompt.chars().count();
-    let valid = state.infer.validation.validate(prompt, params, false).await?;
+    let valid = state
+        .infer
+        .validation
+        .validate(prompt, params, false)
+        .await?;
     let input_length = valid.input_length;
     let requests = valid.samples(n);
     let id = format!("chatcmpl-{:016x}", rand::random::<u64>());
@@ -190,13 +244,18 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
         let mut completion_tokens = 0;
         for (index, r) in results.into_iter().enumerate() {
             let r = r?;
-            let headers = headers.get_or_insert_with(|| timing_headers(&state.compute_type, chars, start, &r, input_length));
+            let headers = headers.get_or_insert_with(|| {
+                timing_headers(&state.compute_type, chars, start, &r, input_length)
+            });
             let g = &r.generated_text;
             completion_tokens += g.generated_tokens;
             headers.insert("x-generated-tokens", HeaderValue::from(completion_tokens));
             choices.push(ChatCompletionChoice {
                 index,
-                message: OutputMessage { role: "assistant", content: g.text.clone() },
+                message: OutputMessage {
+                    role: "assistant",
+                    content: g.text.clone(),
+                },
                 logprobs: logprobs.then(|| logprobs_of(&r.tokens, &r.top_tokens)),
                 finish_reason: g.finish_reason.openai(),
             });
@@ -233,7 +292,12 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
             let (token, top, end) = match event {
                 Ok(InferEvent::Prefill(_)) => continue,
                 Ok(InferEvent::Token { token, top_tokens }) => (token, top_tokens, None),
-                Ok(InferEvent::End { token, top_tokens, generated_text, .. }) => (token, top_tokens, Some(generated_text)),
+                Ok(InferEvent::End {
+                    token,
+                    top_tokens,
+                    generated_text,
+                    ..
+                }) => (token, top_tokens, Some(generated_text)),
                 Err(e) => {
                     let _ = tx.send(Ok(error_event(&e))).await;
                     break;
@@ -242,8 +306,17 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
             completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
             let choice = ChunkChoice {
                 index,
-                delta: OutputMessage { role: "assistant", content: if token.special { String::new() } else { token.text.clone() } },
-                logprobs: logprobs.then(|| ChatLogprobs { content: vec![logprob_entry(&token, &top)] }),
+                delta: OutputMessage {
+                    role: "assistant",
+                    content: if token.special {
+                        String::new()
+                    } else {
+                        token.text.clone()
+                    },
+                },
+                logprobs: logprobs.then(|| ChatLogprobs {
+                    content: vec![logprob_entry(&token, &top)],
+                }),
                 finish_reason: end.as_ref().map(|g| g.finish_reason.openai()),
             };
             if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
@@ -251,19 +324,39 @@ pub async fn chat_completions(State(state): State<SharedState>, JsonBody(req): J
             }
         }
         if include_usage {
-            let _ = tx.send(Ok(chunk(Vec::new(), Some(usage(input_length, completion_tokens))))).await;
+            let _ = tx
+                .send(Ok(chunk(
+                    Vec::new(),
+                    Some(usage(input_length, completion_tokens)),
+                )))
+                .await;
         }
         let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
     });
     let mut headers = HeaderMap::new();
-    headers.insert("x-compute-type", HeaderValue::from_str(&state.compute_type).unwrap_or(HeaderValue::from_static("cpu")));
+    headers.insert(
+        "x-compute-type",
+        HeaderValue::from_str(&state.compute_type).unwrap_or(HeaderValue::from_static("cpu")),
+    );
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok((headers, Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())).into_response())
+    Ok((
+        headers,
+        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
+    )
+        .into_response())
 }
 
 /// The served model (OpenAI API).
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, description = "The served model", body = ModelList)))]
 pub async fn models(State(state): State<SharedState>) -> Json<ModelList> {
     let id = state.info.model_id.clone();
-    Json(ModelList { object: "list", data: vec![ModelCard { id: id.clone(), object: "model", created: 0, owned_by: id }] })
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: id.clone(),
+            object: "model",
+            created: 0,
+            owned_by: id,
+        }],
+    })
 }

@@ -16,7 +16,9 @@ pub enum Content {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    Text { text: String },
+    Text {
+        text: String,
+    },
     ImageUrl {
         #[schema(value_type = Object)]
         image_url: Value,
@@ -117,7 +119,10 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Tools the template should see: none when absent, empty or `tool_choice: "none"`.
     pub fn active_tools(&self) -> Option<&Value> {
-        let tools = self.tools.as_ref().filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))?;
+        let tools = self
+            .tools
+            .as_ref()
+            .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()))?;
         match &self.tool_choice {
             Some(Value::String(s)) if s == "none" => None,
             _ => Some(tools),
@@ -170,7 +175,9 @@ pub struct CompletionRequest {
 
 /// `{"type": "text"}` or nothing: the only `response_format`s honoured without a grammar.
 pub fn is_plain_text_format(format: &Option<Value>) -> bool {
-    format.as_ref().is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"))
+    format
+        .as_ref()
+        .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

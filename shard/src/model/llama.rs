@@ -57,12 +57,20 @@ struct Rope {
 impl Rope {
     fn new(c: &ModelConfig, device: Device) -> Self {
         let d = c.head_dim as i64;
-        let exps = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float) / d as f64;
-        let inv_freq = Tensor::from(c.rope_theta).to_kind(Kind::Float).to_device(device).pow(&exps).reciprocal();
+        let exps = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device)).to_kind(Kind::Float)
+            / d as f64;
+        let inv_freq = Tensor::from(c.rope_theta)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .pow(&exps)
+            .reciprocal();
         let pos = Tensor::arange(c.max_position_embeddings as i64, (Kind::Float, device));
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], -1);
-        Self { cos: emb.cos(), sin: emb.sin() }
+        Self {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
     }
 
     /// Applies RoPE to `x` (`[T, heads, head_dim]`) at `positions` (`[T]`).
@@ -93,17 +101,30 @@ fn fused(w: &Weights, names: &[String], rows: &[i64], cols: i64, bias: bool) -> 
         .map(|(n, &r)| w.get(&format!("{n}.weight"), &[r, cols]))
         .collect::<Result<Vec<_>>>()?;
     let bias = if bias {
-        let bs = names.iter().zip(rows).map(|(n, &r)| w.get(&format!("{n}.bias"), &[r])).collect::<Result<Vec<_>>>()?;
+        let bs = names
+            .iter()
+            .zip(rows)
+            .map(|(n, &r)| w.get(&format!("{n}.bias"), &[r]))
+            .collect::<Result<Vec<_>>>()?;
         Some(Tensor::cat(&bs, 0))
     } else {
         None
     };
-    let weight = if ws.len() == 1 { ws.swap_remove(0) } else { Tensor::cat(&ws, 0) };
+    let weight = if ws.len() == 1 {
+        ws.swap_remove(0)
+    } else {
+        Tensor::cat(&ws, 0)
+    };
     Ok(Linear { weight, bias })
 }
 
 impl Llama {
-    pub fn load(config: ModelConfig, weights: &Weights, kind: Kind, device: Device) -> Result<Self> {
+    pub fn load(
+        config: ModelConfig,
+        weights: &Weights,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
         let c = &config;
         let (h, nh, nkv, hd, ffn) = (
             c.hidden_size as i64,
@@ -112,7 +133,12 @@ impl Llama {
             c.head_dim as i64,
             c.intermediate_size as i64,
         );
-        let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm { weight: weights.get(name, &[h])?, eps: c.rms_norm_eps }) };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: weights.get(name, &[h])?,
+                eps: c.rms_norm_eps,
+            })
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -121,9 +147,21 @@ impl Llama {
             layers.push(Layer {
                 input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 post_attention_norm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
-                qkv: fused(weights, &[attn("q_proj"), attn("k_proj"), attn("v_proj")], &[nh * hd, nkv * hd, nkv * hd], h, c.qkv_bias)?,
+                qkv: fused(
+                    weights,
+                    &[attn("q_proj"), attn("k_proj"), attn("v_proj")],
+                    &[nh * hd, nkv * hd, nkv * hd],
+                    h,
+                    c.qkv_bias,
+                )?,
                 o: fused(weights, &[attn("o_proj")], &[h], nh * hd, false)?,
-                gate_up: fused(weights, &[mlp("gate_proj"), mlp("up_proj")], &[ffn, ffn], h, c.mlp_bias)?,
+                gate_up: fused(
+                    weights,
+                    &[mlp("gate_proj"), mlp("up_proj")],
+                    &[ffn, ffn],
+                    h,
+                    c.mlp_bias,
+                )?,
                 down: fused(weights, &[mlp("down_proj")], &[h], ffn, c.mlp_bias)?,
             });
         }
@@ -171,8 +209,18 @@ impl Llama {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let t = input.input_ids.size()[0];
-        let cos = self.rope.cos.index_select(0, &input.positions).to_kind(self.kind).unsqueeze(1);
-        let sin = self.rope.sin.index_select(0, &input.positions).to_kind(self.kind).unsqueeze(1);
+        let cos = self
+            .rope
+            .cos
+            .index_select(0, &input.positions)
+            .to_kind(self.kind)
+            .unsqueeze(1);
+        let sin = self
+            .rope
+            .sin
+            .index_select(0, &input.positions)
+            .to_kind(self.kind)
+            .unsqueeze(1);
         // Per sequence: its span in the flattened batch, and its attention mask (None = no mask needed).
         let mut spans = Vec::with_capacity(caches.len());
         let mut start = 0i64;
@@ -208,7 +256,11 @@ impl Llama {
                 );
                 outs.push(o.squeeze_dim(0).transpose(0, 1).reshape([*n, nh * hd]));
             }
-            let attn = if outs.len() == 1 { outs.swap_remove(0) } else { Tensor::cat(&outs, 0) };
+            let attn = if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(&outs, 0)
+            };
             x = x + layer.o.forward(&attn);
             let h = layer.post_attention_norm.forward(&x);
             let gu = layer.gate_up.forward(&h);
@@ -221,14 +273,19 @@ impl Llama {
         }
         let rows = x.index_select(0, &input.logit_rows);
         let rows = self.norm.forward(&rows);
-        rows.linear::<Tensor>(&self.lm_head, None).to_kind(Kind::Float)
+        rows.linear::<Tensor>(&self.lm_head, None)
+            .to_kind(Kind::Float)
     }
 
     /// How `n` new tokens after `past` cached ones attend. The common cases avoid a mask, so
     /// SDPA can take its fused (flash) kernels.
     fn attention(&self, past: i64, n: i64) -> Attention {
         let total = past + n;
-        let window = self.config.sliding_window.map(|w| w as i64).filter(|&w| w < total);
+        let window = self
+            .config
+            .sliding_window
+            .map(|w| w as i64)
+            .filter(|&w| w < total);
         match (window, past, n) {
             (None, _, 1) => return Attention::Full,
             (None, 0, _) => return Attention::Causal,
