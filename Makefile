@@ -14,7 +14,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models run test test-rust test-integration bench clean
+.PHONY: install venv build model test-models run test test-rust test-integration bench docs clean
 
 install: venv build
 
@@ -64,9 +64,14 @@ test-rust:
 test-integration:
 	$(PY) -m pytest -q integration-tests
 
+# docs/cli.md from the launcher's --help.
+docs: build
+	bash scripts/cli_docs.sh > docs/cli.md
+
 # Hot-path benchmarks against rooflines measured in the same run (docs/benchmarks.md).
 bench: install model
 	cargo bench -p tessera-benchmark
+	$(PY) benchmark/startup.py 3
 
 clean:
 	cargo clean

@@ -1,6 +1,7 @@
-//! The launcher's command line: TGI's flag names, env vars and defaults, for the options this
-//! version implements. Options that TGI has but Tessera does not support yet are accepted only
-//! at their neutral value, so a deployment never silently loses a setting.
+//! The launcher's command line: TGI's flag names, env vars and defaults. Flags for features
+//! Tessera does not have yet are still parsed, so that a TGI deployment's command line is
+//! understood, but setting one is an error that names it: a deployment never silently loses a
+//! setting. `docs/cli.md` is generated from `--help`.
 
 use std::path::PathBuf;
 
@@ -24,6 +25,41 @@ impl Dtype {
             Dtype::Bfloat16 => "bfloat16",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Quantization {
+    Awq,
+    CompressedTensors,
+    Eetq,
+    Exl2,
+    Gptq,
+    Marlin,
+    Bitsandbytes,
+    BitsandbytesNf4,
+    BitsandbytesFp4,
+    Fp8,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum KvCacheDtype {
+    #[value(name = "fp8_e4m3fn")]
+    Fp8E4m3fn,
+    #[value(name = "fp8_e5m2")]
+    Fp8E5m2,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RopeScaling {
+    Linear,
+    Dynamic,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum UsageStats {
+    On,
+    Off,
+    NoStack,
 }
 
 #[derive(Parser, Debug)]
@@ -57,12 +93,16 @@ pub struct Args {
     /// several instances side by side.
     #[arg(long, env, default_value = "/tmp/tessera-server")]
     pub shard_uds_path: String,
+    /// Requests in flight at once; more get 429 at once (each `n` / `best_of` sequence counts).
     #[arg(long, env, default_value_t = 128)]
     pub max_concurrent_requests: usize,
+    /// Largest `best_of` a request may ask for.
     #[arg(long, env, default_value_t = 2)]
     pub max_best_of: usize,
+    /// Most stop sequences per request.
     #[arg(long, env, default_value_t = 4)]
     pub max_stop_sequences: usize,
+    /// Largest `top_n_tokens` (and `top_logprobs`) a request may ask for.
     #[arg(long, env, default_value_t = 5)]
     pub max_top_n_tokens: u32,
     /// Longest prompt in tokens. Defaults to what the model and the prefill budget allow.
@@ -77,14 +117,20 @@ pub struct Args {
     /// Most KV tokens the running batch may hold. Defaults to what warmup measures.
     #[arg(long, env)]
     pub max_batch_total_tokens: Option<u32>,
+    /// Decode steps a waiting request may be held back to let a bigger group form.
     #[arg(long, env, default_value_t = 20)]
     pub max_waiting_tokens: usize,
+    /// Admit waiting requests into the running batch only when at least this fraction of its
+    /// size can join (unless --max-waiting-tokens steps have passed).
     #[arg(long, env, default_value_t = 0.3)]
     pub waiting_served_ratio: f32,
+    /// Most requests in the running batch.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,
+    /// Most prompts in one /v1/completions request.
     #[arg(long, env, default_value_t = 4)]
     pub max_client_batch_size: usize,
+    /// Largest request body in bytes (413 beyond).
     #[arg(long, env, default_value_t = 2_000_000)]
     pub payload_limit: usize,
     /// Fraction of free memory (device memory on CUDA, RAM on CPU) the KV cache may use.
@@ -97,6 +143,10 @@ pub struct Args {
     /// (beyond TGI, which stops the whole service on the first crash). 0 disables restarts.
     #[arg(long, env, default_value_t = 3)]
     pub max_restarts: u32,
+    /// Seconds before the first restart of a crashed shard; each further one in a row waits
+    /// twice as long (at most 32 times this).
+    #[arg(long, env, default_value_t = 1.0)]
+    pub restart_backoff: f64,
     /// Log as JSON lines (passed on to the router and shards).
     #[arg(long, env)]
     pub json_output: bool,
@@ -109,7 +159,191 @@ pub struct Args {
     /// Refused: Tessera never runs code from a model repository.
     #[arg(long, env)]
     pub trust_remote_code: bool,
+    /// Not supported yet: quantized weights (an error when set, or when config.json asks for it).
+    #[arg(long, env, value_enum)]
+    pub quantize: Option<Quantization>,
+    /// Not supported yet: speculative decoding.
+    #[arg(long, env)]
+    pub speculate: Option<usize>,
+    /// Not supported yet: an fp8 KV cache.
+    #[arg(long, env, value_enum)]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+    /// The Hub cache folder (default: $HF_HOME/hub).
+    #[arg(long, env)]
+    pub huggingface_hub_cache: Option<PathBuf>,
+    /// Not supported: weights are always read from the model folder or the Hub cache.
+    #[arg(long, env)]
+    pub weights_cache_override: Option<String>,
+    /// Accepted for compatibility; Tessera has no custom kernels to disable.
+    #[arg(long, env)]
+    pub disable_custom_kernels: bool,
+    /// Not supported yet: RoPE scaling overrides (the model's own config.json is honoured).
+    #[arg(long, env, value_enum)]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Not supported yet (see --rope-scaling).
+    #[arg(long, env)]
+    pub rope_factor: Option<f32>,
+    /// Not supported yet: LoRA adapters.
+    #[arg(long, env)]
+    pub lora_adapters: Option<String>,
+    /// A tokenizer_config.json (with the chat template) to use instead of the model's.
+    #[arg(long, env)]
+    pub tokenizer_config_path: Option<PathBuf>,
+    /// Shard the model across the visible GPUs (TGI semantics; only one shard is supported yet).
+    #[arg(long, env)]
+    pub sharded: Option<bool>,
+    /// Address and port for the shards' rendezvous (passed to them as MASTER_ADDR/MASTER_PORT).
+    #[arg(long, env, default_value = "localhost")]
+    pub master_addr: String,
+    /// See --master-addr.
+    #[arg(long, env, default_value_t = 29500)]
+    pub master_port: u16,
+    /// Not supported yet: CUDA graphs. `0` (disabled) is accepted.
+    #[arg(long, env, value_delimiter = ',')]
+    pub cuda_graphs: Option<Vec<usize>>,
+    /// Legacy name of --max-input-tokens.
+    #[arg(long, env)]
+    pub max_input_length: Option<usize>,
+    /// Tokenizer worker threads in the router (must be > 0).
+    #[arg(long, env, default_value_t = 2)]
+    pub validation_workers: usize,
+    /// Accepted: grammars are not supported yet anyway, so they are always refused.
+    #[arg(long, env)]
+    pub disable_grammar_support: bool,
+    /// Accepted: prompt logprobs are always returned when a request asks for them.
+    #[arg(long, env)]
+    pub enable_prefill_logprobs: bool,
+    /// Also serve /metrics on this port (TGI serves it on 9000 by default; Tessera only when
+    /// asked, so that several instances can share a host).
+    #[arg(long, env)]
+    pub prometheus_port: Option<u16>,
+    /// Not supported: ngrok tunnelling.
+    #[arg(long, env)]
+    pub ngrok: bool,
+    /// Not supported (see --ngrok).
+    #[arg(long, env)]
+    pub ngrok_authtoken: Option<String>,
+    /// Not supported (see --ngrok).
+    #[arg(long, env)]
+    pub ngrok_edge: Option<String>,
+    /// Not supported yet: OpenTelemetry export.
+    #[arg(long, env)]
+    pub otlp_endpoint: Option<String>,
+    /// Service name for traces (accepted; export is not supported yet).
+    #[arg(long, env, default_value = "text-generation-inference.router")]
+    pub otlp_service_name: String,
+    /// Accepted for compatibility: Tessera never sends usage statistics.
+    #[arg(long, env, value_enum, default_value = "on")]
+    pub usage_stats: UsageStats,
+    /// Accepted for compatibility: Tessera never sends usage statistics.
+    #[arg(long, env)]
+    pub disable_usage_stats: bool,
+    /// Not supported yet: watermarking.
+    #[arg(long, env)]
+    pub watermark_gamma: Option<f32>,
+    /// Not supported yet (see --watermark-gamma).
+    #[arg(long, env)]
+    pub watermark_delta: Option<f32>,
+    /// Print the runtime environment (versions, GPUs) at startup.
+    #[arg(short, long)]
+    pub env: bool,
     /// Where the tessera-shard and tessera-router binaries are (defaults to the launcher's folder, then PATH).
     #[arg(long, env = "TESSERA_BIN_DIR")]
     pub bin_dir: Option<PathBuf>,
+}
+
+impl Args {
+    /// TGI's argument checks ("Invalid argument: ...") and the refusals of features Tessera
+    /// does not have yet, before anything starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        let unsupported = [
+            (self.quantize.is_some(), "--quantize (quantized weights)"),
+            (
+                self.speculate.is_some_and(|s| s > 0),
+                "--speculate (speculative decoding)",
+            ),
+            (
+                self.kv_cache_dtype.is_some(),
+                "--kv-cache-dtype (an fp8 KV cache)",
+            ),
+            (
+                self.weights_cache_override.is_some(),
+                "--weights-cache-override",
+            ),
+            (
+                self.rope_scaling.is_some() || self.rope_factor.is_some(),
+                "--rope-scaling/--rope-factor",
+            ),
+            (self.lora_adapters.is_some(), "--lora-adapters (LoRA)"),
+            (
+                self.cuda_graphs
+                    .as_ref()
+                    .is_some_and(|g| g.iter().any(|&b| b != 0)),
+                "--cuda-graphs (use 0 or leave it unset)",
+            ),
+            (
+                self.ngrok || self.ngrok_authtoken.is_some() || self.ngrok_edge.is_some(),
+                "--ngrok",
+            ),
+            (
+                self.otlp_endpoint.is_some(),
+                "--otlp-endpoint (OpenTelemetry export)",
+            ),
+            (
+                self.watermark_gamma.is_some() || self.watermark_delta.is_some(),
+                "--watermark-gamma/--watermark-delta",
+            ),
+        ];
+        if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {
+            bail!("{flag} is not supported by this version of Tessera");
+        }
+        if self.trust_remote_code {
+            bail!("`--trust-remote-code` is not supported: Tessera runs only its own model code");
+        }
+        if let (Some(a), Some(b)) = (self.max_input_tokens, self.max_input_length) {
+            bail!(
+                "Invalid argument: Both `max_input_tokens` ({a}) and `max_input_length` ({b}) are set. Please define only \
+                 `max_input_tokens` as `max_input_length is deprecated for naming consistency."
+            );
+        }
+        let num_shard = match (self.sharded, self.num_shard) {
+            (Some(true), None) => bail!(
+                "`sharded` is true but `num_shard` is not set (Tessera does not count GPUs yet)"
+            ),
+            (Some(true), Some(n)) if n <= 1 => bail!("`sharded` is true but `num_shard` <= 1"),
+            (_, Some(n)) => n,
+            (_, None) => 1,
+        };
+        if num_shard < 1 {
+            bail!("`num_shard` cannot be < 1");
+        }
+        if num_shard > 1 {
+            bail!("Invalid argument: `--num-shard` {num_shard}: tensor parallelism is not supported yet (use 1)");
+        }
+        if let (Some(i), Some(t)) = (self.max_input_tokens(), self.max_total_tokens) {
+            if i >= t {
+                bail!(
+                    "Invalid argument: `max_input_tokens`({i}) must be < `max_total_tokens`({t})"
+                );
+            }
+        }
+        if self.validation_workers == 0 {
+            bail!("Invalid argument: `validation_workers` must be > 0");
+        }
+        if let (Some(t), Some(b)) = (self.max_total_tokens, self.max_batch_total_tokens) {
+            if t > b as usize {
+                bail!("Invalid argument: `max_total_tokens` must be <= `max_batch_total_tokens`. Given: {t} and {b}");
+            }
+        }
+        if !(self.cuda_memory_fraction > 0.0 && self.cuda_memory_fraction <= 1.0) {
+            bail!("Invalid argument: `cuda_memory_fraction` must be in (0, 1]");
+        }
+        Ok(())
+    }
+
+    /// `--max-input-tokens`, or its legacy name.
+    pub fn max_input_tokens(&self) -> Option<usize> {
+        self.max_input_tokens.or(self.max_input_length)
+    }
 }

@@ -25,10 +25,15 @@ const OPTIONAL: &[&str] = &[
     "model.safetensors.index.json",
 ];
 
-fn cache() -> Cache {
-    match std::env::var("HUGGINGFACE_HUB_CACHE").or_else(|_| std::env::var("HF_HUB_CACHE")) {
-        Ok(dir) => Cache::new(PathBuf::from(dir)),
-        Err(_) => Cache::from_env(),
+/// `--huggingface-hub-cache` (clap also reads HUGGINGFACE_HUB_CACHE), else HF_HUB_CACHE, else
+/// `$HF_HOME/hub`.
+fn cache(dir: Option<&Path>) -> Cache {
+    match dir
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var("HF_HUB_CACHE").ok().map(PathBuf::from))
+    {
+        Some(dir) => Cache::new(dir),
+        None => Cache::from_env(),
     }
 }
 
@@ -113,7 +118,11 @@ fn fetch(api: &ApiRepo, cached: &CacheRepo, file: &str, model_id: &str) -> anyho
 }
 
 /// A local folder for `model_id`: the folder itself when it exists, else the Hub snapshot.
-pub fn resolve(model_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+pub fn resolve(
+    model_id: &str,
+    revision: Option<&str>,
+    cache_dir: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     let local = Path::new(model_id);
     if local.is_dir() {
         if revision.is_some() {
@@ -132,7 +141,7 @@ pub fn resolve(model_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf
     {
         bail!("model `{model_id}` not found: it is neither a local folder nor a Hub id like `org/name`");
     }
-    let cached = cache().repo(repo(model_id, revision));
+    let cached = cache(cache_dir).repo(repo(model_id, revision));
     if offline() {
         let config = cached.get("config.json").ok_or_else(|| {
             anyhow!("HF_HUB_OFFLINE is set and `{model_id}` is not in the Hub cache")
@@ -150,7 +159,7 @@ pub fn resolve(model_id: &str, revision: Option<&str>) -> anyhow::Result<PathBuf
     let token = std::env::var("HF_TOKEN")
         .or_else(|_| std::env::var("HF_API_TOKEN"))
         .ok();
-    let api = ApiBuilder::from_cache(cache())
+    let api = ApiBuilder::from_cache(cache(cache_dir))
         .with_progress(false)
         .with_token(token)
         .with_endpoint(

@@ -62,27 +62,22 @@ fn check_model(dir: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(config)
 }
 
-fn check_args(args: &Args) -> anyhow::Result<()> {
-    if args.trust_remote_code {
-        bail!("`--trust-remote-code` is not supported: Tessera runs only its own model code");
-    }
-    if args.num_shard.is_some_and(|n| n != 1) {
-        bail!("Invalid argument: `--num-shard` other than 1 is not supported yet");
-    }
-    if let (Some(i), Some(t)) = (args.max_input_tokens, args.max_total_tokens) {
-        if i >= t {
-            bail!("Invalid argument: `max_input_tokens`({i}) must be < `max_total_tokens`({t})");
-        }
-    }
-    if let (Some(t), Some(b)) = (args.max_total_tokens, args.max_batch_total_tokens) {
-        if t > b as usize {
-            bail!("Invalid argument: `max_total_tokens` must be <= `max_batch_total_tokens`. Given: {t} and {b}");
-        }
-    }
-    if !(args.cuda_memory_fraction > 0.0 && args.cuda_memory_fraction <= 1.0) {
-        bail!("Invalid argument: `cuda_memory_fraction` must be in (0, 1]");
-    }
-    Ok(())
+/// `--env`: what an issue report needs about this machine.
+fn print_env() {
+    let nvidia = Command::new("nvidia-smi")
+        .output()
+        .ok()
+        .filter(|o| o.status.success());
+    let gpus = nvidia
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|| "N/A".into());
+    println!(
+        "Runtime environment:\nTessera version: {}\nTarget: {}-{}\nCPU cores: {}\nnvidia-smi:\n{gpus}",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    );
 }
 
 fn binary(args: &Args, name: &str) -> PathBuf {
@@ -112,6 +107,8 @@ fn shard_command(args: &Args, model_dir: &Path) -> Command {
     if args.json_output {
         cmd.arg("--json-output");
     }
+    cmd.env("MASTER_ADDR", &args.master_addr)
+        .env("MASTER_PORT", args.master_port.to_string());
     cmd.env("RANK", "0")
         .env("WORLD_SIZE", "1")
         .env("MEMORY_FRACTION", args.cuda_memory_fraction.to_string());
@@ -152,7 +149,14 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
         args.max_client_batch_size.to_string(),
     );
     opt("--payload-limit", args.payload_limit.to_string());
-    if let Some(v) = args.max_input_tokens {
+    opt("--validation-workers", args.validation_workers.to_string());
+    if let Some(path) = &args.tokenizer_config_path {
+        opt("--tokenizer-config-path", path.display().to_string());
+    }
+    if let Some(port) = args.prometheus_port {
+        opt("--prometheus-port", port.to_string());
+    }
+    if let Some(v) = args.max_input_tokens() {
         opt("--max-input-tokens", v.to_string());
     }
     if let Some(v) = args.max_total_tokens {
@@ -185,9 +189,22 @@ fn stop_all(children: &mut [Supervised], timeout: Duration) {
 }
 
 fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    check_args(&args)?;
-    let model_dir = hub::resolve(&args.model_id, args.revision.as_deref())?;
+    args.validate()?;
+    if args.env {
+        print_env();
+    }
+    let model_dir = hub::resolve(
+        &args.model_id,
+        args.revision.as_deref(),
+        args.huggingface_hub_cache.as_deref(),
+    )?;
     let config = check_model(&model_dir)?;
+    if let Some(method) = config
+        .pointer("/quantization_config/quant_method")
+        .and_then(|m| m.as_str())
+    {
+        bail!("`{}` is quantized ({method}); quantized checkpoints are not supported by this version of Tessera", args.model_id);
+    }
     // Fail before loading anything when the port is taken.
     let addr = format!("{}:{}", args.hostname, args.port);
     std::net::TcpListener::bind(&addr)
@@ -199,7 +216,7 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     // TGI's default prefill budget (4096), never beyond the model's context.
     let max_batch_prefill_tokens = args.max_batch_prefill_tokens.unwrap_or_else(|| {
         let default = 4096.min(positions);
-        args.max_input_tokens
+        args.max_input_tokens()
             .map_or(default, |i| default.max(i as u32))
     });
     let timeout = Duration::from_secs(args.graceful_termination_timeout);
@@ -211,6 +228,7 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let router = match Supervised::spawn(
         "router",
         router_command(&args, &model_dir, max_batch_prefill_tokens),
+        args.json_output,
     ) {
         Ok(router) => router,
         Err(e) => {
@@ -233,7 +251,7 @@ fn start_shard(
             .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
     }
     tracing::info!("Starting shard 0");
-    let mut shard = Supervised::spawn("shard 0", shard_command(args, model_dir))?;
+    let mut shard = Supervised::spawn("shard 0", shard_command(args, model_dir), args.json_output)?;
     let start = Instant::now();
     let mut last_note = Instant::now();
     while !health::shard_ready(&socket) {
@@ -297,10 +315,11 @@ fn supervise(
                 bail!("{why}; giving up after {restarts} restarts (--max-restarts)");
             }
             restarts += 1;
-            let backoff = Duration::from_secs(1 << (restarts - 1).min(5));
+            let doubling = f64::from(1u32 << (restarts - 1).min(5));
+            let backoff = Duration::from_secs_f64(args.restart_backoff.max(0.0) * doubling);
             tracing::error!(
-                "{why}; restarting it in {}s (restart {restarts} of {})",
-                backoff.as_secs(),
+                "{why}; restarting it in {:.1}s (restart {restarts} of {})",
+                backoff.as_secs_f64(),
                 args.max_restarts
             );
             let resume = Instant::now() + backoff;

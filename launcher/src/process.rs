@@ -23,13 +23,35 @@ pub struct Supervised {
     tail: Arc<Mutex<VecDeque<String>>>,
 }
 
-fn relay(stream: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>, to_stderr: bool) {
+/// How a child's output line is shown: prefixed with the child's name, or, with
+/// `--json-output`, as a JSON object with a `source` field (non-JSON lines are wrapped).
+fn format_line(name: &str, line: &str, json: bool) -> String {
+    if !json {
+        return format!("{name} | {line}");
+    }
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(mut obj)) => {
+            obj.insert("source".into(), name.into());
+            serde_json::Value::Object(obj).to_string()
+        }
+        _ => serde_json::json!({"source": name, "message": line}).to_string(),
+    }
+}
+
+fn relay(
+    name: String,
+    json: bool,
+    stream: impl Read + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    to_stderr: bool,
+) {
     thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let shown = format_line(&name, &line, json);
             if to_stderr {
-                let _ = writeln!(std::io::stderr(), "{line}");
+                let _ = writeln!(std::io::stderr(), "{shown}");
             } else {
-                let _ = writeln!(std::io::stdout(), "{line}");
+                let _ = writeln!(std::io::stdout(), "{shown}");
             }
             let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
             if t.len() == TAIL_LINES {
@@ -41,7 +63,7 @@ fn relay(stream: impl Read + Send + 'static, tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Supervised {
-    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, mut cmd: Command, json_logs: bool) -> anyhow::Result<Self> {
         // Own process group: a Ctrl-C in the terminal reaches only the launcher, which then
         // stops the children in order.
         cmd.stdin(Stdio::null())
@@ -54,10 +76,10 @@ impl Supervised {
             .map_err(|e| anyhow::anyhow!("cannot start {name} ({program}): {e}"))?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         if let Some(out) = child.stdout.take() {
-            relay(out, tail.clone(), false);
+            relay(name.to_string(), json_logs, out, tail.clone(), false);
         }
         if let Some(err) = child.stderr.take() {
-            relay(err, tail.clone(), true);
+            relay(name.to_string(), json_logs, err, tail.clone(), true);
         }
         Ok(Self {
             name: name.to_string(),

@@ -73,6 +73,9 @@ struct Args {
     /// Require `Authorization: Bearer <key>` on every route but health probes and metrics.
     #[arg(long, env)]
     api_key: Option<String>,
+    /// Also serve /metrics on this port.
+    #[arg(long, env)]
+    prometheus_port: Option<u16>,
     /// Allowed CORS origins (repeat the flag); any origin when unset.
     #[arg(long, env, value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
@@ -199,6 +202,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let compute_type =
         std::env::var("COMPUTE_TYPE").unwrap_or_else(|_| shard_info.device_type.clone());
+    if let Some(port) = args.prometheus_port {
+        let metrics_addr = SocketAddr::new(hostname, port);
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot listen on {metrics_addr} (--prometheus-port): {e}")
+            })?;
+        let app = tessera_router::server::metrics_app(metrics.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        tracing::info!("metrics on http://{metrics_addr}/metrics");
+    }
     let state = Arc::new(AppState {
         infer,
         info,

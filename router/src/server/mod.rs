@@ -162,6 +162,11 @@ async fn info(State(state): State<SharedState>) -> Json<Info> {
     Json(state.info.clone())
 }
 
+/// The `--prometheus-port` listener: `/metrics` alone.
+pub fn metrics_app(handle: metrics_exporter_prometheus::PrometheusHandle) -> Router {
+    Router::new().route("/metrics", get(move || std::future::ready(handle.render())))
+}
+
 /// Serves `app` until SIGINT or SIGTERM, then lets in-flight requests finish.
 pub async fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
