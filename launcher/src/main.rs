@@ -35,14 +35,9 @@ fn init_logging(json: bool) {
     }
 }
 
-/// Checks the model folder before anything starts, so a typo costs one line, not a crash.
+/// Checks the (resolved, existing) model folder before anything starts, so a broken file costs
+/// one line, not a crash.
 fn check_model(dir: &Path) -> anyhow::Result<serde_json::Value> {
-    if !dir.is_dir() {
-        bail!(
-            "model `{}` not found: it is not a local folder (downloading from the Hugging Face Hub is not supported yet)",
-            dir.display()
-        );
-    }
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("cannot read {}", config_path.display()))?;
