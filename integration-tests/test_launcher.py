@@ -46,14 +46,16 @@ def test_malformed_config(tmp_path):
 
 
 def test_unsupported_architecture_names_the_shard(tmp_path):
-    model = tmp_path / "gpt2"
+    model = tmp_path / "bloom"
     shutil.copytree(TINY / "tiny-llama", model)
     cfg = json.loads((model / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
+    cfg["model_type"] = "bloom"
     (model / "config.json").write_text(json.dumps(cfg))
     out = launch("--model-id", str(model), "--port", str(free_port()), "--shard-uds-path", str(tmp_path / "s"))
     assert_one_line_error(out)
-    assert "shard 0" in out.stderr and "gpt2" in out.stderr
+    # The message names the architecture and lists the supported ones.
+    assert "shard 0" in out.stderr and "bloom" in out.stderr
+    assert "qwen3" in out.stderr and "gemma2" in out.stderr
 
 
 def test_busy_port(tmp_path):

@@ -113,6 +113,7 @@ impl Infer {
             response_tx: tx,
             queued: Instant::now(),
             batched: None,
+            blocks: None,
         });
         UnboundedReceiverStream::new(rx)
     }

@@ -3,9 +3,11 @@
 //! Requests enter through `server` (TGI and OpenAI routes), are checked and measured by
 //! `validation` (and `chat_template` for chat), admitted by `infer`, wait in `queue`, and are
 //! run by the continuous-batching loop in `batcher`, which drives the shards through `client`.
+//! `block_allocator` decides which KV blocks of the shards' pool each request owns.
 //! The router owns policy (what runs when); the shards own memory and compute.
 
 pub mod batcher;
+pub mod block_allocator;
 pub mod chat_template;
 pub mod client;
 pub mod error;

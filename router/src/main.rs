@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tessera_router::batcher::{batching_task, BatchingConfig};
+use tessera_router::block_allocator::BlockAllocator;
 use tessera_router::chat_template::ChatTemplate;
 use tessera_router::client::ShardedClient;
 use tessera_router::infer::Infer;
@@ -154,7 +155,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_total_tokens: limits.max_total_tokens,
         },
     );
-    let queue = Queue::default();
+    let queue = Queue::new(BlockAllocator::new(
+        limits.max_batch_total_tokens,
+        shard_info.block_size,
+    ));
     let healthy = Arc::new(AtomicBool::new(true));
     let batching = BatchingConfig {
         max_batch_prefill_tokens: limits.max_batch_prefill_tokens,

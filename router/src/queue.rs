@@ -12,6 +12,7 @@ use std::time::Instant;
 use tessera_proto as pb;
 use tokio::sync::{mpsc, Notify};
 
+use crate::block_allocator::{BlockAllocation, BlockAllocator};
 use crate::error::InferError;
 use crate::infer::InferEvent;
 use crate::validation::ValidRequest;
@@ -23,6 +24,8 @@ pub struct Entry {
     pub response_tx: ResponseSender,
     pub queued: Instant,
     pub batched: Option<Instant>,
+    /// The KV blocks it holds once batched; freed when the entry is dropped.
+    pub blocks: Option<BlockAllocation>,
 }
 
 #[derive(Default)]
@@ -32,10 +35,11 @@ struct State {
     next_batch_id: u64,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Queue {
     state: Arc<Mutex<State>>,
     notify: Arc<Notify>,
+    blocks: BlockAllocator,
 }
 
 /// Budgets for one batch. `None` sizes mean "no constraint".
@@ -47,6 +51,18 @@ pub struct BatchLimits {
 }
 
 impl Queue {
+    pub fn new(blocks: BlockAllocator) -> Self {
+        Self {
+            state: Arc::default(),
+            notify: Arc::default(),
+            blocks,
+        }
+    }
+
+    pub fn block_allocator(&self) -> &BlockAllocator {
+        &self.blocks
+    }
+
     pub fn append(&self, entry: Entry) {
         {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -99,6 +115,13 @@ impl Queue {
                 s.entries.push_front((id, entry));
                 break;
             }
+            // Every position but the last generated token gets written to the KV cache.
+            let positions = (r.max_tokens() - 1).max(r.input_length);
+            let Some(blocks) = self.blocks.allocate(positions) else {
+                s.entries.push_front((id, entry));
+                break;
+            };
+            entry.blocks = Some(blocks);
             prefill_tokens += r.input_length;
             total_tokens += r.max_tokens();
             entry.batched = Some(now);
@@ -108,8 +131,10 @@ impl Queue {
             }
         }
         if taken.is_empty() || limits.min_size.is_some_and(|m| taken.len() < m) {
-            for e in taken.into_iter().rev() {
-                s.entries.push_front(e);
+            for (id, mut e) in taken.into_iter().rev() {
+                e.blocks = None;
+                e.batched = None;
+                s.entries.push_front((id, e));
             }
             return None;
         }
@@ -117,7 +142,14 @@ impl Queue {
             .iter()
             .map(|(id, e)| {
                 let r = &e.request;
+                let (blocks, slots) = e
+                    .blocks
+                    .as_ref()
+                    .map(|b| (b.blocks.clone(), b.slots.clone()))
+                    .unwrap_or_default();
                 pb::Request {
+                    blocks,
+                    slots,
                     id: *id,
                     inputs: r.inputs.clone(),
                     input_chunks: Some(pb::Input {

@@ -19,8 +19,10 @@ pub struct Batch {
 impl Batch {
     /// The protocol summary of this batch, or `None` when nothing in it can run any more.
     pub fn summary(&self) -> Option<CachedBatch> {
-        let active = self.seqs.iter().filter(|s| s.finished.is_none()).count();
-        if active == 0 {
+        let active = self.seqs.iter().filter(|s| s.finished.is_none());
+        // As in TGI: the tokens the next forward pass takes (prompt chunks count in full).
+        let current: usize = active.map(|s| s.chunk).sum();
+        if current == 0 {
             return None;
         }
         Some(CachedBatch {
@@ -28,7 +30,7 @@ impl Batch {
             request_ids: self.seqs.iter().map(|s| s.id).collect(),
             size: self.seqs.len() as u32,
             max_tokens: self.seqs.iter().map(|s| s.max_tokens() as u32).sum(),
-            current_tokens: active as u32,
+            current_tokens: current as u32,
         })
     }
 }

@@ -1,12 +1,14 @@
-//! `config.json` of a Hugging Face checkpoint, reduced to what the Llama-family runtime needs.
+//! `config.json` of a Hugging Face checkpoint, normalised into one shape for every architecture.
 //!
-//! Checkpoints written by different transformers versions spell some fields differently
-//! (`rope_theta` vs `rope_parameters`, `torch_dtype` vs `dtype`); this module accepts all of them
-//! so the model code sees one normalised shape.
+//! Architectures spell the same facts differently (GPT-2's `n_embd` is everyone else's
+//! `hidden_size`), and transformers versions move fields around (`rope_theta` vs
+//! `rope_parameters`, `torch_dtype` vs `dtype`). This module accepts all of them, so the model
+//! code sees one `ModelConfig` and never reads JSON itself.
 
 use std::path::Path;
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::error::{Result, ShardError};
 
@@ -16,33 +18,86 @@ struct RawConfig {
     #[serde(default)]
     architectures: Vec<String>,
     vocab_size: Option<usize>,
+    #[serde(alias = "n_embd")]
     hidden_size: Option<usize>,
+    #[serde(alias = "n_inner")]
     intermediate_size: Option<usize>,
+    #[serde(alias = "n_layer")]
     num_hidden_layers: Option<usize>,
+    #[serde(alias = "n_head")]
     num_attention_heads: Option<usize>,
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     hidden_act: Option<String>,
+    // Gemma 2 writes both `hidden_act` and `hidden_activation`; the latter is the one it uses.
+    hidden_activation: Option<String>,
+    activation_function: Option<String>,
+    #[serde(alias = "n_positions")]
     max_position_embeddings: Option<usize>,
+    #[serde(alias = "layer_norm_epsilon")]
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<serde_json::Value>,
-    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
+    partial_rotary_factor: Option<f64>,
     attention_bias: Option<bool>,
     mlp_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
-    eos_token_id: Option<serde_json::Value>,
-    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<Value>,
+    bos_token_id: Option<Value>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
 }
 
-/// The architecture facts of a Llama-family model (Llama, Mistral, Qwen2, SmolLM2).
+/// Which network the checkpoint holds. Llama-like covers every pre-norm RMSNorm + RoPE +
+/// gated-MLP decoder; the others differ in structure, not just in options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama (incl. SmolLM2), Mistral, Qwen2/2.5, Qwen3 and Phi-3.
+    Llama,
+    Gemma2,
+    Gpt2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    Gelu,
+}
+
+/// RoPE context extension, as `rope_scaling` describes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear {
+        factor: f64,
+    },
+    Dynamic {
+        factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// The architecture facts of a model, whatever its family.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
     pub model_type: String,
+    pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -51,27 +106,37 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
+    /// RMSNorm (or GPT-2's LayerNorm) epsilon.
+    pub norm_eps: f64,
+    pub activation: Activation,
     pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    /// Head dimensions that rotate (`partial_rotary_factor * head_dim`).
+    pub rotary_dim: usize,
     /// q/k/v projections carry a bias (Qwen2, or `attention_bias: true`).
     pub qkv_bias: bool,
     pub mlp_bias: bool,
+    /// Per-head RMSNorm on queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
     pub tie_word_embeddings: bool,
+    /// Attention scores are multiplied by this (1/sqrt(head_dim) unless the model says otherwise).
+    pub attention_scale: f64,
+    /// `tanh(x / c) * c` on attention scores and on final logits (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
     /// The dtype the checkpoint was saved in (`float32`, `bfloat16`, ...), if stated.
     pub torch_dtype: Option<String>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
-    /// Sliding-window attention span, only when the model really uses one.
-    pub sliding_window: Option<usize>,
+    /// Per layer: the sliding-window span, `None` for full attention.
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 /// Token ids from a JSON value that may be a number, a list of numbers, or null.
-pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
             .iter()
             .filter_map(|x| x.as_u64())
             .map(|x| x as u32)
@@ -80,7 +145,72 @@ pub fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
-const SUPPORTED: &[&str] = &["llama", "mistral", "qwen2"];
+pub const SUPPORTED: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2",
+];
+
+fn activation(name: &str) -> Result<Activation> {
+    match name {
+        "silu" | "swish" => Ok(Activation::Silu),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+        "gelu" => Ok(Activation::Gelu),
+        other => Err(ShardError::Unsupported(format!("activation `{other}`"))),
+    }
+}
+
+fn rope_scaling(raw: &RawConfig, max_positions: usize) -> Result<RopeScaling> {
+    let Some(s) = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref()) else {
+        return Ok(RopeScaling::None);
+    };
+    let num = |k: &str| s.get(k).and_then(Value::as_f64);
+    let factor = num("factor").unwrap_or(1.0);
+    let original = num("original_max_position_embeddings").unwrap_or(max_positions as f64);
+    let kind = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    Ok(match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor },
+        "dynamic" => RopeScaling::Dynamic {
+            factor,
+            original_max_position_embeddings: original,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: num("low_freq_factor").unwrap_or(1.0),
+            high_freq_factor: num("high_freq_factor").unwrap_or(4.0),
+            original_max_position_embeddings: original,
+        },
+        other => {
+            return Err(ShardError::Unsupported(format!(
+                "rope scaling `{other}` (supported: default, linear, dynamic, llama3)"
+            )))
+        }
+    })
+}
+
+/// Which layers slide, from `layer_types` when the config lists them, else each family's rule.
+fn layer_windows(raw: &RawConfig, model_type: &str, layers: usize) -> Vec<Option<usize>> {
+    let window = raw.sliding_window;
+    if let (Some(types), Some(_)) = (&raw.layer_types, window) {
+        return types
+            .iter()
+            .map(|t| (t == "sliding_attention").then_some(window).flatten())
+            .collect();
+    }
+    (0..layers)
+        .map(|i| match model_type {
+            "mistral" | "phi3" => window,
+            "qwen2" | "qwen3" if raw.use_sliding_window == Some(true) => {
+                window.filter(|_| i >= raw.max_window_layers.unwrap_or(0))
+            }
+            "gemma2" => window.filter(|_| i % 2 == 0),
+            _ => None,
+        })
+        .collect()
+}
 
 impl ModelConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -106,11 +236,23 @@ impl ModelConfig {
                 SUPPORTED.join(", ")
             )));
         }
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
-                return Err(ShardError::Unsupported(format!("hidden_act `{act}`")));
-            }
-        }
+        let arch = match model_type.as_str() {
+            "gemma2" => Arch::Gemma2,
+            "gpt2" => Arch::Gpt2,
+            _ => Arch::Llama,
+        };
+        let default_act = match arch {
+            Arch::Llama => "silu",
+            Arch::Gemma2 => "gelu_pytorch_tanh",
+            Arch::Gpt2 => "gelu_new",
+        };
+        let activation = activation(
+            raw.hidden_activation
+                .as_deref()
+                .or(raw.activation_function.as_deref())
+                .or(raw.hidden_act.as_deref())
+                .unwrap_or(default_act),
+        )?;
         let need = |v: Option<usize>, name: &str| {
             v.ok_or_else(|| ShardError::Config(format!("missing `{name}`")))
         };
@@ -127,29 +269,39 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
             .unwrap_or(10000.0);
-        let scaling = raw.rope_scaling.as_ref().or(raw.rope_parameters.as_ref());
-        if let Some(kind) = scaling
-            .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
-            .and_then(|t| t.as_str())
-        {
-            if kind != "default" {
-                return Err(ShardError::Unsupported(format!("rope scaling `{kind}`")));
-            }
-        }
-        let sliding_window = match model_type.as_str() {
-            "mistral" => raw.sliding_window,
-            "qwen2" if raw.use_sliding_window == Some(true) => raw.sliding_window,
-            _ => None,
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
+        let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let intermediate_size = match arch {
+            Arch::Gpt2 => raw.intermediate_size.unwrap_or(4 * hidden_size),
+            _ => need(raw.intermediate_size, "intermediate_size")?,
         };
+        let rotary_dim = (raw.partial_rotary_factor.unwrap_or(1.0) * head_dim as f64) as usize;
+        let scale_base = raw.query_pre_attn_scalar.unwrap_or(head_dim as f64);
         Ok(Self {
-            qkv_bias: raw.attention_bias.unwrap_or(model_type == "qwen2"),
-            mlp_bias: raw.mlp_bias.unwrap_or(false),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            arch,
+            activation,
+            rope_scaling: rope_scaling(&raw, max_position_embeddings)?,
+            rotary_dim,
+            layer_windows: layer_windows(&raw, &model_type, num_layers),
+            qkv_bias: raw
+                .attention_bias
+                .unwrap_or(model_type == "qwen2" || arch == Arch::Gpt2),
+            mlp_bias: raw.mlp_bias.unwrap_or(arch == Arch::Gpt2),
+            qk_norm: model_type == "qwen3",
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(matches!(arch, Arch::Gemma2 | Arch::Gpt2)),
+            attention_scale: 1.0 / scale_base.sqrt(),
+            attn_logit_softcapping: raw.attn_logit_softcapping,
+            final_logit_softcapping: raw.final_logit_softcapping,
             vocab_size: need(raw.vocab_size, "vocab_size")?,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            intermediate_size,
+            num_layers,
+            max_position_embeddings,
+            norm_eps: raw.rms_norm_eps.unwrap_or(match arch {
+                Arch::Gpt2 => 1e-5,
+                _ => 1e-6,
+            }),
             torch_dtype: raw.torch_dtype.or(raw.dtype),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
@@ -159,8 +311,16 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             rope_theta,
-            sliding_window,
         })
+    }
+
+    /// The widest sliding window of any layer (what `Info.window_size` reports), if every layer slides.
+    pub fn sliding_window(&self) -> Option<usize> {
+        if self.layer_windows.iter().all(Option::is_some) {
+            self.layer_windows.iter().flatten().max().copied()
+        } else {
+            None
+        }
     }
 }
 

@@ -1,19 +1,16 @@
-//! A sequence's key/value cache.
+//! The paged KV cache: one preallocated pool of fixed-size blocks per layer.
 //!
-//! Each sequence owns one buffer per layer, preallocated for its whole life (prompt plus the
-//! most tokens it may generate), so appending a token is a copy into place rather than a
-//! re-allocation of the whole history.
+//! The router owns block *policy* (who gets which block, what is shared through the prefix
+//! cache); the shard owns block *memory*. Each layer's keys and values are a single tensor of
+//! `num_blocks * block_size` slots, `[slots, kv_heads, head_dim]`, so writing a step's new
+//! tokens is one `index_copy_` per layer and reading a sequence's context is one gather through
+//! its block table, whatever the batch looks like. Slot `s` lives in block `s / block_size`.
 
 use tch::{Device, Kind, Tensor};
 
-pub struct SeqKvCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
-    len: usize,
-    capacity: usize,
-}
+use crate::error::{Result, ShardError};
 
-/// Shape facts needed to size a cache.
+/// Shape facts needed to size a pool.
 #[derive(Clone, Copy, Debug)]
 pub struct KvLayout {
     pub num_layers: usize,
@@ -30,51 +27,89 @@ impl KvLayout {
     }
 }
 
-impl SeqKvCache {
-    pub fn new(layout: KvLayout, capacity: usize) -> Self {
-        let shape = [
-            layout.num_kv_heads as i64,
-            capacity as i64,
-            layout.head_dim as i64,
-        ];
-        // Uninitialised on purpose: only the first `len` positions are ever read.
-        let alloc = || Tensor::empty(shape, (layout.kind, layout.device));
-        Self {
-            keys: (0..layout.num_layers).map(|_| alloc()).collect(),
-            values: (0..layout.num_layers).map(|_| alloc()).collect(),
-            len: 0,
-            capacity,
+pub struct KvPool {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    block_size: usize,
+    num_blocks: usize,
+}
+
+impl KvPool {
+    /// Allocates `num_blocks` blocks per layer. The memory is left uninitialised (so on CPU
+    /// pages are only committed when blocks are first written), except block 0: padding points
+    /// there, and even a masked-out NaN would poison a matmul.
+    pub fn new(layout: KvLayout, block_size: usize, num_blocks: usize) -> Result<Self> {
+        let slots = (num_blocks * block_size) as i64;
+        let shape = [slots, layout.num_kv_heads as i64, layout.head_dim as i64];
+        let alloc = || -> Result<Tensor> {
+            let t = Tensor::f_empty(shape, (layout.kind, layout.device))?;
+            let _ = t.narrow(0, 0, block_size as i64).fill_(0.0);
+            Ok(t)
+        };
+        let mut keys = Vec::with_capacity(layout.num_layers);
+        let mut values = Vec::with_capacity(layout.num_layers);
+        for _ in 0..layout.num_layers {
+            keys.push(alloc()?);
+            values.push(alloc()?);
         }
+        Ok(Self {
+            keys,
+            values,
+            block_size,
+            num_blocks,
+        })
     }
 
-    /// Tokens already cached (identical in every layer between forward passes).
-    pub fn len(&self) -> usize {
-        self.len
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    pub fn num_slots(&self) -> usize {
+        self.num_blocks * self.block_size
     }
 
-    /// Writes `k`/`v` (`[kv_heads, t, head_dim]`) for `layer` after the cached tokens and returns
-    /// the full key and value history (`[kv_heads, len + t, head_dim]`).
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
-        let t = k.size()[1];
-        let past = self.len as i64;
-        self.keys[layer].narrow(1, past, t).copy_(k);
-        self.values[layer].narrow(1, past, t).copy_(v);
-        (
-            self.keys[layer].narrow(1, 0, past + t),
-            self.values[layer].narrow(1, 0, past + t),
-        )
+    /// Stores the new tokens' `k`/`v` (`[T, kv_heads, head_dim]`) of `layer` at `slots` (`[T]`).
+    pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
+        let _ = self.keys[layer].index_copy_(0, slots, k);
+        let _ = self.values[layer].index_copy_(0, slots, v);
     }
 
-    /// Marks `t` more tokens as cached, once every layer has appended them.
-    pub fn advance(&mut self, t: usize) {
-        self.len += t;
+    /// Keys and values at `slots` (any shape of slot ids), each `[..slots.shape, kv_heads, head_dim]`.
+    pub fn gather(&self, layer: usize, slots: &Tensor) -> (Tensor, Tensor) {
+        let mut shape = slots.size();
+        let flat = slots.reshape([-1]);
+        let k = self.keys[layer].index_select(0, &flat);
+        let v = self.values[layer].index_select(0, &flat);
+        shape.extend_from_slice(&k.size()[1..]);
+        (k.view(shape.as_slice()), v.view(shape.as_slice()))
+    }
+
+    /// The slot of every token position `0..len` of a sequence whose block table is `blocks`.
+    pub fn context_slots(&self, blocks: &[u32], len: usize) -> Result<Vec<i64>> {
+        let bs = self.block_size;
+        if blocks.len() * bs < len {
+            return Err(ShardError::Request(format!(
+                "{} blocks of {bs} tokens cannot hold {len} tokens",
+                blocks.len()
+            )));
+        }
+        Ok((0..len)
+            .map(|i| blocks[i / bs] as i64 * bs as i64 + (i % bs) as i64)
+            .collect())
+    }
+
+    /// Checks that every block id of a request exists in the pool.
+    pub fn check_blocks(&self, blocks: &[u32]) -> Result<()> {
+        match blocks.iter().find(|&&b| b as usize >= self.num_blocks) {
+            Some(b) => Err(ShardError::Request(format!(
+                "block {b} is outside the KV pool of {} blocks",
+                self.num_blocks
+            ))),
+            None => Ok(()),
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! forward passes), `batch`/`sequence` (request state), `model` (the network), `kv_cache`,
 //! `sampler` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint).
 
+pub mod admission;
 pub mod batch;
 pub mod config;
 pub mod detokenizer;

@@ -112,8 +112,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let start = std::time::Instant::now();
     let dir = args.model_dir.clone();
     let dtype = args.dtype.clone();
-    let runner =
-        tokio::task::spawn_blocking(move || Runner::load(&dir, dtype.as_deref(), device)).await??;
+    let record = tessera_shard::warmup::pool_record_path(&args.uds_path, args.rank);
+    let restore = record.clone();
+    let (runner, restored) = tokio::task::spawn_blocking(move || {
+        let mut runner = Runner::load(&dir, dtype.as_deref(), device)?;
+        let restored = tessera_shard::warmup::restore_pool(&restore, &mut runner)?;
+        Ok::<_, tessera_shard::ShardError>((runner, restored))
+    })
+    .await??;
+    if restored {
+        tracing::info!(
+            "KV pool of {} blocks restored from {} (restart after a crash)",
+            runner.pool().map_or(0, |p| p.num_blocks()),
+            record.display()
+        );
+    }
     tracing::info!(
         model = %args.model_dir.display(),
         dtype = tessera_shard::runner::kind_name(runner.model.kind()),
@@ -133,12 +146,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         &args.uds_path,
         args.world_size,
         args.memory_fraction,
-    );
+    )
+    .with_pool_record(record.clone());
     let result = tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&path);
+    // A clean stop: nothing will restart this shard, so the record has no reader.
+    let _ = std::fs::remove_file(&record);
     result?;
     tracing::info!("shard stopped");
     Ok(())

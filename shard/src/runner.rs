@@ -1,6 +1,11 @@
 //! The model runner: turns protocol batches into forward passes and forward passes into
-//! `Generation`s. It owns the model, the tokenizer and the cached batches; the gRPC layer only
-//! hands it requests one at a time.
+//! `Generation`s. It owns the model, the tokenizer, the KV pool and the cached batches; the gRPC
+//! layer only hands it requests one at a time.
+//!
+//! A step lays the batch out as prompt chunks first and single-token decodes last, so the
+//! model sees the decodes as one contiguous group it can attend in a single batched call.
+//! Prompts longer than the prefill budget advance one chunk per step (TGI's pacing: older
+//! requests first, every running request keeps a token of budget).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -12,19 +17,36 @@ use tokenizers::Tokenizer;
 
 use crate::batch::{Batch, BatchRegistry};
 use crate::config::{token_ids, ModelConfig};
-use crate::detokenizer::{Finish, IncrementalDecoder, StoppingCriteria};
+use crate::detokenizer::Finish;
 use crate::error::{Result, ShardError};
-use crate::kv_cache::SeqKvCache;
-use crate::model::{ForwardInput, Llama};
-use crate::sampler::{top_n, Sampler, SamplingParams};
+use crate::kv_cache::KvPool;
+use crate::model::{DecodeSpan, ForwardInput, PrefillSpan, Transformer};
+use crate::sampler::{self, Choice};
 use crate::sequence::Sequence;
 
+/// Tokens per KV block (what `Info.block_size` reports and the router allocates in).
+pub const BLOCK_SIZE: usize = 16;
+
 pub struct Runner {
-    pub model: Llama,
+    pub model: Transformer,
     pub tokenizer: Tokenizer,
     eos: HashSet<u32>,
     special: HashSet<u32>,
     batches: BatchRegistry,
+    pool: Option<KvPool>,
+    /// Prompt tokens one forward pass may take (from warmup); paces chunked prompts.
+    max_prefill_tokens: usize,
+}
+
+/// Where one sequence's rows sit in a step.
+struct RowPlan {
+    seq: usize,
+    /// Its first row in the logits.
+    first_row: usize,
+    /// Rows giving prompt-token logprobs (before the sampling row).
+    prompt_rows: usize,
+    /// Whether its last logits row picks a new token.
+    sample: bool,
 }
 
 /// What one Prefill or Decode call produced.
@@ -110,7 +132,7 @@ impl Runner {
             .collect();
         let model = {
             let _guard = tch::no_grad_guard();
-            Llama::load(config, &weights, kind, device)?
+            crate::model::load(config, &weights, kind, device)?
         };
         Ok(Self {
             model,
@@ -118,6 +140,8 @@ impl Runner {
             eos,
             special,
             batches: BatchRegistry::default(),
+            pool: None,
+            max_prefill_tokens: 4096,
         })
     }
 
@@ -125,97 +149,60 @@ impl Runner {
         &self.eos
     }
 
-    fn tokenize(&self, r: &pb::Request) -> Result<Vec<u32>> {
-        let text: String = match &r.input_chunks {
-            Some(input) if !input.chunks.is_empty() => {
-                let mut text = String::new();
-                for chunk in &input.chunks {
-                    match &chunk.chunk {
-                        Some(pb::input_chunk::Chunk::Text(t)) => text.push_str(t),
-                        Some(pb::input_chunk::Chunk::Image(_)) => {
-                            return Err(ShardError::Request(
-                                "this model does not take image inputs".into(),
-                            ))
-                        }
-                        None => {}
-                    }
-                }
-                text
-            }
-            _ => r.inputs.clone(),
-        };
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), r.add_special_tokens)
-            .map_err(|e| ShardError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
-        let truncate = r.truncate as usize;
-        if truncate > 0 && ids.len() > truncate {
-            ids.drain(..ids.len() - truncate);
-        }
-        Ok(ids)
+    /// (Re)allocates the KV pool with `num_blocks` blocks. Running batches are dropped: their
+    /// K/V lived in the old pool.
+    pub fn allocate_pool(&mut self, num_blocks: usize) -> Result<()> {
+        self.batches.clear(None);
+        self.pool = None;
+        self.pool = Some(KvPool::new(self.model.kv_layout(), BLOCK_SIZE, num_blocks)?);
+        Ok(())
     }
 
-    fn new_sequence(&self, r: &pb::Request) -> Result<Sequence> {
-        let ids = self.tokenize(r)?;
-        if ids.is_empty() {
-            return Err(ShardError::Request(format!(
-                "request {}: the prompt is empty after tokenization",
-                r.id
-            )));
-        }
-        let stop = r.stopping_parameters.clone().unwrap_or_default();
-        let max_new = (stop.max_new_tokens as usize).max(1);
-        let capacity = ids.len() + max_new;
-        let limit = self.model.config.max_position_embeddings;
-        if capacity > limit {
-            return Err(ShardError::Request(format!(
-                "request {}: {} prompt tokens + {max_new} new tokens exceed the model's {limit} positions",
-                r.id,
-                ids.len()
-            )));
-        }
-        let p = r.parameters.clone().unwrap_or_default();
-        let params = SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            typical_p: p.typical_p,
-            do_sample: p.do_sample,
-            seed: p.seed,
-            repetition_penalty: p.repetition_penalty,
-            frequency_penalty: p.frequency_penalty,
-            presence_penalty: p.presence_penalty,
-        };
-        Ok(Sequence {
-            id: r.id,
-            prompt_len: ids.len(),
-            decoder: IncrementalDecoder::new(ids.len()),
-            tokens: ids,
-            sampler: Sampler::new(params),
-            stopping: StoppingCriteria::new(max_new, stop.stop_sequences, stop.ignore_eos_token),
-            cache: SeqKvCache::new(self.model.kv_layout(), capacity),
-            top_n_tokens: r.top_n_tokens as usize,
-            prefill_logprobs: r.prefill_logprobs,
-            finished: None,
+    pub fn free_pool(&mut self) {
+        self.batches.clear(None);
+        self.pool = None;
+    }
+
+    pub fn pool(&self) -> Option<&KvPool> {
+        self.pool.as_ref()
+    }
+
+    pub fn set_max_prefill_tokens(&mut self, tokens: usize) {
+        self.max_prefill_tokens = tokens.max(1);
+    }
+
+    fn pool_ref(&self) -> Result<&KvPool> {
+        self.pool.as_ref().ok_or_else(|| {
+            ShardError::Request("the KV cache is not allocated yet: call Warmup first".into())
         })
     }
 
-    /// Prefill of a new batch, folded together with one step of `cached` when given.
+    /// Prefill of a new batch, folded into one forward pass with a step of `cached` when given
+    /// (its decodes and its next prompt chunks). The result keeps the cached batch's id.
     pub fn prefill(
         &mut self,
         batch: &pb::Batch,
         cached: Option<&pb::CachedBatch>,
     ) -> Result<StepOutput> {
-        let mut seqs = batch
+        let pool = self.pool_ref()?;
+        let positions = self.model.config.max_position_embeddings;
+        let new = batch
             .requests
             .iter()
-            .map(|r| self.new_sequence(r))
+            .map(|r| crate::admission::new_sequence(&self.tokenizer, pool, positions, r))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(c) = cached {
-            seqs.extend(self.batches.take(c.id)?.seqs);
-        }
-        self.step(Batch { id: batch.id, seqs })
+        let merged = match cached {
+            Some(c) => {
+                let mut old = self.batches.take(c.id)?;
+                old.seqs.extend(new);
+                old
+            }
+            None => Batch {
+                id: batch.id,
+                seqs: new,
+            },
+        };
+        self.step(merged)
     }
 
     pub fn decode(&mut self, batches: &[pb::CachedBatch]) -> Result<StepOutput> {
@@ -232,79 +219,143 @@ impl Runner {
         self.batches.clear(id)
     }
 
+    /// Builds the forward input: prompt chunks first, then single-token steps.
+    fn layout(&self, batch: &Batch) -> Result<(Option<ForwardInput>, Vec<RowPlan>)> {
+        let device = self.model.device();
+        let mut order: Vec<usize> = Vec::with_capacity(batch.seqs.len());
+        let active = |s: &Sequence| s.finished.is_none();
+        order.extend(
+            (0..batch.seqs.len()).filter(|&i| active(&batch.seqs[i]) && batch.seqs[i].chunk > 1),
+        );
+        order.extend(
+            (0..batch.seqs.len()).filter(|&i| active(&batch.seqs[i]) && batch.seqs[i].chunk == 1),
+        );
+        if order.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let (mut ids, mut positions, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let mut prefills = Vec::new();
+        let (mut decode_lens, mut decode_ctx): (Vec<i64>, Vec<&[i64]>) = (Vec::new(), Vec::new());
+        let mut decode_start = None;
+        let mut logit_rows: Vec<i64> = Vec::new();
+        let mut plans = Vec::with_capacity(order.len());
+        for i in order {
+            let s = &batch.seqs[i];
+            let (past, n) = (s.cached, s.chunk);
+            let base = ids.len() as i64;
+            ids.extend(s.pending().iter().map(|&t| t as i64));
+            positions.extend((past..past + n).map(|p| p as i64));
+            slots.extend_from_slice(&s.slots[past..past + n]);
+            if n > 1 {
+                prefills.push(PrefillSpan {
+                    start: base,
+                    len: n as i64,
+                    past: past as i64,
+                    context: (past > 0)
+                        .then(|| Tensor::from_slice(&s.slots[..past + n]).to_device(device)),
+                });
+            } else {
+                decode_start.get_or_insert(base);
+                decode_lens.push(past as i64 + 1);
+                decode_ctx.push(&s.slots[..past + 1]);
+            }
+            let first_row = logit_rows.len();
+            // Prompt logprobs: row p predicts token p + 1, for every p whose successor is in the prompt.
+            if s.prefill_logprobs && s.prefilling() {
+                let end = (past + n).min(s.prompt_len - 1);
+                logit_rows.extend((0..end.saturating_sub(past) as i64).map(|r| base + r));
+            }
+            let prompt_rows = logit_rows.len() - first_row;
+            let sample = s.yields_token();
+            if sample {
+                logit_rows.push(base + n as i64 - 1);
+            }
+            plans.push(RowPlan {
+                seq: i,
+                first_row,
+                prompt_rows,
+                sample,
+            });
+        }
+        let decode = decode_start.map(|start| {
+            let width = decode_lens.iter().copied().max().unwrap_or(1) as usize;
+            let mut ctx = vec![0i64; decode_ctx.len() * width];
+            for (row, c) in decode_ctx.iter().enumerate() {
+                ctx[row * width..row * width + c.len()].copy_from_slice(c);
+            }
+            DecodeSpan {
+                start,
+                context: Tensor::from_slice(&ctx)
+                    .view([decode_ctx.len() as i64, width as i64])
+                    .to_device(device),
+                lens: decode_lens,
+            }
+        });
+        let input = ForwardInput {
+            input_ids: Tensor::from_slice(&ids).to_device(device),
+            positions: Tensor::from_slice(&positions).to_device(device),
+            slots: Tensor::from_slice(&slots).to_device(device),
+            prefills,
+            decode,
+            logit_rows: Tensor::from_slice(&logit_rows).to_device(device),
+        };
+        Ok((Some(input), plans))
+    }
+
     /// One forward pass over every unfinished sequence of `batch`, then token choice.
     fn step(&mut self, mut batch: Batch) -> Result<StepOutput> {
         let start = Instant::now();
-        let device = self.model.device();
-        let mut input_ids: Vec<i64> = Vec::new();
-        let mut positions: Vec<i64> = Vec::new();
-        let mut new_tokens = Vec::new();
-        let mut logit_rows: Vec<i64> = Vec::new();
-        // For each active sequence: (index in batch, first logit row, number of logit rows).
-        let mut active = Vec::new();
-        for (i, s) in batch.seqs.iter().enumerate() {
-            if s.finished.is_some() {
-                continue;
-            }
-            let past = s.cache.len();
-            let pending = s.pending();
-            let base = input_ids.len() as i64;
-            input_ids.extend(pending.iter().map(|&t| t as i64));
-            positions.extend((past..past + pending.len()).map(|p| p as i64));
-            new_tokens.push(pending.len());
-            // Prompt logprobs need every prompt position's logits, once, at prefill.
-            let all_rows = s.prefill_logprobs && past == 0 && s.generated() == 0;
-            let first_row = logit_rows.len();
-            if all_rows {
-                logit_rows.extend(base..base + pending.len() as i64);
-            } else {
-                logit_rows.push(base + pending.len() as i64 - 1);
-            }
-            active.push((i, first_row, logit_rows.len() - first_row));
-        }
-        let logits = if active.is_empty() {
-            None
-        } else {
+        let (input, plans) = self.layout(&batch)?;
+        let Some(input) = input else {
+            let summary = self.batches.store(batch);
+            return Ok(StepOutput {
+                generations: Vec::new(),
+                batch: summary,
+                forward_ns: 0,
+                decode_ns: 0,
+            });
+        };
+        let logits = {
             let _guard = tch::no_grad_guard();
-            let input = ForwardInput {
-                input_ids: Tensor::from_slice(&input_ids).to_device(device),
-                positions: Tensor::from_slice(&positions).to_device(device),
-                new_tokens,
-                logit_rows: Tensor::from_slice(&logit_rows).to_device(device),
-            };
-            let mut caches: Vec<&mut SeqKvCache> = Vec::with_capacity(active.len());
-            let mut pos = 0;
-            for (i, s) in batch.seqs.iter_mut().enumerate() {
-                if pos < active.len() && active[pos].0 == i {
-                    caches.push(&mut s.cache);
-                    pos += 1;
-                }
-            }
-            let logits = self
-                .model
-                .forward(&input, &mut caches)
-                .to_device(Device::Cpu);
-            Some(Vec::<f32>::try_from(logits.reshape([-1]))?)
+            let pool = self
+                .pool
+                .as_mut()
+                .ok_or_else(|| ShardError::Request("the KV cache is not allocated".into()))?;
+            self.model.forward(&input, pool)
         };
         let forward_ns = start.elapsed().as_nanos() as u64;
         let decode_start = Instant::now();
-        let vocab = self.model.config.vocab_size;
-        let mut generations = Vec::with_capacity(active.len());
-        if let Some(mut logits) = logits {
-            for (i, first_row, rows) in active {
-                let seq = &mut batch.seqs[i];
-                let prefill_tokens = if rows > 1 {
-                    Some(self.prompt_tokens(
-                        seq,
-                        &mut logits[first_row * vocab..(first_row + rows - 1) * vocab],
-                    )?)
-                } else {
-                    None
-                };
-                let row = &mut logits[(first_row + rows - 1) * vocab..(first_row + rows) * vocab];
-                generations.push(self.next_token(seq, row, prefill_tokens)?);
+        let _guard = tch::no_grad_guard();
+        self.prompt_logprobs(&mut batch, &plans, &logits)?;
+        let sample_plans: Vec<&RowPlan> = plans.iter().filter(|p| p.sample).collect();
+        let rows: Vec<i64> = sample_plans
+            .iter()
+            .map(|p| (p.first_row + p.prompt_rows) as i64)
+            .collect();
+        let choices = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let scores =
+                logits.index_select(0, &Tensor::from_slice(&rows).to_device(logits.device()));
+            let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(rows.len());
+            let mut wanted = sample_plans.iter().map(|p| p.seq).peekable();
+            for (i, s) in batch.seqs.iter_mut().enumerate() {
+                if wanted.peek() == Some(&i) {
+                    seqs.push(s);
+                    wanted.next();
+                }
             }
+            sampler::choose_batch(&scores, &mut seqs)?
+        };
+        for p in &plans {
+            let s = &mut batch.seqs[p.seq];
+            s.cached += s.chunk;
         }
+        let mut generations = Vec::with_capacity(choices.len());
+        for (p, choice) in sample_plans.iter().zip(choices) {
+            generations.push(self.next_token(&mut batch.seqs[p.seq], choice)?);
+        }
+        self.pace_chunks(&mut batch);
         let summary = self.batches.store(batch);
         Ok(StepOutput {
             generations,
@@ -312,6 +363,56 @@ impl Runner {
             forward_ns,
             decode_ns: decode_start.elapsed().as_nanos() as u64,
         })
+    }
+
+    /// Sizes every sequence's next input: 1 token once decoding; for prompts still running,
+    /// the next chunk from the prefill budget (older requests first, at least one token each).
+    fn pace_chunks(&self, batch: &mut Batch) {
+        let live = batch.seqs.iter().filter(|s| s.finished.is_none()).count();
+        let mut budget = self
+            .max_prefill_tokens
+            .saturating_sub(live.saturating_sub(1));
+        for s in batch.seqs.iter_mut().filter(|s| s.finished.is_none()) {
+            s.chunk = if s.prefilling() {
+                let next = (s.prompt_len - s.cached).min(budget).max(1);
+                budget = budget.saturating_sub(next);
+                next
+            } else {
+                1
+            };
+        }
+    }
+
+    /// Log-probabilities of the prompt tokens this step covered, for requests that asked.
+    fn prompt_logprobs(&self, batch: &mut Batch, plans: &[RowPlan], logits: &Tensor) -> Result<()> {
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for p in plans.iter().filter(|p| p.prompt_rows > 0) {
+            let s = &batch.seqs[p.seq];
+            rows.extend((p.first_row..p.first_row + p.prompt_rows).map(|r| r as i64));
+            targets.extend((0..p.prompt_rows).map(|r| s.tokens[s.cached + r + 1] as i64));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let device = logits.device();
+        let picked = logits
+            .index_select(0, &Tensor::from_slice(&rows).to_device(device))
+            .log_softmax(-1, Kind::Float)
+            .gather(
+                1,
+                &Tensor::from_slice(&targets).to_device(device).unsqueeze(1),
+                false,
+            )
+            .to_device(Device::Cpu);
+        let values = Vec::<f32>::try_from(picked.reshape([-1]))?;
+        let mut at = 0;
+        for p in plans.iter().filter(|p| p.prompt_rows > 0) {
+            let s = &mut batch.seqs[p.seq];
+            s.prompt_logprobs
+                .extend_from_slice(&values[at..at + p.prompt_rows]);
+            at += p.prompt_rows;
+        }
+        Ok(())
     }
 
     fn token_texts(&self, ids: &[u32]) -> Result<Vec<String>> {
@@ -324,15 +425,7 @@ impl Runner {
             .collect()
     }
 
-    /// Prompt tokens with their logprobs (the first has none, reported as NaN as TGI does).
-    fn prompt_tokens(&self, seq: &Sequence, rows: &mut [f32]) -> Result<pb::Tokens> {
-        let vocab = self.model.config.vocab_size;
-        let ids = seq.tokens[..seq.prompt_len].to_vec();
-        let mut logprobs = vec![f32::NAN];
-        for (row, &next) in rows.chunks_mut(vocab).zip(&ids[1..]) {
-            crate::sampler::log_softmax(row);
-            logprobs.push(row[next as usize]);
-        }
+    fn tokens(&self, ids: Vec<u32>, logprobs: Vec<f32>) -> Result<pb::Tokens> {
         Ok(pb::Tokens {
             texts: self.token_texts(&ids)?,
             is_special: ids.iter().map(|i| self.special.contains(i)).collect(),
@@ -341,27 +434,24 @@ impl Runner {
         })
     }
 
-    fn next_token(
-        &self,
-        seq: &mut Sequence,
-        row: &mut [f32],
-        prefill_tokens: Option<pb::Tokens>,
-    ) -> Result<pb::Generation> {
-        let choice = seq.sampler.choose(row, &seq.tokens, seq.prompt_len);
+    fn next_token(&self, seq: &mut Sequence, choice: Choice) -> Result<pb::Generation> {
+        // Prompt tokens with their logprobs go out once, with the first generated token.
+        let prefill_tokens = if seq.prefill_logprobs && seq.generated() == 0 {
+            let ids = seq.tokens[..seq.prompt_len].to_vec();
+            let mut logprobs = std::mem::take(&mut seq.prompt_logprobs);
+            logprobs.resize(ids.len(), f32::NAN);
+            Some(self.tokens(ids, logprobs)?)
+        } else {
+            None
+        };
         seq.tokens.push(choice.token);
         let text = seq.decoder.next(&self.tokenizer, &seq.tokens)?;
         let finish = seq
             .stopping
             .check(seq.generated(), self.eos.contains(&choice.token), &text);
         let top_tokens = if seq.top_n_tokens > 0 {
-            let best = top_n(row, seq.top_n_tokens);
-            let ids: Vec<u32> = best.iter().map(|b| b.0).collect();
-            vec![pb::Tokens {
-                texts: self.token_texts(&ids)?,
-                is_special: ids.iter().map(|i| self.special.contains(i)).collect(),
-                logprobs: best.iter().map(|b| b.1).collect(),
-                ids,
-            }]
+            let (ids, logprobs) = choice.top.into_iter().unzip();
+            vec![self.tokens(ids, logprobs)?]
         } else {
             Vec::new()
         };

@@ -1,12 +1,20 @@
-//! Next-token choice for one request: logit processors, then greedy or seeded sampling.
+//! Next-token choice for a whole batch at once: logit processors, warpers, then greedy or
+//! seeded sampling, all as tensor ops over `[batch, vocab]` on the model's device.
 //!
-//! The order follows TGI (and transformers): repetition penalty, frequency penalty, then the
-//! warpers temperature, top-k, top-p and typical-p. As in TGI, setting any warper implies
-//! sampling. Work happens on one row of f32 logits in plain Rust: a vocabulary row is a few
-//! hundred KB, and a per-request seeded RNG is what makes sampled output reproducible.
+//! The order follows TGI: watermark, repetition penalty, frequency (and presence) penalty, then
+//! the warpers temperature, top-k, top-p and typical-p. As in TGI, setting any warper implies
+//! sampling. Each step runs only the processors some row asks for, with per-row parameters as
+//! `[batch, 1]` tensors (a neutral value for rows that did not ask), so the cost does not grow
+//! with per-request branching. Randomness is the one thing that stays per request: each
+//! sampling row draws one uniform number from its own seeded generator and picks its token by
+//! inverse CDF, so the same seed gives the same text whatever else shares the batch.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::sequence::Sequence;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -20,6 +28,8 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// OpenAI's presence penalty (a Tessera extension of the v3 protocol).
     pub presence_penalty: f32,
+    /// Kirchenbauer et al.'s watermark, with TGI's `WATERMARK_GAMMA`/`WATERMARK_DELTA`.
+    pub watermark: bool,
 }
 
 impl Default for SamplingParams {
@@ -34,6 +44,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            watermark: false,
         }
     }
 }
@@ -66,16 +77,10 @@ impl SamplingParams {
     }
 }
 
+/// A request's parameters and its private random generator.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-}
-
-/// The chosen token and its log-probability under the processed distribution.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Choice {
-    pub token: u32,
-    pub logprob: f32,
 }
 
 impl Sampler {
@@ -88,260 +93,244 @@ impl Sampler {
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
+}
 
-    /// Processes `scores` in place (they become log-probabilities) and picks the next token.
-    /// `history` is every token of the sequence so far, the prompt's `prompt_len` first.
-    pub fn choose(&mut self, scores: &mut [f32], history: &[u32], prompt_len: usize) -> Choice {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for &t in &seen {
-                if let Some(s) = scores.get_mut(t as usize) {
-                    *s = if *s < 0.0 {
-                        *s * p.repetition_penalty
-                    } else {
-                        *s / p.repetition_penalty
-                    };
+/// The chosen token, its log-probability under the processed distribution, and the best
+/// `top_n_tokens` alternatives (best first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Choice {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// TGI's watermark constants (Kirchenbauer et al. 2023): the green list is the first
+/// `gamma * vocab` entries of a permutation seeded by `HASH_KEY * previous token`.
+const WATERMARK_HASH_KEY: i64 = 15_485_863;
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The green-list mask `[vocab]` after `prev`, drawn from torch's CPU generator exactly as
+/// TGI's `WatermarkLogitsProcessor` does, so TGI's detector recognises our text.
+pub fn watermark_greenlist(prev: u32, vocab: i64, gamma: f64) -> Tensor {
+    tch::manual_seed(WATERMARK_HASH_KEY * prev as i64);
+    let perm = Tensor::randperm(vocab, (Kind::Int64, Device::Cpu));
+    let green = perm.narrow(0, 0, (vocab as f64 * gamma) as i64);
+    Tensor::zeros([vocab], (Kind::Bool, Device::Cpu)).index_fill(0, &green, 1)
+}
+
+/// `[B, 1]` f32 column of one parameter per row.
+fn column(values: &[f32], device: Device) -> Tensor {
+    Tensor::from_slice(values).to_device(device).unsqueeze(1)
+}
+
+/// Token ids `[B, L]` padded with each row's first id (duplicates are harmless to
+/// gather/scatter), and a `[B, L]` f32 mask of the real entries.
+fn padded(rows: &[&[u32]], device: Device) -> (Tensor, Tensor) {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(1);
+    let mut ids = vec![0i64; rows.len() * width];
+    let mut mask = vec![0f32; rows.len() * width];
+    for (i, r) in rows.iter().enumerate() {
+        let pad = r.first().copied().unwrap_or(0) as i64;
+        for j in 0..width {
+            ids[i * width + j] = r.get(j).map_or(pad, |&t| t as i64);
+            mask[i * width + j] = if j < r.len() { 1.0 } else { 0.0 };
+        }
+    }
+    let shape = [rows.len() as i64, width as i64];
+    (
+        Tensor::from_slice(&ids).view(shape).to_device(device),
+        Tensor::from_slice(&mask).view(shape).to_device(device),
+    )
+}
+
+/// Masks everything outside, in descending-probability `order`, the smallest prefix whose mass
+/// reaches `mass` (`[B, 1]`; rows with mass >= 1 keep everything). The first entry always stays.
+fn keep_mass(scores: &Tensor, order: &Tensor, mass: &Tensor) -> Tensor {
+    let sorted = scores.gather(1, order, false);
+    let probs = sorted.softmax(-1, Kind::Float);
+    let before = probs.cumsum(-1, Kind::Float) - &probs;
+    let remove = before.ge_tensor(mass);
+    let _ = remove.narrow(1, 0, 1).fill_(0);
+    let remove = remove.scatter(1, order, &remove);
+    scores.masked_fill(&remove, f64::NEG_INFINITY)
+}
+
+/// Picks the next token of every row of `scores` (`[B, vocab]` f32 logits) for `seqs`.
+pub fn choose_batch(scores: &Tensor, seqs: &mut [&mut Sequence]) -> Result<Vec<Choice>> {
+    let device = scores.device();
+    let (b, vocab) = (scores.size()[0], scores.size()[1]);
+    let params: Vec<SamplingParams> = seqs.iter().map(|s| s.sampler.params.clone()).collect();
+    let any = |f: &dyn Fn(&SamplingParams) -> bool| params.iter().any(f);
+    let col = |f: &dyn Fn(&SamplingParams) -> f32| {
+        column(&params.iter().map(f).collect::<Vec<_>>(), device)
+    };
+    let mut scores = scores.to_kind(Kind::Float);
+
+    if any(&|p| p.watermark) {
+        let (gamma, delta) = (
+            env_f64("WATERMARK_GAMMA", 0.5),
+            env_f64("WATERMARK_DELTA", 2.0),
+        );
+        let mut bonus = Vec::with_capacity(seqs.len());
+        for (s, p) in seqs.iter().zip(&params) {
+            let row = match (p.watermark, s.tokens.last()) {
+                (true, Some(&prev)) => {
+                    watermark_greenlist(prev, vocab, gamma).to_kind(Kind::Float) * delta
                 }
-            }
+                _ => Tensor::zeros([vocab], (Kind::Float, Device::Cpu)),
+            };
+            bonus.push(row);
         }
-        if p.frequency_penalty != 0.0 {
-            for &t in history {
-                if let Some(s) = scores.get_mut(t as usize) {
-                    *s -= p.frequency_penalty;
-                }
-            }
-        }
-        if p.presence_penalty != 0.0 {
-            // As OpenAI defines it: once per distinct token sampled so far (the prompt excluded).
-            let mut generated = history.get(prompt_len..).unwrap_or_default().to_vec();
-            generated.sort_unstable();
-            generated.dedup();
-            for t in generated {
-                if let Some(s) = scores.get_mut(t as usize) {
-                    *s -= p.presence_penalty;
-                }
-            }
-        }
-        let sampling = p.sampling();
-        if sampling {
-            if p.temperature != 1.0 {
-                scores.iter_mut().for_each(|s| *s /= p.temperature);
-            }
-            if p.top_k > 0 && (p.top_k as usize) < scores.len() {
-                top_k_filter(scores, p.top_k as usize);
-            }
-            if p.top_p < 1.0 {
-                top_p_filter(scores, p.top_p);
-            }
-            if p.typical_p < 1.0 {
-                typical_filter(scores, p.typical_p);
-            }
-        }
-        log_softmax(scores);
-        let token = if sampling {
-            self.sample(scores)
-        } else {
-            argmax(scores)
-        };
-        Choice {
-            token: token as u32,
-            logprob: scores[token],
-        }
+        scores = scores + Tensor::stack(&bonus, 0).to_device(device);
     }
-
-    fn sample(&mut self, logprobs: &[f32]) -> usize {
-        let u: f64 = self.rng.random();
-        let mut acc = 0.0f64;
-        let mut last = 0;
-        for (i, lp) in logprobs.iter().enumerate() {
-            if *lp == f32::NEG_INFINITY {
-                continue;
-            }
-            acc += (*lp as f64).exp();
-            last = i;
-            if u < acc {
-                return i;
-            }
-        }
-        last
-    }
-}
-
-pub fn argmax(xs: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in xs.iter().enumerate() {
-        if *x > xs[best] {
-            best = i;
-        }
-    }
-    best
-}
-
-pub fn log_softmax(xs: &mut [f32]) {
-    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = xs.iter().map(|x| ((x - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
-    xs.iter_mut().for_each(|x| *x -= lse);
-}
-
-/// The `n` best `(token, logprob)` pairs, best first.
-pub fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<usize> = (0..logprobs.len()).collect();
-    let n = n.min(idx.len());
-    if n == 0 {
-        return Vec::new();
-    }
-    idx.select_nth_unstable_by(n - 1, |a, b| logprobs[*b].total_cmp(&logprobs[*a]));
-    idx.truncate(n);
-    idx.sort_by(|a, b| logprobs[*b].total_cmp(&logprobs[*a]).then(a.cmp(b)));
-    idx.into_iter().map(|i| (i as u32, logprobs[i])).collect()
-}
-
-fn top_k_filter(scores: &mut [f32], k: usize) {
-    let mut sorted = scores.to_vec();
-    sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let kth = sorted[k - 1];
-    scores
-        .iter_mut()
-        .filter(|s| **s < kth)
-        .for_each(|s| *s = f32::NEG_INFINITY);
-}
-
-/// Indices sorted by descending score, with their probabilities.
-fn sorted_probs(scores: &[f32]) -> (Vec<usize>, Vec<f64>) {
-    let mut idx: Vec<usize> = (0..scores.len())
-        .filter(|&i| scores[i] != f32::NEG_INFINITY)
-        .collect();
-    idx.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
-    let max = idx.first().map(|&i| scores[i]).unwrap_or(0.0);
-    let exps: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((scores[i] - max) as f64).exp())
-        .collect();
-    let sum: f64 = exps.iter().sum();
-    (idx, exps.into_iter().map(|e| e / sum).collect())
-}
-
-/// Keeps the smallest set of top tokens whose mass reaches `top_p` (always at least one).
-fn top_p_filter(scores: &mut [f32], top_p: f32) {
-    let (idx, probs) = sorted_probs(scores);
-    let mut acc = 0.0;
-    for (rank, (&i, p)) in idx.iter().zip(&probs).enumerate() {
-        if rank > 0 && acc >= top_p as f64 {
-            scores[i] = f32::NEG_INFINITY;
-        }
-        acc += p;
-    }
-}
-
-/// Locally typical sampling (Meister et al.): keeps the tokens whose surprisal is closest to the
-/// entropy until their mass reaches `typical_p`.
-fn typical_filter(scores: &mut [f32], typical_p: f32) {
-    let (idx, probs) = sorted_probs(scores);
-    let entropy: f64 = -probs
-        .iter()
-        .filter(|p| **p > 0.0)
-        .map(|p| p * p.ln())
-        .sum::<f64>();
-    let mut order: Vec<usize> = (0..idx.len()).collect();
-    order.sort_by(|a, b| {
-        let da = (-probs[*a].ln() - entropy).abs();
-        let db = (-probs[*b].ln() - entropy).abs();
-        da.total_cmp(&db)
+    let penalties = any(&|p| {
+        p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
     });
-    let mut acc = 0.0;
-    for (rank, &o) in order.iter().enumerate() {
-        if rank > 0 && acc >= typical_p as f64 {
-            scores[idx[o]] = f32::NEG_INFINITY;
+    if penalties {
+        let history: Vec<&[u32]> = seqs.iter().map(|s| s.tokens.as_slice()).collect();
+        let (ids, mask) = padded(&history, device);
+        if any(&|p| p.repetition_penalty != 1.0) {
+            let pen = col(&|p| p.repetition_penalty);
+            let seen = scores.gather(1, &ids, false);
+            let seen = (&seen * &pen).where_self(&seen.lt(0.0), &(&seen / &pen));
+            scores = scores.scatter(1, &ids, &seen);
         }
-        acc += probs[o];
+        if any(&|p| p.frequency_penalty != 0.0) {
+            let counts =
+                Tensor::zeros([b, vocab], (Kind::Float, device)).scatter_add(1, &ids, &mask);
+            scores = scores - counts * col(&|p| p.frequency_penalty);
+        }
+        if any(&|p| p.presence_penalty != 0.0) {
+            // As OpenAI defines it: once per distinct token generated so far (prompt excluded).
+            let generated: Vec<&[u32]> = seqs.iter().map(|s| s.generated_ids()).collect();
+            let (ids, mask) = padded(&generated, device);
+            let present = Tensor::zeros([b, vocab], (Kind::Float, device))
+                .scatter_add(1, &ids, &mask)
+                .gt(0.0)
+                .to_kind(Kind::Float);
+            scores = scores - present * col(&|p| p.presence_penalty);
+        }
     }
+    let sampling: Vec<bool> = params.iter().map(SamplingParams::sampling).collect();
+    if any(&|p| p.sampling() && p.temperature != 1.0) {
+        scores = scores / col(&|p| if p.sampling() { p.temperature } else { 1.0 });
+    }
+    if any(&|p| p.sampling() && p.top_k > 0) {
+        let k_of = |p: &SamplingParams| match p.top_k as i64 {
+            k if p.sampling() && k > 0 => k.min(vocab),
+            _ => 0,
+        };
+        let kmax = params.iter().map(k_of).max().unwrap_or(1);
+        let (top, _) = scores.topk(kmax, -1, true, true);
+        let idx: Vec<i64> = params.iter().map(|p| (k_of(p) - 1).max(0)).collect();
+        let kth = top.gather(
+            1,
+            &Tensor::from_slice(&idx).to_device(device).unsqueeze(1),
+            false,
+        );
+        let off: Vec<bool> = params.iter().map(|p| k_of(p) == 0).collect();
+        let kth = kth.masked_fill(
+            &Tensor::from_slice(&off).to_device(device).unsqueeze(1),
+            f64::NEG_INFINITY,
+        );
+        scores = scores.masked_fill(&scores.lt_tensor(&kth), f64::NEG_INFINITY);
+    }
+    if any(&|p| p.sampling() && p.top_p < 1.0) {
+        let mass = col(&|p| {
+            if p.sampling() && p.top_p < 1.0 {
+                p.top_p
+            } else {
+                2.0
+            }
+        });
+        let order = scores.argsort(-1, true);
+        scores = keep_mass(&scores, &order, &mass);
+    }
+    if any(&|p| p.sampling() && p.typical_p < 1.0) {
+        // Locally typical sampling (Meister et al.): tokens whose surprisal is closest to the
+        // entropy, until their mass reaches typical_p.
+        let mass = col(&|p| {
+            if p.sampling() && p.typical_p < 1.0 {
+                p.typical_p
+            } else {
+                2.0
+            }
+        });
+        let logp = scores.log_softmax(-1, Kind::Float);
+        let p = logp.exp();
+        let entropy =
+            -(logp.nan_to_num(0.0, None, None) * &p).sum_dim_intlist(-1, true, Kind::Float);
+        let distance = (-&logp - entropy)
+            .abs()
+            .nan_to_num(f64::INFINITY, None, None);
+        let order = distance.argsort(-1, false);
+        scores = keep_mass(&scores, &order, &mass);
+    }
+    let logprobs = scores.log_softmax(-1, Kind::Float);
+    let greedy = logprobs.argmax(-1, false);
+    let tokens = if sampling.iter().any(|&s| s) {
+        let uniforms: Vec<f64> = seqs
+            .iter_mut()
+            .zip(&sampling)
+            .map(|(s, &on)| {
+                if on {
+                    s.sampler.rng.random::<f64>()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let cdf = logprobs.exp().cumsum(-1, Kind::Double);
+        let total = cdf.narrow(1, vocab - 1, 1);
+        let target = Tensor::from_slice(&uniforms).to_device(device).unsqueeze(1) * total;
+        let drawn = cdf
+            .lt_tensor(&target)
+            .sum_dim_intlist(-1, false, Kind::Int64)
+            .clamp_max(vocab - 1);
+        drawn.where_self(&Tensor::from_slice(&sampling).to_device(device), &greedy)
+    } else {
+        greedy
+    };
+    let chosen = logprobs
+        .gather(1, &tokens.unsqueeze(1), false)
+        .squeeze_dim(1);
+    let max_n = seqs
+        .iter()
+        .map(|s| s.top_n_tokens)
+        .max()
+        .unwrap_or(0)
+        .min(vocab as usize);
+    let top = if max_n > 0 {
+        let (v, i) = logprobs.topk(max_n as i64, -1, true, true);
+        Some((
+            Vec::<f32>::try_from(v.to_device(Device::Cpu).reshape([-1]))?,
+            Vec::<i64>::try_from(i.to_device(Device::Cpu).reshape([-1]))?,
+        ))
+    } else {
+        None
+    };
+    let tokens = Vec::<i64>::try_from(tokens.to_device(Device::Cpu))?;
+    let chosen = Vec::<f32>::try_from(chosen.to_device(Device::Cpu))?;
+    Ok((0..b as usize)
+        .map(|r| Choice {
+            token: tokens[r] as u32,
+            logprob: chosen[r],
+            top: match &top {
+                Some((v, i)) => (0..seqs[r].top_n_tokens)
+                    .map(|j| (i[r * max_n + j] as u32, v[r * max_n + j]))
+                    .collect(),
+                None => Vec::new(),
+            },
+        })
+        .collect())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params() -> SamplingParams {
-        SamplingParams::default()
-    }
-
-    #[test]
-    fn greedy_picks_argmax_with_its_logprob() {
-        let mut s = Sampler::new(params());
-        let mut x = vec![0.0, 2.0, 1.0];
-        let c = s.choose(&mut x, &[], 0);
-        assert_eq!(c.token, 1);
-        let expected = 2.0 - (1.0f32 + 2.0f32.exp() + 1.0f32.exp()).ln();
-        assert!((c.logprob - expected).abs() < 1e-6);
-    }
-
-    #[test]
-    fn repetition_penalty_follows_transformers() {
-        let mut s = Sampler::new(SamplingParams {
-            repetition_penalty: 2.0,
-            ..params()
-        });
-        // token 0 (positive, seen) is divided, token 2 (negative, seen) is multiplied.
-        let mut x = vec![3.0, 2.0, -1.0];
-        let c = s.choose(&mut x, &[0, 2, 0], 0);
-        assert_eq!(c.token, 1);
-    }
-
-    #[test]
-    fn same_seed_same_samples_and_top_k_one_is_greedy() {
-        let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let run = |seed| {
-            let mut s = Sampler::new(SamplingParams {
-                do_sample: true,
-                seed,
-                ..params()
-            });
-            (0..20)
-                .map(|_| s.choose(&mut logits.clone(), &[], 0).token)
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(7), run(7));
-        assert_ne!(run(7), run(8));
-        let mut s = Sampler::new(SamplingParams {
-            top_k: 1,
-            seed: 3,
-            ..params()
-        });
-        assert_eq!(
-            s.choose(&mut logits.clone(), &[], 0).token as usize,
-            argmax(&logits)
-        );
-    }
-
-    #[test]
-    fn presence_penalty_counts_generated_tokens_once() {
-        let mut s = Sampler::new(SamplingParams {
-            presence_penalty: 1.0,
-            ..params()
-        });
-        // Token 0 is in the prompt only (not penalised); token 1 was generated twice (penalised once).
-        let mut x = vec![2.0, 2.5, 1.2];
-        assert_eq!(s.choose(&mut x, &[0, 1, 1], 1).token, 0);
-        let mut x = vec![2.0, 2.5, 1.2];
-        assert_eq!(s.choose(&mut x, &[0, 1, 1], 3).token, 1);
-    }
-
-    #[test]
-    fn top_p_keeps_the_nucleus_only() {
-        let mut x = vec![(0.5f32).ln(), (0.3f32).ln(), (0.15f32).ln(), (0.05f32).ln()];
-        top_p_filter(&mut x, 0.7);
-        assert!(x[0].is_finite() && x[1].is_finite());
-        assert_eq!(x[2], f32::NEG_INFINITY);
-        assert_eq!(x[3], f32::NEG_INFINITY);
-    }
-
-    #[test]
-    fn top_n_is_sorted() {
-        let v = top_n(&[-3.0, -0.5, -2.0, -1.0], 3);
-        assert_eq!(v.iter().map(|x| x.0).collect::<Vec<_>>(), vec![1, 3, 2]);
-    }
-}
+#[path = "sampler_tests.rs"]
+mod tests;

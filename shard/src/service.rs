@@ -22,6 +22,8 @@ pub struct ShardService {
     info: pb::InfoResponse,
     urls: Vec<String>,
     memory_fraction: f64,
+    /// Where Warmup records the pool geometry for a restarted shard (see `warmup`).
+    pool_record: Option<PathBuf>,
 }
 
 /// The socket of `rank` for the base path `uds_path` (TGI's `{path}-{rank}` convention).
@@ -36,12 +38,12 @@ impl ShardService {
             requires_padding: false,
             dtype: kind_name(runner.model.kind()).to_string(),
             device_type: if device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
-            window_size: runner.model.config.sliding_window.map(|w| w as u32),
+            window_size: runner.model.config.sliding_window().map(|w| w as u32),
             speculate: 0,
-            support_chunking: false,
-            use_prefix_caching: false,
-            attention_impl: "varlen".to_string(),
-            block_size: 16,
+            support_chunking: true,
+            use_prefix_caching: true,
+            attention_impl: "paged".to_string(),
+            block_size: crate::runner::BLOCK_SIZE as u32,
         };
         let urls = (0..world_size)
             .map(|r| format!("unix://{}", socket_path(uds_path, r).display()))
@@ -51,7 +53,13 @@ impl ShardService {
             info,
             urls,
             memory_fraction,
+            pool_record: None,
         }
+    }
+
+    pub fn with_pool_record(mut self, path: PathBuf) -> Self {
+        self.pool_record = Some(path);
+        self
     }
 
     pub fn into_server(self) -> TextGenerationServiceServer<Self> {
@@ -140,8 +148,15 @@ impl TextGenerationService for ShardService {
     ) -> std::result::Result<Response<pb::WarmupResponse>, Status> {
         let r = r.into_inner();
         let fraction = self.memory_fraction;
+        let record = self.pool_record.clone();
         let resp = self
-            .with_runner(move |run| crate::warmup::warmup(run, &r, fraction))
+            .with_runner(move |run| {
+                let resp = crate::warmup::warmup(run, &r, fraction)?;
+                if let Some(path) = &record {
+                    crate::warmup::save_pool_record(path, run, r.max_prefill_tokens);
+                }
+                Ok(resp)
+            })
             .await?;
         Ok(Response::new(resp))
     }

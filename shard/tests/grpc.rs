@@ -1,6 +1,7 @@
 //! The shard over its real gRPC interface (tonic over a Unix socket), through the v3 call
 //! sequence: Info, Health, Warmup, Prefill, Decode, FilterBatch, ClearCache. Bad requests get a
-//! gRPC error and the shard keeps serving.
+//! gRPC error and the shard keeps serving. KV blocks behave as the router relies on: a cached
+//! prefix is reused, and blocks freed by one request carry nothing into the next.
 
 use std::path::{Path, PathBuf};
 
@@ -18,8 +19,9 @@ fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny/tiny-llama")
 }
 
-fn request(id: u64, inputs: &str, max_new_tokens: u32) -> pb::Request {
+fn request(id: u64, inputs: &str, max_new_tokens: u32, blocks: Vec<u32>) -> pb::Request {
     pb::Request {
+        blocks,
         id,
         inputs: inputs.into(),
         add_special_tokens: true,
@@ -86,7 +88,10 @@ async fn v3_call_sequence_and_errors() {
     let warm = pb::WarmupRequest {
         batch: Some(pb::Batch {
             id: 0,
-            requests: vec![request(0, &"word ".repeat(200), 2)],
+            requests: vec![pb::Request {
+                truncate: 200,
+                ..request(0, &"word ".repeat(200), 2, vec![])
+            }],
             size: 1,
             ..Default::default()
         }),
@@ -113,7 +118,7 @@ async fn v3_call_sequence_and_errors() {
     // A request that cannot fit the model is refused; the shard keeps serving.
     let bad = pb::Batch {
         id: 1,
-        requests: vec![request(1, "Hello", 10_000)],
+        requests: vec![request(1, "Hello", 10_000, vec![1])],
         size: 1,
         ..Default::default()
     };
@@ -129,8 +134,8 @@ async fn v3_call_sequence_and_errors() {
     let batch = pb::Batch {
         id: 2,
         requests: vec![
-            request(10, "Hello", 5),
-            request(11, "The quick brown fox", 5),
+            request(10, "Hello", 5, vec![1]),
+            request(11, "The quick brown fox", 5, vec![2]),
         ],
         size: 2,
         ..Default::default()
@@ -193,5 +198,133 @@ async fn v3_call_sequence_and_errors() {
         .expect_err("cleared");
     assert_eq!(gone.code(), tonic::Code::NotFound);
     c.health(pb::HealthRequest {}).await.expect("still healthy");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `requests` as one batch through Prefill and Decode; returns each request's tokens.
+async fn run(
+    c: &mut TextGenerationServiceClient<Channel>,
+    id: u64,
+    requests: Vec<pb::Request>,
+) -> std::collections::HashMap<u64, Vec<u32>> {
+    let mut out = std::collections::HashMap::<u64, Vec<u32>>::new();
+    let batch = pb::Batch {
+        id,
+        size: requests.len() as u32,
+        requests,
+        ..Default::default()
+    };
+    let p = c
+        .prefill(pb::PrefillRequest {
+            batch: Some(batch),
+            cached_batch: None,
+        })
+        .await
+        .expect("prefill")
+        .into_inner();
+    let (mut gens, mut cached) = (p.generations, p.batch);
+    loop {
+        for g in &gens {
+            out.entry(g.request_id)
+                .or_default()
+                .extend(g.tokens.as_ref().expect("tokens").ids.iter().copied());
+        }
+        let Some(b) = cached.take() else { break };
+        let d = c
+            .decode(pb::DecodeRequest { batches: vec![b] })
+            .await
+            .expect("decode")
+            .into_inner();
+        (gens, cached) = (d.generations, d.batch);
+    }
+    out
+}
+
+#[tokio::test]
+async fn kv_blocks_are_reused_without_contamination() {
+    let dir = std::env::temp_dir().join(format!("tessera-grpc-blocks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let base = dir.join("shard").display().to_string();
+    let mut c = serve(&base).await;
+    c.warmup(pb::WarmupRequest {
+        max_prefill_tokens: 64,
+        ..Default::default()
+    })
+    .await
+    .expect("warmup");
+    let long = "The Python interpreter reads a program, splits it into tokens, parses those tokens";
+    let short = "Hello";
+    // Reference outputs, each on fresh blocks.
+    let a = run(&mut c, 1, vec![request(1, long, 8, vec![1, 2, 3])]).await[&1].clone();
+    let b = run(&mut c, 2, vec![request(2, short, 8, vec![4])]).await[&2].clone();
+    // Blocks 1-3 were freed by request 1 (from the router's point of view) and now hold its
+    // K/V. A different prompt on them must not see any of it.
+    let reused = run(&mut c, 3, vec![request(3, short, 8, vec![3])]).await;
+    assert_eq!(
+        reused[&3], b,
+        "a freed block leaked K/V into a new sequence"
+    );
+    let reused = run(&mut c, 4, vec![request(4, short, 8, vec![1])]).await;
+    assert_eq!(reused[&4], b);
+    // Rewrite the long prompt's blocks, then reuse its first block as a cached prefix.
+    let again = run(&mut c, 5, vec![request(5, long, 8, vec![5, 6, 7])]).await;
+    assert_eq!(again[&5], a);
+    let prefixed = pb::Request {
+        cache_len: 16,
+        ..request(6, long, 8, vec![5, 8, 9])
+    };
+    let cached = run(&mut c, 6, vec![prefixed]).await;
+    assert_eq!(cached[&6], a, "a cached prefix must give the same output");
+    // Two sequences sharing the prefix block at once, in one batch.
+    let shared = vec![
+        pb::Request {
+            cache_len: 16,
+            ..request(7, long, 8, vec![5, 10, 11])
+        },
+        pb::Request {
+            cache_len: 16,
+            ..request(8, long, 8, vec![5, 12, 13])
+        },
+    ];
+    let both = run(&mut c, 7, shared).await;
+    assert_eq!((&both[&7], &both[&8]), (&a, &a));
+
+    // Malformed block tables are refused with INVALID_ARGUMENT, and nothing else breaks.
+    let bad = |r: pb::Request| pb::PrefillRequest {
+        batch: Some(pb::Batch {
+            id: 9,
+            size: 1,
+            requests: vec![r],
+            ..Default::default()
+        }),
+        cached_batch: None,
+    };
+    for (what, r) in [
+        ("no blocks", request(9, short, 4, vec![])),
+        (
+            "block outside the pool",
+            request(9, short, 4, vec![u32::MAX / 32]),
+        ),
+        ("too few blocks", request(9, long, 40, vec![14])),
+        (
+            "slots not matching blocks",
+            pb::Request {
+                slots: vec![7],
+                ..request(9, short, 4, vec![14])
+            },
+        ),
+        (
+            "whole prompt cached",
+            pb::Request {
+                cache_len: 50,
+                ..request(9, short, 4, vec![14])
+            },
+        ),
+    ] {
+        let err = c.prefill(bad(r)).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err}");
+    }
+    let after = run(&mut c, 10, vec![request(10, short, 8, vec![14])]).await;
+    assert_eq!(after[&10], b);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,5 +1,6 @@
-//! Correctness against transformers: the tiny random checkpoints and their reference outputs
-//! are made by `make test-models` (scripts/make_tiny.py and scripts/make_refs.py).
+//! Correctness against transformers, for every supported architecture: the tiny random
+//! checkpoints and their reference outputs are made by `make test-models`
+//! (scripts/make_tiny.py and scripts/make_refs.py).
 //!
 //! - f32: greedy tokens are identical to transformers for a whole batch of prompts of different
 //!   lengths run together through prefill + decode, and last-position logits agree within 1e-4.
@@ -7,127 +8,45 @@
 //!   top-5 logits must be within 0.25 of torch's bf16 run and within 0.5 of the f32 reference,
 //!   and the first token must match wherever the f32 top-1/top-2 gap exceeds 0.5.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use serde_json::Value;
+use common::*;
 use tch::{Device, Tensor};
-use tessera_proto as pb;
-use tessera_shard::kv_cache::SeqKvCache;
-use tessera_shard::model::ForwardInput;
+use tessera_shard::kv_cache::KvPool;
+use tessera_shard::model::{ForwardInput, PrefillSpan};
 use tessera_shard::Runner;
 
-const MODELS: &[&str] = &["tiny-llama", "tiny-mistral", "tiny-qwen2"];
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn refs(model: &str) -> Value {
-    let path = root()
-        .join("models/tiny-refs")
-        .join(format!("{model}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}. Run `make test-models` to create the test checkpoints",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("reference JSON")
-}
-
-fn load(model: &str, dtype: &str) -> Runner {
-    Runner::load(
-        &root().join("models/tiny").join(model),
-        Some(dtype),
-        Device::Cpu,
-    )
-    .expect("load model")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_u64().expect("id") as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("float"))
-        .collect()
-}
-
-fn request(id: u64, case: &Value, max_new: u32) -> pb::Request {
-    pb::Request {
-        id,
-        inputs: case["prompt"].as_str().expect("prompt").to_string(),
-        add_special_tokens: case["kind"] == "text",
-        parameters: Some(pb::NextTokenChooserParameters {
-            repetition_penalty: 1.0,
-            ..Default::default()
-        }),
-        stopping_parameters: Some(pb::StoppingCriteriaParameters {
-            max_new_tokens: max_new,
-            stop_sequences: vec![],
-            ignore_eos_token: true,
-        }),
-        ..Default::default()
-    }
-}
-
-/// Runs every case of the reference file as one batch, greedy, through Prefill and Decode.
-fn generate_batch(runner: &mut Runner, cases: &[Value], max_new: u32) -> Vec<Vec<u32>> {
-    let batch = pb::Batch {
-        id: 7,
-        requests: cases
-            .iter()
-            .enumerate()
-            .map(|(i, c)| request(i as u64, c, max_new))
-            .collect(),
-        size: cases.len() as u32,
-        ..Default::default()
-    };
-    let mut out = vec![Vec::new(); cases.len()];
-    let mut step = runner.prefill(&batch, None).expect("prefill");
-    loop {
-        for g in &step.generations {
-            out[g.request_id as usize]
-                .extend(g.tokens.as_ref().expect("tokens").ids.iter().copied());
-        }
-        match step.batch.take() {
-            Some(b) => step = runner.decode(&[b]).expect("decode"),
-            None => break,
-        }
-    }
-    out
-}
-
-/// Last-position logits of each case, computed as one batched forward pass.
+/// Last-position logits of each prompt, computed as one batched forward pass into a fresh pool.
 fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
     let _guard = tch::no_grad_guard();
-    let mut caches: Vec<SeqKvCache> = prompts
-        .iter()
-        .map(|p| SeqKvCache::new(runner.model.kv_layout(), p.len()))
-        .collect();
+    let total: usize = prompts.iter().map(|p| p.len().div_ceil(BLOCK)).sum();
+    let mut pool = KvPool::new(runner.model.kv_layout(), BLOCK, total + 1).expect("pool");
     let flat: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
     let positions: Vec<i64> = prompts.iter().flat_map(|p| 0..p.len() as i64).collect();
-    let mut rows = Vec::new();
-    let mut end = 0i64;
+    let (mut rows, mut spans, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut start, mut block) = (0i64, 1i64);
     for p in prompts {
-        end += p.len() as i64;
-        rows.push(end - 1);
+        let n = p.len() as i64;
+        slots.extend((0..n).map(|i| block * BLOCK as i64 + i));
+        block += (p.len().div_ceil(BLOCK)) as i64;
+        spans.push(PrefillSpan {
+            start,
+            len: n,
+            past: 0,
+            context: None,
+        });
+        start += n;
+        rows.push(start - 1);
     }
     let input = ForwardInput {
         input_ids: Tensor::from_slice(&flat),
         positions: Tensor::from_slice(&positions),
-        new_tokens: prompts.iter().map(|p| p.len()).collect(),
+        slots: Tensor::from_slice(&slots),
+        prefills: spans,
+        decode: None,
         logit_rows: Tensor::from_slice(&rows),
     };
-    let mut refs: Vec<&mut SeqKvCache> = caches.iter_mut().collect();
-    let logits = runner.model.forward(&input, &mut refs);
+    let logits = runner.model.forward(&input, &mut pool);
     (0..prompts.len() as i64)
         .map(|i| Vec::<f32>::try_from(logits.get(i)).expect("row"))
         .collect()
@@ -137,9 +56,9 @@ fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
 fn f32_greedy_batch_matches_transformers_token_for_token() {
     for model in MODELS {
         let r = refs(model);
-        let cases = r["cases"].as_array().expect("cases");
-        let mut runner = load(model, "float32");
-        for c in cases {
+        let cases = cases(&r);
+        let mut runner = load(model, "float32", 256);
+        for c in &cases {
             let enc = runner
                 .tokenizer
                 .encode(c["prompt"].as_str().unwrap(), c["kind"] == "text")
@@ -151,11 +70,15 @@ fn f32_greedy_batch_matches_transformers_token_for_token() {
                 c["prompt"]
             );
         }
-        let got = generate_batch(&mut runner, cases, 20);
-        for (c, g) in cases.iter().zip(&got) {
+        let mut blocks = Blocks::default();
+        let requests = (0..cases.len())
+            .map(|i| request(i as u64, &cases[i], 20, &mut blocks))
+            .collect();
+        let out = generate(&mut runner, requests);
+        for (i, c) in cases.iter().enumerate() {
             assert_eq!(
-                g,
-                &ids(&c["greedy"]["ids"]),
+                out.get(i as u64),
+                ids(&c["greedy"]["ids"]).as_slice(),
                 "{model}: greedy tokens for {:?}",
                 c["prompt"]
             );
@@ -167,8 +90,8 @@ fn f32_greedy_batch_matches_transformers_token_for_token() {
 fn f32_last_logits_within_1e_4() {
     for model in MODELS {
         let r = refs(model);
-        let cases = r["cases"].as_array().expect("cases");
-        let runner = load(model, "float32");
+        let cases = cases(&r);
+        let runner = load(model, "float32", 2);
         let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["input_ids"])).collect();
         let logits = last_logits(&runner, &prompts);
         let mut worst = 0f64;
@@ -181,6 +104,11 @@ fn f32_last_logits_within_1e_4() {
             for (i, want) in floats(&last["first8"]).into_iter().enumerate() {
                 worst = worst.max((row[i] as f64 - want).abs());
             }
+            if let Some(full) = c.get("last_logits_full") {
+                for (got, want) in row.iter().zip(floats(full)) {
+                    worst = worst.max((*got as f64 - want).abs());
+                }
+            }
         }
         eprintln!("{model}: f32 max abs logit difference {worst:.2e}");
         // The reference values are rounded to 6 decimals, well inside the tolerance.
@@ -192,12 +120,16 @@ fn f32_last_logits_within_1e_4() {
 fn bf16_within_stated_tolerance() {
     for model in MODELS {
         let r = refs(model);
-        let cases = r["cases"].as_array().expect("cases");
-        let mut runner = load(model, "bfloat16");
+        let cases = cases(&r);
+        let mut runner = load(model, "bfloat16", 256);
         let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["input_ids"])).collect();
         let logits = last_logits(&runner, &prompts);
-        let firsts = generate_batch(&mut runner, cases, 1);
-        for ((c, row), first) in cases.iter().zip(&logits).zip(&firsts) {
+        let mut blocks = Blocks::default();
+        let requests = (0..cases.len())
+            .map(|i| request(i as u64, &cases[i], 1, &mut blocks))
+            .collect();
+        let firsts = generate(&mut runner, requests);
+        for (i, (c, row)) in cases.iter().zip(&logits).enumerate() {
             let f32_top = &c["last_logits"]["top5"];
             for (id, want) in ids(&f32_top["ids"]).iter().zip(floats(&f32_top["values"])) {
                 let got = row[*id as usize] as f64;
@@ -222,7 +154,7 @@ fn bf16_within_stated_tolerance() {
             let vals = floats(&f32_top["values"]);
             if vals[0] - vals[1] > 0.5 {
                 assert_eq!(
-                    first[0],
+                    firsts.get(i as u64)[0],
                     ids(&f32_top["ids"])[0],
                     "{model} {:?}: first bf16 token",
                     c["prompt"]
@@ -236,23 +168,18 @@ fn bf16_within_stated_tolerance() {
 fn f32_prompt_logprobs_match_transformers() {
     for model in MODELS {
         let r = refs(model);
-        let cases = r["cases"].as_array().expect("cases");
-        let mut runner = load(model, "float32");
+        let cases = cases(&r);
+        let mut runner = load(model, "float32", 128);
+        let mut blocks = Blocks::default();
         let requests = cases
             .iter()
             .enumerate()
-            .map(|(i, c)| pb::Request {
+            .map(|(i, c)| tessera_proto::Request {
                 prefill_logprobs: true,
-                ..request(i as u64, c, 1)
+                ..request(i as u64, c, 1, &mut blocks)
             })
             .collect::<Vec<_>>();
-        let batch = pb::Batch {
-            id: 3,
-            size: requests.len() as u32,
-            requests,
-            ..Default::default()
-        };
-        let out = runner.prefill(&batch, None).expect("prefill");
+        let out = runner.prefill(&batch(3, requests), None).expect("prefill");
         let mut worst = 0f64;
         for g in &out.generations {
             let case = &cases[g.request_id as usize];
@@ -272,4 +199,21 @@ fn f32_prompt_logprobs_match_transformers() {
             "{model}: max |prompt logprob - reference| = {worst}"
         );
     }
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let dir = std::env::temp_dir().join(format!("tessera-bloom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"model_type":"bloom"}"#).unwrap();
+    let err = Runner::load(&dir, None, Device::Cpu)
+        .err()
+        .expect("must fail");
+    let msg = err.to_string();
+    for arch in [
+        "bloom", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2",
+    ] {
+        assert!(msg.contains(arch), "{msg}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,0 +1,207 @@
+//! Attention over the paged KV pool.
+//!
+//! Masks depend only on the batch layout and a layer's sliding window, so `AttentionPlan`
+//! builds them once per forward pass (one variant per distinct window) and every layer reuses
+//! them. Prompt chunks go through SDPA, which has fused CPU and CUDA kernels and matches
+//! transformers' own numerics; decode tokens, and any model with logit soft-capping (which SDPA
+//! cannot express), use an explicit grouped-query attention that never repeats K/V heads.
+
+use tch::{Kind, Tensor};
+
+use super::ForwardInput;
+use crate::kv_cache::KvPool;
+
+/// Head geometry and score shaping of one model.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionParams {
+    pub num_heads: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub scale: f64,
+    pub softcap: Option<f64>,
+}
+
+/// The masks of one sliding-window setting: `true` where a query may attend to a key.
+struct Variant {
+    window: Option<usize>,
+    /// Per prefill span; `None` for plain causal attention over a fresh prompt.
+    prefill: Vec<Option<Tensor>>,
+    /// `[B, 1, 1, 1, max_len]` for the decode group; `None` when nothing is masked.
+    decode: Option<Tensor>,
+}
+
+pub struct AttentionPlan {
+    variants: Vec<Variant>,
+}
+
+/// `always`: build the mask even for plain causal attention (the explicit path needs one).
+fn prefill_mask(
+    past: i64,
+    len: i64,
+    window: Option<i64>,
+    always: bool,
+    device: tch::Device,
+) -> Option<Tensor> {
+    let total = past + len;
+    let window = window.filter(|&w| w < total);
+    if past == 0 && window.is_none() && !always {
+        return None;
+    }
+    let q = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let mut mask = k.le_tensor(&q);
+    if let Some(w) = window {
+        mask = mask.logical_and(&(q - k).lt(w));
+    }
+    Some(mask)
+}
+
+fn decode_mask(lens: &[i64], window: Option<i64>, device: tch::Device) -> Option<Tensor> {
+    let max = lens.iter().copied().max().unwrap_or(0);
+    let padded = lens.iter().any(|&l| l != max);
+    let windowed = window.is_some_and(|w| max > w);
+    if !padded && !windowed {
+        return None;
+    }
+    let lens_t = Tensor::from_slice(lens).to_device(device).unsqueeze(1);
+    let k = Tensor::arange(max, (Kind::Int64, device)).unsqueeze(0);
+    let mut mask = k.lt_tensor(&lens_t);
+    if let Some(w) = window {
+        mask = mask.logical_and(&((lens_t - 1) - k).lt(w));
+    }
+    Some(mask.view([lens.len() as i64, 1, 1, 1, max]))
+}
+
+impl AttentionPlan {
+    /// `explicit_prefill`: prompts use the explicit path too (models with soft-capping).
+    pub fn new(input: &ForwardInput, windows: &[Option<usize>], explicit_prefill: bool) -> Self {
+        let device = input.input_ids.device();
+        let mut distinct: Vec<Option<usize>> = Vec::new();
+        for w in windows {
+            if !distinct.contains(w) {
+                distinct.push(*w);
+            }
+        }
+        let variants = distinct
+            .into_iter()
+            .map(|window| {
+                let w = window.map(|w| w as i64);
+                Variant {
+                    window,
+                    prefill: input
+                        .prefills
+                        .iter()
+                        .map(|p| prefill_mask(p.past, p.len, w, explicit_prefill, device))
+                        .collect(),
+                    decode: input
+                        .decode
+                        .as_ref()
+                        .and_then(|d| decode_mask(&d.lens, w, device)),
+                }
+            })
+            .collect();
+        Self { variants }
+    }
+
+    fn variant(&self, window: Option<usize>) -> &Variant {
+        self.variants
+            .iter()
+            .find(|v| v.window == window)
+            .unwrap_or(&self.variants[0])
+    }
+}
+
+/// Explicit attention. `q`: `[B, heads, Lq, hd]`; `k`/`v`: `[B, kv_heads, Lk, hd]`;
+/// `mask`: broadcastable to `[B, kv_heads, group, Lq, Lk]`. Returns `[B, heads, Lq, hd]`.
+fn explicit(
+    p: &AttentionParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Tensor {
+    let (b, lq) = (q.size()[0], q.size()[2]);
+    let lk = k.size()[2];
+    let group = p.num_heads / p.num_kv_heads;
+    let q = q.reshape([b, p.num_kv_heads, group * lq, p.head_dim]);
+    let mut scores = q.matmul(&k.transpose(2, 3)) * p.scale;
+    if let Some(cap) = p.softcap {
+        scores = (scores / cap).tanh() * cap;
+    }
+    let mut scores = scores.view([b, p.num_kv_heads, group, lq, lk]);
+    if let Some(m) = mask {
+        scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+    }
+    let probs =
+        scores
+            .softmax(-1, Kind::Float)
+            .to_kind(v.kind())
+            .view([b, p.num_kv_heads, group * lq, lk]);
+    probs.matmul(v).view([b, p.num_heads, lq, p.head_dim])
+}
+
+/// Attention for every row of the batch. `q` is `[T, heads, hd]`, `k`/`v` the new tokens'
+/// `[T, kv_heads, hd]` (already written to `pool`). Returns `[T, heads * hd]`.
+pub fn attend(
+    p: &AttentionParams,
+    plan: &AttentionPlan,
+    window: Option<usize>,
+    input: &ForwardInput,
+    pool: &KvPool,
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Tensor {
+    let variant = plan.variant(window);
+    let mut outs = Vec::with_capacity(input.prefills.len() + 1);
+    for (span, mask) in input.prefills.iter().zip(&variant.prefill) {
+        let qi = q
+            .narrow(0, span.start, span.len)
+            .transpose(0, 1)
+            .unsqueeze(0);
+        let (ki, vi) = match &span.context {
+            Some(ctx) => pool.gather(layer, ctx),
+            None => (
+                k.narrow(0, span.start, span.len),
+                v.narrow(0, span.start, span.len),
+            ),
+        };
+        let ki = ki.transpose(0, 1).unsqueeze(0);
+        let vi = vi.transpose(0, 1).unsqueeze(0);
+        let o = if p.softcap.is_some() {
+            explicit(p, &qi, &ki, &vi, mask.as_ref())
+        } else {
+            Tensor::scaled_dot_product_attention(
+                &qi,
+                &ki,
+                &vi,
+                mask.as_ref().map(|m| m.unsqueeze(0).unsqueeze(0)),
+                0.0,
+                mask.is_none(),
+                Some(p.scale),
+                p.num_kv_heads != p.num_heads,
+            )
+        };
+        outs.push(o.squeeze_dim(0).transpose(0, 1).reshape([span.len, -1]));
+    }
+    if let Some(d) = &input.decode {
+        let b = d.lens.len() as i64;
+        let qd = q.narrow(0, d.start, b).unsqueeze(2);
+        let (kd, vd) = pool.gather(layer, &d.context);
+        // [B, L, kv_heads, hd] -> [B, kv_heads, L, hd]
+        let o = explicit(
+            p,
+            &qd,
+            &kd.transpose(1, 2),
+            &vd.transpose(1, 2),
+            variant.decode.as_ref(),
+        );
+        outs.push(o.reshape([b, -1]));
+    }
+    if outs.len() == 1 {
+        outs.swap_remove(0)
+    } else {
+        Tensor::cat(&outs, 0)
+    }
+}

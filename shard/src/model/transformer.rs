@@ -1,0 +1,306 @@
+//! The pre-norm decoder every supported family is built from, and its parts.
+//!
+//! Families differ in parts, not in control flow: RMSNorm or LayerNorm, gated or plain MLP,
+//! RoPE or learned positions, optional q/k norms (Qwen3), extra norms around attention and MLP
+//! and soft-capped scores (Gemma 2). Numerics follow transformers step for step (norms in f32,
+//! then cast where transformers casts), because the reference tests demand token equality.
+
+use tch::{Device, Kind, Tensor};
+
+use super::attention::{self, AttentionParams, AttentionPlan};
+use super::rope::Rope;
+use super::ForwardInput;
+use crate::config::{Activation, ModelConfig};
+use crate::error::Result;
+use crate::kv_cache::{KvLayout, KvPool};
+use crate::weights::Weights;
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    /// Loads `names` (each `[rows_i, cols]`, `.weight` and optionally `.bias`) fused into one
+    /// matmul: fewer, larger matmuls are what a 2-core CPU and a GPU both prefer.
+    pub fn fused(
+        w: &Weights,
+        names: &[String],
+        rows: &[i64],
+        cols: i64,
+        bias: bool,
+    ) -> Result<Self> {
+        let mut ws = names
+            .iter()
+            .zip(rows)
+            .map(|(n, &r)| w.get(&format!("{n}.weight"), &[r, cols]))
+            .collect::<Result<Vec<_>>>()?;
+        let bias = if bias {
+            let bs = names
+                .iter()
+                .zip(rows)
+                .map(|(n, &r)| w.get(&format!("{n}.bias"), &[r]))
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&bs, 0))
+        } else {
+            None
+        };
+        let weight = if ws.len() == 1 {
+            ws.swap_remove(0)
+        } else {
+            Tensor::cat(&ws, 0)
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn single(w: &Weights, name: &str, rows: i64, cols: i64, bias: bool) -> Result<Self> {
+        Self::fused(w, &[name.to_string()], &[rows], cols, bias)
+    }
+}
+
+pub enum Norm {
+    /// `x * rsqrt(mean(x²) + eps)` in f32. Llama casts back before scaling by `weight`; Gemma
+    /// scales by `1 + weight` in f32 and casts after (`unit_offset`).
+    Rms {
+        weight: Tensor,
+        eps: f64,
+        unit_offset: bool,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
+}
+
+impl Norm {
+    pub fn rms(w: &Weights, name: &str, size: i64, eps: f64) -> Result<Self> {
+        Ok(Norm::Rms {
+            weight: w.get(name, &[size])?,
+            eps,
+            unit_offset: false,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Norm::Rms {
+                weight,
+                eps,
+                unit_offset,
+            } => {
+                let kind = x.kind();
+                let h = x.to_kind(Kind::Float);
+                let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+                let h = h * (var + *eps).rsqrt();
+                if *unit_offset {
+                    (h * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                } else {
+                    weight * h.to_kind(kind)
+                }
+            }
+            Norm::Layer { weight, bias, eps } => {
+                let n = weight.size()[0];
+                x.layer_norm([n], Some(weight), Some(bias), *eps, false)
+            }
+        }
+    }
+}
+
+fn activate(act: Activation, x: &Tensor) -> Tensor {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluTanh => x.gelu("tanh"),
+        Activation::Gelu => x.gelu("none"),
+    }
+}
+
+pub enum Mlp {
+    /// `down(act(gate(x)) * up(x))`, gate and up fused into one matmul (gate first).
+    Gated { gate_up: Linear, down: Linear },
+    /// `proj(act(fc(x)))` (GPT-2).
+    Plain { fc: Linear, proj: Linear },
+}
+
+impl Mlp {
+    fn forward(&self, act: Activation, x: &Tensor) -> Tensor {
+        match self {
+            Mlp::Gated { gate_up, down } => {
+                let gu = gate_up.forward(x);
+                let ffn = gu.size()[1] / 2;
+                down.forward(&(activate(act, &gu.narrow(1, 0, ffn)) * gu.narrow(1, ffn, ffn)))
+            }
+            Mlp::Plain { fc, proj } => proj.forward(&activate(act, &fc.forward(x))),
+        }
+    }
+}
+
+pub struct Layer {
+    pub input_norm: Norm,
+    /// q, k and v fused, in that order.
+    pub qkv: Linear,
+    pub o: Linear,
+    /// Per-head norms of queries and keys before RoPE (Qwen3).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
+    /// Applied to the attention output before the residual add (Gemma 2).
+    pub post_attention_norm: Option<Norm>,
+    pub pre_mlp_norm: Norm,
+    pub post_mlp_norm: Option<Norm>,
+    pub mlp: Mlp,
+    pub window: Option<usize>,
+}
+
+/// How token positions enter the model.
+pub enum Positions {
+    Rope(Rope),
+    /// A learned table added to the token embeddings (GPT-2).
+    Learned(Tensor),
+}
+
+pub struct Transformer {
+    pub config: ModelConfig,
+    pub embed: Tensor,
+    /// Multiplier of the token embeddings (Gemma 2's `sqrt(hidden_size)`), in the model dtype.
+    pub embed_scale: Option<f64>,
+    pub positions: Positions,
+    pub layers: Vec<Layer>,
+    pub final_norm: Norm,
+    pub lm_head: Tensor,
+    pub attention: AttentionParams,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+impl Transformer {
+    /// The separate `lm_head` when the checkpoint has one and is untied, else the embedding
+    /// table (tied checkpoints store no lm_head; some store a copy anyway).
+    pub fn lm_head(
+        w: &Weights,
+        config: &ModelConfig,
+        embed: &Tensor,
+        name: &str,
+    ) -> Result<Tensor> {
+        let shape = [config.vocab_size as i64, config.hidden_size as i64];
+        if w.contains(name) && !config.tie_word_embeddings {
+            w.get(name, &shape)
+        } else {
+            Ok(embed.shallow_clone())
+        }
+    }
+
+    pub fn attention_params(config: &ModelConfig) -> AttentionParams {
+        AttentionParams {
+            num_heads: config.num_heads as i64,
+            num_kv_heads: config.num_kv_heads as i64,
+            head_dim: config.head_dim as i64,
+            scale: config.attention_scale,
+            softcap: config.attn_logit_softcapping,
+        }
+    }
+
+    pub fn rope(config: &ModelConfig, device: Device) -> Positions {
+        Positions::Rope(Rope::new(
+            config.rotary_dim as i64,
+            config.rope_theta,
+            &config.rope_scaling,
+            config.max_position_embeddings as i64,
+            device,
+        ))
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            num_layers: self.config.num_layers,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            kind: self.kind,
+            device: self.device,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Runs the batch, writing the new tokens' K/V into `pool`, and returns f32 logits
+    /// `[rows, vocab]` for `input.logit_rows`.
+    pub fn forward(&self, input: &ForwardInput, pool: &mut KvPool) -> Tensor {
+        let (nh, nkv, hd) = (
+            self.attention.num_heads,
+            self.attention.num_kv_heads,
+            self.attention.head_dim,
+        );
+        let t = input.input_ids.size()[0];
+        let windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
+        let plan = AttentionPlan::new(input, &windows, self.attention.softcap.is_some());
+        let mut x = Tensor::embedding(&self.embed, &input.input_ids, -1, false, false);
+        if let Some(scale) = self.embed_scale {
+            x = x * Tensor::from(scale)
+                .to_kind(self.kind)
+                .to_device(self.device);
+        }
+        let rope = match &self.positions {
+            Positions::Rope(rope) => Some((rope, rope.tables(&input.positions, self.kind))),
+            Positions::Learned(table) => {
+                x = x + table.index_select(0, &input.positions);
+                None
+            }
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x);
+            let qkv = layer.qkv.forward(&h);
+            let mut q = qkv.narrow(1, 0, nh * hd).view([t, nh, hd]);
+            let mut k = qkv.narrow(1, nh * hd, nkv * hd).view([t, nkv, hd]);
+            let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = qn.forward(&q);
+                k = kn.forward(&k);
+            }
+            if let Some((rope, (cos, sin))) = &rope {
+                q = rope.apply(&q, cos, sin);
+                k = rope.apply(&k, cos, sin);
+            }
+            pool.write(li, &input.slots, &k, &v);
+            let attn = attention::attend(
+                &self.attention,
+                &plan,
+                layer.window,
+                input,
+                pool,
+                li,
+                &q,
+                &k,
+                &v,
+            );
+            let mut a = layer.o.forward(&attn);
+            if let Some(n) = &layer.post_attention_norm {
+                a = n.forward(&a);
+            }
+            x = x + a;
+            let h = layer.pre_mlp_norm.forward(&x);
+            let mut m = layer.mlp.forward(self.config.activation, &h);
+            if let Some(n) = &layer.post_mlp_norm {
+                m = n.forward(&m);
+            }
+            x = x + m;
+        }
+        let rows = x.index_select(0, &input.logit_rows);
+        let rows = self.final_norm.forward(&rows);
+        let logits = rows
+            .linear::<Tensor>(&self.lm_head, None)
+            .to_kind(Kind::Float);
+        match self.config.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+}

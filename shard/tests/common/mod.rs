@@ -1,0 +1,152 @@
+//! Shared helpers of the shard's integration tests: the tiny checkpoints, their transformers
+//! references, protocol requests with KV blocks, and a driver that runs batches to completion.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tch::Device;
+use tessera_proto as pb;
+use tessera_shard::Runner;
+
+/// Every architecture the shard supports, as a tiny random checkpoint.
+pub const MODELS: &[&str] = &["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"];
+
+pub const BLOCK: usize = 16;
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn refs(model: &str) -> Value {
+    let path = root()
+        .join("models/tiny-refs")
+        .join(format!("{model}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Run `make test-models` to create the test checkpoints",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("reference JSON")
+}
+
+pub fn cases(r: &Value) -> Vec<Value> {
+    r["cases"].as_array().expect("cases").clone()
+}
+
+/// Loads `model` with a KV pool of `blocks` blocks.
+pub fn load(model: &str, dtype: &str, blocks: usize) -> Runner {
+    let mut runner = Runner::load(
+        &root().join("models/tiny").join(model),
+        Some(dtype),
+        Device::Cpu,
+    )
+    .expect("load model");
+    runner.allocate_pool(blocks).expect("pool");
+    runner
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
+}
+
+/// Hands out KV blocks the way a router would (block 0 stays reserved).
+pub struct Blocks {
+    next: u32,
+}
+
+impl Default for Blocks {
+    fn default() -> Self {
+        Self { next: 1 }
+    }
+}
+
+impl Blocks {
+    pub fn take(&mut self, tokens: usize) -> Vec<u32> {
+        let n = tokens.div_ceil(BLOCK) as u32;
+        let out = (self.next..self.next + n).collect();
+        self.next += n;
+        out
+    }
+}
+
+/// A greedy request for a reference case, with blocks for its prompt plus `max_new`.
+pub fn request(id: u64, case: &Value, max_new: u32, blocks: &mut Blocks) -> pb::Request {
+    let prompt = ids(&case["input_ids"]).len();
+    pb::Request {
+        id,
+        inputs: case["prompt"].as_str().expect("prompt").to_string(),
+        add_special_tokens: case["kind"] == "text",
+        parameters: Some(pb::NextTokenChooserParameters {
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
+        stopping_parameters: Some(pb::StoppingCriteriaParameters {
+            max_new_tokens: max_new,
+            stop_sequences: vec![],
+            ignore_eos_token: true,
+        }),
+        blocks: blocks.take(prompt + max_new as usize),
+        ..Default::default()
+    }
+}
+
+pub fn batch(id: u64, requests: Vec<pb::Request>) -> pb::Batch {
+    pb::Batch {
+        id,
+        size: requests.len() as u32,
+        requests,
+        ..Default::default()
+    }
+}
+
+/// Collected output per request id.
+#[derive(Default)]
+pub struct Outputs(pub HashMap<u64, Vec<u32>>);
+
+impl Outputs {
+    pub fn add(&mut self, generations: &[pb::Generation]) {
+        for g in generations {
+            self.0
+                .entry(g.request_id)
+                .or_default()
+                .extend(g.tokens.as_ref().expect("tokens").ids.iter().copied());
+        }
+    }
+
+    pub fn get(&self, id: u64) -> &[u32] {
+        self.0.get(&id).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// Decodes `cached` until every request in it has finished.
+pub fn run_to_end(runner: &mut Runner, mut cached: Option<pb::CachedBatch>, out: &mut Outputs) {
+    while let Some(b) = cached {
+        let step = runner.decode(&[b]).expect("decode");
+        out.add(&step.generations);
+        cached = step.batch;
+    }
+}
+
+/// Runs `requests` as one batch to completion and returns each request's tokens.
+pub fn generate(runner: &mut Runner, requests: Vec<pb::Request>) -> Outputs {
+    let mut out = Outputs::default();
+    let step = runner.prefill(&batch(1, requests), None).expect("prefill");
+    out.add(&step.generations);
+    run_to_end(runner, step.batch, &mut out);
+    out
+}
