@@ -1,28 +1,45 @@
-//! Shard hot paths on the default model (SmolLM2-135M-Instruct), each against a roofline
-//! measured in the same run on the same machine:
+//! Shard microbenchmark on the default model (SmolLM2-135M-Instruct): prefill and decode at
+//! batch 1, 8 and 32 (128-token prompts, 128 new tokens), in f32 and bf16, each reported
+//! against baselines measured in the same run on the same machine:
 //!
-//! - decode at batch 1 is memory-bound: every token reads all weights once, so the roofline is
-//!   (measured read bandwidth) / (weight bytes);
-//! - decode at batch 8 reads the weights once for 8 tokens; same roofline × 8 as the ideal;
-//! - prefill is compute-bound: the roofline is (measured large-matmul FLOP/s) / (2 × params).
+//! - `transformers` `generate()` on the same checkpoint, dtype and thread count
+//!   (benchmark/transformers_baseline.py, run as a subprocess);
+//! - the memory-bandwidth roofline: a decode step reads every weight once, so at best
+//!   `batch × bandwidth / weight bytes` tokens/s;
+//! - the FLOP roofline: `2 × params` FLOPs per token at the measured large-matmul rate.
 //!
-//! Run: `cargo bench -p tessera-benchmark` (after `make model`). Set TESSERA_BENCH_DTYPE=float32
-//! to measure f32.
+//! Run: `cargo bench -p tessera-benchmark` (after `make model`; `make bench` does both).
+//! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
+//! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
+//! TESSERA_BENCH_JSON=path (write every figure as JSON).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 use tessera_proto as pb;
+use tessera_shard::runner::BLOCK_SIZE;
 use tessera_shard::Runner;
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct";
+const PROMPT: usize = 128;
 
-fn request(id: u64, prompt_tokens: u32, new_tokens: u32) -> pb::Request {
+fn env_list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn request(id: u64, new_tokens: u32, first_block: u32) -> pb::Request {
+    let tokens = (PROMPT + new_tokens as usize).div_ceil(BLOCK_SIZE) as u32;
     pb::Request {
         id,
-        inputs: "The quick brown fox jumps over the lazy dog. ".repeat(prompt_tokens as usize),
-        truncate: prompt_tokens,
+        // Distinct prompts per row, truncated to exactly PROMPT tokens.
+        inputs: format!("{id} ") + &"The quick brown fox jumps over the lazy dog. ".repeat(PROMPT),
+        truncate: PROMPT as u32,
         add_special_tokens: true,
         parameters: Some(pb::NextTokenChooserParameters {
             repetition_penalty: 1.0,
@@ -33,49 +50,36 @@ fn request(id: u64, prompt_tokens: u32, new_tokens: u32) -> pb::Request {
             stop_sequences: vec![],
             ignore_eos_token: true,
         }),
+        blocks: (first_block..first_block + tokens).collect(),
         ..Default::default()
     }
 }
 
-/// Seconds per decode step for `batch` sequences, after one prefill.
-fn decode_step_seconds(runner: &mut Runner, batch: usize, steps: u32) -> f64 {
+/// Prefill and decode throughput (tokens/s) of one batch run to completion.
+fn run_batch(runner: &mut Runner, batch: usize, new_tokens: u32) -> (f64, f64) {
+    let per = (PROMPT + new_tokens as usize).div_ceil(BLOCK_SIZE) as u32;
     let b = pb::Batch {
         id: 1,
-        requests: (0..batch as u64)
-            .map(|i| request(i, 32, steps + 1))
+        requests: (0..batch as u32)
+            .map(|i| request(i as u64, new_tokens, 1 + i * per))
             .collect(),
         size: batch as u32,
         ..Default::default()
     };
-    let mut cached = runner.prefill(&b, None).expect("prefill").batch;
-    // One untimed step so allocations settle.
-    cached = runner
-        .decode(&[cached.expect("batch")])
-        .expect("decode")
-        .batch;
     let start = Instant::now();
-    let mut n = 0;
+    let mut cached = runner.prefill(&b, None).expect("prefill").batch;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let mut steps = 0;
     while let Some(c) = cached {
         cached = runner.decode(&[c]).expect("decode").batch;
-        n += 1;
+        steps += 1;
     }
-    start.elapsed().as_secs_f64() / n as f64
-}
-
-fn prefill_seconds(runner: &mut Runner, tokens: u32) -> f64 {
-    let b = pb::Batch {
-        id: 2,
-        requests: vec![request(0, tokens, 1)],
-        size: 1,
-        ..Default::default()
-    };
-    runner.prefill(&b, None).expect("warm prefill");
-    let start = Instant::now();
-    let reps = 3;
-    for _ in 0..reps {
-        runner.prefill(&b, None).expect("prefill");
-    }
-    start.elapsed().as_secs_f64() / reps as f64
+    let decode = start.elapsed().as_secs_f64();
+    (
+        (batch * PROMPT) as f64 / prefill,
+        (batch * steps) as f64 / decode,
+    )
 }
 
 /// Sustained read bandwidth in bytes/s over a buffer as large as the weights.
@@ -103,61 +107,129 @@ fn matmul_flops(kind: Kind) -> f64 {
     (2 * n * n * n * reps) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// transformers' figures for `dtype`: `(batch, prefill tok/s, decode tok/s)`.
+fn transformers_baseline(root: &Path, dtype: &str, batches: &[usize], new: u32) -> Vec<(usize, f64, f64)> {
+    let python = root.join(".venv/bin/python");
+    let script = root.join("benchmark/transformers_baseline.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg("--model")
+        .arg(root.join(MODEL))
+        .args(["--dtype", dtype])
+        .args(["--threads", &tch::get_num_threads().to_string()])
+        .args(["--batches", &batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")])
+        .args(["--new-tokens", &new.to_string()])
+        .args(["--prompt-len", &PROMPT.to_string()])
+        .output();
+    let Ok(out) = out else {
+        eprintln!("transformers baseline could not run");
+        return Vec::new();
+    };
+    if !out.status.success() {
+        eprintln!("transformers baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            Some((
+                v["batch"].as_u64()? as usize,
+                v["prefill_tok_s"].as_f64()?,
+                v["decode_tok_s"].as_f64()?,
+            ))
+        })
+        .collect()
+}
+
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join(MODEL);
     if !dir.join("model.safetensors").exists() {
         eprintln!("{} is missing: run `make model` first", dir.display());
         std::process::exit(1);
     }
-    let dtype = std::env::var("TESSERA_BENCH_DTYPE").unwrap_or_else(|_| "bfloat16".into());
+    let dtypes = env_list("TESSERA_BENCH_DTYPES", "float32,bfloat16");
+    let batches: Vec<usize> = env_list("TESSERA_BENCH_BATCHES", "1,8,32")
+        .iter()
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    let new: u32 = std::env::var("TESSERA_BENCH_NEW_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128);
+    let baseline = std::env::var("TESSERA_BENCH_BASELINE").map_or(true, |v| v != "0");
     let _guard = tch::no_grad_guard();
-    let mut runner = Runner::load(&dir, Some(&dtype), Device::Cpu).expect("load");
-    let c = runner.model.config.clone();
-    let kind = runner.model.kind();
-    let params = (c.vocab_size * c.hidden_size
-        + c.num_layers
-            * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+    let mut records = Vec::new();
+    for dtype in &dtypes {
+        let mut runner = Runner::load(&dir, Some(dtype), Device::Cpu).expect("load");
+        let per = (PROMPT + new as usize).div_ceil(BLOCK_SIZE);
+        let most = batches.iter().copied().max().unwrap_or(1);
+        runner.allocate_pool(1 + most * per).expect("pool");
+        runner.set_max_prefill_tokens(most * PROMPT);
+        let c = runner.model.config.clone();
+        let kind = runner.model.kind();
+        let params: f64 = {
+            let layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
                 + c.num_heads * c.head_dim * c.hidden_size
-                + 3 * c.hidden_size * c.intermediate_size)) as f64;
-    let weight_bytes = params * kind.elt_size_in_bytes() as f64;
-    let bandwidth = read_bandwidth(weight_bytes as i64);
-    let flops = matmul_flops(kind);
-    let roof_decode = bandwidth / weight_bytes;
-    let roof_prefill = flops / (2.0 * params);
-
-    println!(
-        "model {MODEL}, {dtype}, {:.1}M params ({:.0} MB), {} threads",
-        params / 1e6,
-        weight_bytes / 1e6,
-        tch::get_num_threads()
-    );
-    println!(
-        "measured: read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s",
-        bandwidth / 1e9,
-        flops / 1e9
-    );
-    println!("| benchmark | Tessera | roofline | ratio |");
-    println!("|---|---|---|---|");
-    let t1 = decode_step_seconds(&mut runner, 1, 64);
-    println!(
-        "| decode, batch 1 (tok/s) | {:.1} | {:.1} | {:.2} |",
-        1.0 / t1,
-        roof_decode,
-        (1.0 / t1) / roof_decode
-    );
-    let t8 = decode_step_seconds(&mut runner, 8, 32);
-    println!(
-        "| decode, batch 8 (tok/s) | {:.1} | {:.1} | {:.2} |",
-        8.0 / t8,
-        8.0 * roof_decode,
-        (8.0 / t8) / (8.0 * roof_decode)
-    );
-    let tp = prefill_seconds(&mut runner, 512);
-    println!(
-        "| prefill, 512 tokens (tok/s) | {:.0} | {:.0} | {:.2} |",
-        512.0 / tp,
-        roof_prefill,
-        (512.0 / tp) / roof_prefill
-    );
+                + 3 * c.hidden_size * c.intermediate_size;
+            (c.vocab_size * c.hidden_size + c.num_layers * layer) as f64
+        };
+        let weight_bytes = params * kind.elt_size_in_bytes() as f64;
+        let bandwidth = read_bandwidth(weight_bytes as i64);
+        let flops = matmul_flops(kind);
+        println!(
+            "\n{MODEL}, {dtype}: {:.1}M params ({:.0} MB), {} threads; read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s",
+            params / 1e6,
+            weight_bytes / 1e6,
+            tch::get_num_threads(),
+            bandwidth / 1e9,
+            flops / 1e9
+        );
+        // One untimed pass so first-touch allocations settle.
+        run_batch(&mut runner, 1, 4);
+        let ours: Vec<(usize, f64, f64)> = batches
+            .iter()
+            .map(|&b| {
+                let (p, d) = run_batch(&mut runner, b, new);
+                (b, p, d)
+            })
+            .collect();
+        drop(runner);
+        let theirs = if baseline {
+            transformers_baseline(&root, dtype, &batches, new)
+        } else {
+            Vec::new()
+        };
+        println!("| batch | phase | Tessera tok/s | transformers tok/s | vs transformers | bandwidth roofline | FLOP roofline | of binding roofline |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for (b, p, d) in ours {
+            let hf = theirs.iter().find(|t| t.0 == b);
+            let flop_roof = flops / (2.0 * params);
+            for (phase, ours, hf) in [("prefill", p, hf.map(|h| h.1)), ("decode", d, hf.map(|h| h.2))] {
+                let bw_roof = if phase == "decode" {
+                    b as f64 * bandwidth / weight_bytes
+                } else {
+                    f64::INFINITY
+                };
+                let binding = bw_roof.min(flop_roof);
+                println!(
+                    "| {b} | {phase} | {ours:.1} | {} | {} | {} | {flop_roof:.0} | {:.2} ({}) |",
+                    hf.map_or("-".into(), |h| format!("{h:.1}")),
+                    hf.map_or("-".into(), |h| format!("{:.2}x", ours / h)),
+                    if bw_roof.is_finite() { format!("{bw_roof:.0}") } else { "-".into() },
+                    ours / binding,
+                    if bw_roof < flop_roof { "bandwidth" } else { "FLOP" },
+                );
+                records.push(serde_json::json!({
+                    "dtype": dtype, "batch": b, "phase": phase, "tessera_tok_s": ours,
+                    "transformers_tok_s": hf, "bandwidth_roofline_tok_s": bw_roof.is_finite().then_some(bw_roof),
+                    "flop_roofline_tok_s": flop_roof, "bandwidth_gb_s": bandwidth / 1e9,
+                    "matmul_gflop_s": flops / 1e9,
+                }));
+            }
+        }
+    }
+    if let Ok(path) = std::env::var("TESSERA_BENCH_JSON") {
+        let _ = std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap_or_default());
+    }
 }

@@ -190,13 +190,31 @@ pub fn attend(
         let qd = q.narrow(0, d.start, b).unsqueeze(2);
         let (kd, vd) = pool.gather(layer, &d.context);
         // [B, L, kv_heads, hd] -> [B, kv_heads, L, hd]
-        let o = explicit(
-            p,
-            &qd,
-            &kd.transpose(1, 2),
-            &vd.transpose(1, 2),
-            variant.decode.as_ref(),
-        );
+        let (kd, vd) = (kd.transpose(1, 2), vd.transpose(1, 2));
+        // Measured on the 2-core CPU (docs/benchmarks.md): f32 is fastest through SDPA's fused
+        // kernel, bf16 through plain batched matmuls on contiguous K/V (SDPA's bf16 CPU path
+        // is several times slower). CUDA always takes SDPA.
+        let fused = p.softcap.is_none() && (q.device().is_cuda() || q.kind() == Kind::Float);
+        let o = if fused {
+            Tensor::scaled_dot_product_attention(
+                &qd,
+                &kd,
+                &vd,
+                variant.decode.as_ref().map(|m| m.view([b, 1, 1, -1])),
+                0.0,
+                false,
+                Some(p.scale),
+                p.num_kv_heads != p.num_heads,
+            )
+        } else {
+            explicit(
+                p,
+                &qd,
+                &kd.contiguous(),
+                &vd.contiguous(),
+                variant.decode.as_ref(),
+            )
+        };
         outs.push(o.reshape([b, -1]));
     }
     if outs.len() == 1 {

@@ -10,13 +10,10 @@ use crate::error::Result;
 use crate::weights::Weights;
 
 fn conv1d(w: &Weights, name: &str, inp: i64, out: i64) -> Result<Linear> {
-    Ok(Linear {
-        weight: w
-            .get(&format!("{name}.weight"), &[inp, out])?
-            .t_()
-            .contiguous(),
-        bias: Some(w.get(&format!("{name}.bias"), &[out])?),
-    })
+    Ok(Linear::new(
+        w.get(&format!("{name}.weight"), &[inp, out])?.t_().contiguous(),
+        Some(w.get(&format!("{name}.bias"), &[out])?),
+    ))
 }
 
 fn layer_norm(w: &Weights, name: &str, size: i64, eps: f64) -> Result<Norm> {

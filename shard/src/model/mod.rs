@@ -65,9 +65,10 @@ pub fn load(
     kind: Kind,
     device: Device,
 ) -> Result<Transformer> {
-    match config.arch {
+    let model = match config.arch {
         Arch::Llama => llama::load(config, weights, kind, device),
         Arch::Gemma2 => gemma2::load(config, weights, kind, device),
         Arch::Gpt2 => gpt2::load(config, weights, kind, device),
-    }
+    }?;
+    Ok(model.optimise_layout())
 }
