@@ -62,13 +62,10 @@ REFUSED = [
     (["--speculate", "2"], "SPECULATE", "2", "--speculate"),
     (["--kv-cache-dtype", "fp8_e5m2"], "KV_CACHE_DTYPE", "fp8_e4m3fn", "--kv-cache-dtype"),
     (["--weights-cache-override", "/x"], "WEIGHTS_CACHE_OVERRIDE", "/x", "--weights-cache-override"),
-    (["--rope-scaling", "linear"], "ROPE_SCALING", "dynamic", "--rope-scaling"),
-    (["--rope-factor", "2.0"], "ROPE_FACTOR", "2.0", "--rope-factor"),
     (["--lora-adapters", "a/b"], "LORA_ADAPTERS", "a/b", "--lora-adapters"),
     (["--cuda-graphs", "1,2"], "CUDA_GRAPHS", "1,2,4", "--cuda-graphs"),
     (["--ngrok"], "NGROK", "true", "--ngrok"),
     (["--otlp-endpoint", "http://x"], "OTLP_ENDPOINT", "http://x", "--otlp-endpoint"),
-    (["--watermark-gamma", "0.5"], "WATERMARK_GAMMA", "0.5", "--watermark-gamma"),
     (["--trust-remote-code"], "TRUST_REMOTE_CODE", "true", "--trust-remote-code"),
     (["--num-shard", "2"], "NUM_SHARD", "2", "`--num-shard` 2"),
 ]

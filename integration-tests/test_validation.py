@@ -39,7 +39,6 @@ RULES = [
     ({"truncate": 101}, "`truncate` must be strictly positive and less than 100. Given: 101"),
     ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
-    ({"watermark": True}, "`watermark` is not supported yet"),
 ]
 
 

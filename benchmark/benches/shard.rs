@@ -108,7 +108,12 @@ fn matmul_flops(kind: Kind) -> f64 {
 }
 
 /// transformers' figures for `dtype`: `(batch, prefill tok/s, decode tok/s)`.
-fn transformers_baseline(root: &Path, dtype: &str, batches: &[usize], new: u32) -> Vec<(usize, f64, f64)> {
+fn transformers_baseline(
+    root: &Path,
+    dtype: &str,
+    batches: &[usize],
+    new: u32,
+) -> Vec<(usize, f64, f64)> {
     let python = root.join(".venv/bin/python");
     let script = root.join("benchmark/transformers_baseline.py");
     let out = std::process::Command::new(python)
@@ -117,7 +122,14 @@ fn transformers_baseline(root: &Path, dtype: &str, batches: &[usize], new: u32) 
         .arg(root.join(MODEL))
         .args(["--dtype", dtype])
         .args(["--threads", &tch::get_num_threads().to_string()])
-        .args(["--batches", &batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")])
+        .args([
+            "--batches",
+            &batches
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ])
         .args(["--new-tokens", &new.to_string()])
         .args(["--prompt-len", &PROMPT.to_string()])
         .output();
@@ -126,7 +138,10 @@ fn transformers_baseline(root: &Path, dtype: &str, batches: &[usize], new: u32) 
         return Vec::new();
     };
     if !out.status.success() {
-        eprintln!("transformers baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "transformers baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -205,7 +220,10 @@ fn main() {
         for (b, p, d) in ours {
             let hf = theirs.iter().find(|t| t.0 == b);
             let flop_roof = flops / (2.0 * params);
-            for (phase, ours, hf) in [("prefill", p, hf.map(|h| h.1)), ("decode", d, hf.map(|h| h.2))] {
+            for (phase, ours, hf) in [
+                ("prefill", p, hf.map(|h| h.1)),
+                ("decode", d, hf.map(|h| h.2)),
+            ] {
                 let bw_roof = if phase == "decode" {
                     b as f64 * bandwidth / weight_bytes
                 } else {
@@ -216,9 +234,17 @@ fn main() {
                     "| {b} | {phase} | {ours:.1} | {} | {} | {} | {flop_roof:.0} | {:.2} ({}) |",
                     hf.map_or("-".into(), |h| format!("{h:.1}")),
                     hf.map_or("-".into(), |h| format!("{:.2}x", ours / h)),
-                    if bw_roof.is_finite() { format!("{bw_roof:.0}") } else { "-".into() },
+                    if bw_roof.is_finite() {
+                        format!("{bw_roof:.0}")
+                    } else {
+                        "-".into()
+                    },
                     ours / binding,
-                    if bw_roof < flop_roof { "bandwidth" } else { "FLOP" },
+                    if bw_roof < flop_roof {
+                        "bandwidth"
+                    } else {
+                        "FLOP"
+                    },
                 );
                 records.push(serde_json::json!({
                     "dtype": dtype, "batch": b, "phase": phase, "tessera_tok_s": ours,
@@ -230,6 +256,9 @@ fn main() {
         }
     }
     if let Ok(path) = std::env::var("TESSERA_BENCH_JSON") {
-        let _ = std::fs::write(&path, serde_json::to_string_pretty(&records).unwrap_or_default());
+        let _ = std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&records).unwrap_or_default(),
+        );
     }
 }

@@ -13,18 +13,26 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "float32".into());
     let _guard = tch::no_grad_guard();
-    let mut runner = Runner::load(&root.join("models/SmolLM2-135M-Instruct"), Some(&dtype), Device::Cpu)
-        .expect("load (run `make model`)");
+    let mut runner = Runner::load(
+        &root.join("models/SmolLM2-135M-Instruct"),
+        Some(&dtype),
+        Device::Cpu,
+    )
+    .expect("load (run `make model`)");
     runner.allocate_pool(1 + 32 * 16).expect("pool");
     for batch in [1usize, 8, 32] {
         let per = 256 / BLOCK_SIZE as u32;
         let requests = (0..batch as u32)
             .map(|i| pb::Request {
                 id: i as u64,
-                inputs: format!("{i} ") + &"The quick brown fox jumps over the lazy dog. ".repeat(128),
+                inputs: format!("{i} ")
+                    + &"The quick brown fox jumps over the lazy dog. ".repeat(128),
                 truncate: 128,
                 add_special_tokens: true,
-                parameters: Some(pb::NextTokenChooserParameters { repetition_penalty: 1.0, ..Default::default() }),
+                parameters: Some(pb::NextTokenChooserParameters {
+                    repetition_penalty: 1.0,
+                    ..Default::default()
+                }),
                 stopping_parameters: Some(pb::StoppingCriteriaParameters {
                     max_new_tokens: 33,
                     ignore_eos_token: true,
@@ -34,7 +42,12 @@ fn main() {
                 ..Default::default()
             })
             .collect::<Vec<_>>();
-        let b = pb::Batch { id: 1, size: batch as u32, requests, ..Default::default() };
+        let b = pb::Batch {
+            id: 1,
+            size: batch as u32,
+            requests,
+            ..Default::default()
+        };
         let mut cached = runner.prefill(&b, None).expect("prefill").batch;
         let (mut fwd, mut dec, mut n) = (0u64, 0u64, 0u64);
         while let Some(c) = cached {

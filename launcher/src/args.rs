@@ -80,6 +80,10 @@ pub struct Args {
     /// Run dtype. Defaults to the checkpoint's own dtype (float16 runs as bfloat16 on CPU).
     #[arg(long, env, value_enum)]
     pub dtype: Option<Dtype>,
+    /// Where the shards run: `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+    /// A Tessera extension; TGI picks the device from the environment.
+    #[arg(long, env, default_value = "auto")]
+    pub device: String,
     /// Number of tensor-parallel shards. Only 1 is supported in this version.
     #[arg(long, env)]
     pub num_shard: Option<usize>,
@@ -177,10 +181,11 @@ pub struct Args {
     /// Accepted for compatibility; Tessera has no custom kernels to disable.
     #[arg(long, env)]
     pub disable_custom_kernels: bool,
-    /// Not supported yet: RoPE scaling overrides (the model's own config.json is honoured).
+    /// Override the model's RoPE scaling (as TGI): `--rope-factor 2.0` alone is linear scaling by
+    /// 2; `--rope-scaling dynamic` alone is dynamic scaling with factor 1.
     #[arg(long, env, value_enum)]
     pub rope_scaling: Option<RopeScaling>,
-    /// Not supported yet (see --rope-scaling).
+    /// The RoPE scaling factor (see --rope-scaling).
     #[arg(long, env)]
     pub rope_factor: Option<f32>,
     /// Not supported yet: LoRA adapters.
@@ -238,10 +243,10 @@ pub struct Args {
     /// Accepted for compatibility: Tessera never sends usage statistics.
     #[arg(long, env)]
     pub disable_usage_stats: bool,
-    /// Not supported yet: watermarking.
+    /// Watermark green-list fraction for requests with `watermark: true` (Kirchenbauer et al.; default 0.5).
     #[arg(long, env)]
     pub watermark_gamma: Option<f32>,
-    /// Not supported yet (see --watermark-gamma).
+    /// Watermark logit bias of green-list tokens (default 2.0).
     #[arg(long, env)]
     pub watermark_delta: Option<f32>,
     /// Print the runtime environment (versions, GPUs) at startup.
@@ -257,6 +262,13 @@ impl Args {
     /// does not have yet, before anything starts.
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::bail;
+        let d = self.device.as_str();
+        let cuda_n = d
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !matches!(d, "auto" | "cpu" | "cuda") && !cuda_n {
+            bail!("Invalid argument: `--device` must be auto, cpu, cuda or cuda:N, got `{d}`");
+        }
         let unsupported = [
             (self.quantize.is_some(), "--quantize (quantized weights)"),
             (
@@ -270,10 +282,6 @@ impl Args {
             (
                 self.weights_cache_override.is_some(),
                 "--weights-cache-override",
-            ),
-            (
-                self.rope_scaling.is_some() || self.rope_factor.is_some(),
-                "--rope-scaling/--rope-factor",
             ),
             (self.lora_adapters.is_some(), "--lora-adapters (LoRA)"),
             (
@@ -289,10 +297,6 @@ impl Args {
             (
                 self.otlp_endpoint.is_some(),
                 "--otlp-endpoint (OpenTelemetry export)",
-            ),
-            (
-                self.watermark_gamma.is_some() || self.watermark_delta.is_some(),
-                "--watermark-gamma/--watermark-delta",
             ),
         ];
         if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {

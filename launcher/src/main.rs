@@ -99,6 +99,27 @@ fn shard_command(args: &Args, model_dir: &Path) -> Command {
     if let Some(d) = args.dtype {
         cmd.arg("--dtype").arg(d.as_str());
     }
+    if args.device != "auto" {
+        cmd.arg("--device").arg(&args.device);
+    }
+    // TGI's spelling: `--rope-factor` alone means linear scaling.
+    match (args.rope_scaling, args.rope_factor) {
+        (None, None) => {}
+        (kind, factor) => {
+            let kind = match kind {
+                Some(crate::args::RopeScaling::Dynamic) => "dynamic",
+                _ => "linear",
+            };
+            cmd.env("ROPE_SCALING", kind)
+                .env("ROPE_FACTOR", factor.unwrap_or(1.0).to_string());
+        }
+    }
+    if let Some(g) = args.watermark_gamma {
+        cmd.env("WATERMARK_GAMMA", g.to_string());
+    }
+    if let Some(d) = args.watermark_delta {
+        cmd.env("WATERMARK_DELTA", d.to_string());
+    }
     if args.json_output {
         cmd.arg("--json-output");
     }

@@ -202,12 +202,6 @@ impl Validation {
         if p.grammar.is_some() {
             return Err(ValidationError::Grammar);
         }
-        if p.watermark {
-            // The shard does not watermark yet; refusing beats silently ignoring the flag.
-            return Err(ValidationError::Other(
-                "`watermark` is not supported yet".into(),
-            ));
-        }
         let seed = p.seed.unwrap_or_else(rand::random);
         metrics::histogram!("tgi_request_input_length").record(input_length as f64);
         metrics::histogram!("tgi_request_max_new_tokens").record(max_new_tokens as f64);

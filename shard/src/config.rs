@@ -219,7 +219,41 @@ impl ModelConfig {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_json(&text)
+        let mut config = Self::from_json(&text)?;
+        config.apply_rope_override(
+            std::env::var("ROPE_SCALING").ok().as_deref(),
+            std::env::var("ROPE_FACTOR").ok().as_deref(),
+        )?;
+        Ok(config)
+    }
+
+    /// The launcher's `--rope-scaling`/`--rope-factor` (env ROPE_SCALING/ROPE_FACTOR), which
+    /// replace whatever scaling config.json states, as in TGI.
+    pub fn apply_rope_override(&mut self, kind: Option<&str>, factor: Option<&str>) -> Result<()> {
+        let Some(kind) = kind else { return Ok(()) };
+        let factor: f64 = match factor {
+            Some(f) => f
+                .parse()
+                .map_err(|_| ShardError::Config(format!("ROPE_FACTOR `{f}` is not a number")))?,
+            None => 1.0,
+        };
+        self.rope_scaling = match kind {
+            "linear" => RopeScaling::Linear { factor },
+            "dynamic" => RopeScaling::Dynamic {
+                factor,
+                original_max_position_embeddings: self.max_position_embeddings as f64,
+            },
+            other => {
+                return Err(ShardError::Config(format!(
+                    "ROPE_SCALING `{other}` (use linear or dynamic)"
+                )))
+            }
+        };
+        if let RopeScaling::Dynamic { .. } = self.rope_scaling {
+            // Dynamic scaling exists to go past the trained length.
+            self.max_position_embeddings = (self.max_position_embeddings as f64 * factor) as usize;
+        }
+        Ok(())
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
@@ -269,7 +303,15 @@ impl ModelConfig {
             .rope_theta
             .or_else(|| raw.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
             .unwrap_or(10000.0);
-        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
+        let trained_positions = raw.max_position_embeddings.unwrap_or(2048);
+        let rope_scaling = rope_scaling(&raw, trained_positions)?;
+        // Dynamic scaling exists to go past the trained length.
+        let max_position_embeddings = match rope_scaling {
+            RopeScaling::Dynamic { factor, .. } if factor > 1.0 => {
+                (trained_positions as f64 * factor) as usize
+            }
+            _ => trained_positions,
+        };
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
         let intermediate_size = match arch {
             Arch::Gpt2 => raw.intermediate_size.unwrap_or(4 * hidden_size),
@@ -280,7 +322,7 @@ impl ModelConfig {
         Ok(Self {
             arch,
             activation,
-            rope_scaling: rope_scaling(&raw, max_position_embeddings)?,
+            rope_scaling,
             rotary_dim,
             layer_windows: layer_windows(&raw, &model_type, num_layers),
             qkv_bias: raw
@@ -354,5 +396,43 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
         assert!(ModelConfig::from_json("{not json").is_err());
+    }
+}
+
+#[cfg(test)]
+mod rope_tests {
+    use super::*;
+
+    const LLAMA: &str = r#"{"model_type":"llama","vocab_size":10,"hidden_size":8,"intermediate_size":16,
+        "num_hidden_layers":1,"num_attention_heads":2,"max_position_embeddings":100}"#;
+
+    #[test]
+    fn launcher_rope_override_follows_tgi() {
+        let mut c = ModelConfig::from_json(LLAMA).unwrap();
+        c.apply_rope_override(Some("linear"), Some("2.0")).unwrap();
+        assert_eq!(c.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let mut c = ModelConfig::from_json(LLAMA).unwrap();
+        c.apply_rope_override(Some("dynamic"), Some("4")).unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::Dynamic { factor, .. } if factor == 4.0));
+        assert_eq!(
+            c.max_position_embeddings, 400,
+            "dynamic scaling extends the context"
+        );
+        let mut c = ModelConfig::from_json(LLAMA).unwrap();
+        assert!(c.apply_rope_override(Some("yarn"), None).is_err());
+        assert!(c.apply_rope_override(Some("linear"), Some("x")).is_err());
+    }
+
+    #[test]
+    fn config_rope_scaling_kinds() {
+        let with = |s: &str| {
+            ModelConfig::from_json(&LLAMA.replace('}', &format!(r#","rope_scaling":{s}}}"#)))
+        };
+        let c = with(r#"{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":64}"#).unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        let c = with(r#"{"type":"dynamic","factor":2.0}"#).unwrap();
+        assert_eq!(c.max_position_embeddings, 200);
+        let e = with(r#"{"rope_type":"yarn","factor":2.0}"#).unwrap_err();
+        assert!(e.to_string().contains("yarn"), "{e}");
     }
 }

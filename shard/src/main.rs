@@ -39,7 +39,7 @@ struct ServeArgs {
     /// Run dtype (float32, bfloat16, float16). Defaults to the checkpoint's dtype.
     #[arg(long)]
     dtype: Option<String>,
-    /// cpu, cuda or cuda:N. Defaults to CUDA when available.
+    /// auto, cpu, cuda or cuda:N. Defaults to CUDA when available.
     #[arg(long)]
     device: Option<String>,
     /// Fraction of available memory the KV cache may use.
@@ -56,8 +56,11 @@ struct ServeArgs {
 
 fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
     Ok(match d {
-        None => Device::cuda_if_available(),
+        None | Some("auto") => Device::cuda_if_available(),
         Some("cpu") => Device::Cpu,
+        Some("cuda") if !tch::Cuda::is_available() => {
+            anyhow::bail!("--device cuda: no CUDA device is available to libtorch")
+        }
         Some("cuda") => Device::Cuda(0),
         Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => Device::Cuda(n),

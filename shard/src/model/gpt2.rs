@@ -11,7 +11,9 @@ use crate::weights::Weights;
 
 fn conv1d(w: &Weights, name: &str, inp: i64, out: i64) -> Result<Linear> {
     Ok(Linear::new(
-        w.get(&format!("{name}.weight"), &[inp, out])?.t_().contiguous(),
+        w.get(&format!("{name}.weight"), &[inp, out])?
+            .t_()
+            .contiguous(),
         Some(w.get(&format!("{name}.bias"), &[out])?),
     ))
 }

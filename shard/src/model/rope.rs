@@ -52,8 +52,10 @@ fn inv_freq(dim: i64, theta: f64, scaling: &RopeScaling, device: Device) -> (Ten
 }
 
 impl Rope {
-    /// Tables for positions `0..max_positions`. `Dynamic` NTK scaling stretches the base for the
-    /// whole table up front (as TGI does), so cached keys never disagree with new ones.
+    /// Tables for positions `0..max_positions`. With `Dynamic` NTK scaling, positions within
+    /// the trained length use the plain base (exactly what transformers computes for such
+    /// sequences); positions beyond it use the base stretched for the longest sequence the
+    /// model accepts. The tables are fixed, so a cached key never disagrees with a new one.
     pub fn new(
         rotary_dim: i64,
         theta: f64,
@@ -61,23 +63,32 @@ impl Rope {
         max_positions: i64,
         device: Device,
     ) -> Self {
-        let theta = match *scaling {
-            RopeScaling::Dynamic {
-                factor,
-                original_max_position_embeddings: old,
-            } if max_positions as f64 > old => {
-                let ratio = factor * max_positions as f64 / old - (factor - 1.0);
-                theta * ratio.powf(rotary_dim as f64 / (rotary_dim as f64 - 2.0))
-            }
-            _ => theta,
+        let table = |theta: f64| {
+            let (inv, attention_factor) = inv_freq(rotary_dim, theta, scaling, device);
+            let pos = Tensor::arange(max_positions, (Kind::Float, device));
+            let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
+            let emb = Tensor::cat(&[&freqs, &freqs], -1);
+            (emb.cos() * attention_factor, emb.sin() * attention_factor)
         };
-        let (inv, attention_factor) = inv_freq(rotary_dim, theta, scaling, device);
-        let pos = Tensor::arange(max_positions, (Kind::Float, device));
-        let freqs = pos.unsqueeze(1) * inv.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        let (mut cos, mut sin) = table(theta);
+        if let RopeScaling::Dynamic {
+            factor,
+            original_max_position_embeddings: old,
+        } = *scaling
+        {
+            if max_positions as f64 > old {
+                let ratio = factor * max_positions as f64 / old - (factor - 1.0);
+                let stretched = theta * ratio.powf(rotary_dim as f64 / (rotary_dim as f64 - 2.0));
+                let (long_cos, long_sin) = table(stretched);
+                let keep = old as i64;
+                let tail = max_positions - keep;
+                cos = Tensor::cat(&[cos.narrow(0, 0, keep), long_cos.narrow(0, keep, tail)], 0);
+                sin = Tensor::cat(&[sin.narrow(0, 0, keep), long_sin.narrow(0, keep, tail)], 0);
+            }
+        }
         Self {
-            cos: emb.cos() * attention_factor,
-            sin: emb.sin() * attention_factor,
+            cos,
+            sin,
             rotary_dim,
         }
     }
