@@ -10,6 +10,7 @@ pub mod batch;
 pub mod config;
 pub mod detokenizer;
 pub mod error;
+pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod runner;

@@ -65,10 +65,9 @@ pub fn load(
     kind: Kind,
     device: Device,
 ) -> Result<Transformer> {
-    let model = match config.arch {
+    match config.arch {
         Arch::Llama => llama::load(config, weights, kind, device),
         Arch::Gemma2 => gemma2::load(config, weights, kind, device),
         Arch::Gpt2 => gpt2::load(config, weights, kind, device),
-    }?;
-    Ok(model.optimise_layout())
+    }
 }

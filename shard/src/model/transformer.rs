@@ -19,35 +19,24 @@ pub struct Linear {
     /// `[out, in]`, as checkpoints store it.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    /// `[in, out]` copy for single-row inputs, when `add_row_layout` made one.
-    pub weight_t: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            weight_t: None,
-        }
+        Self { weight, bias }
     }
 
+    /// Decode-sized inputs (a few rows) go to the streaming CPU kernels when they apply.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match (&self.weight_t, &self.bias) {
-            (Some(wt), Some(b)) if x.size()[0] == 1 => b.addmm(x, wt),
-            (Some(wt), None) if x.size()[0] == 1 => x.matmul(wt),
-            (_, bias) => x.linear(&self.weight, bias.as_ref()),
+        if x.size()[0] as usize <= crate::kernels::MAX_ROWS {
+            if let Some(y) = crate::kernels::matvec(x, &self.weight) {
+                return match &self.bias {
+                    Some(b) => y + b,
+                    None => y,
+                };
+            }
         }
-    }
-
-    /// Adds an `[in, out]` copy of the weight for one-row products. On the CPU, libtorch's f32
-    /// matrix-vector product streams that layout ~1.5x faster (17 vs 11 GB/s over SmolLM2's
-    /// weights here), while with 8 or more rows the checkpoint layout is faster (60 vs 80 ms):
-    /// keeping both costs weight memory once more and wins at every batch size.
-    pub fn add_row_layout(&mut self) {
-        if self.weight_t.is_none() {
-            self.weight_t = Some(self.weight.tr().contiguous());
-        }
+        x.linear(&self.weight, self.bias.as_ref())
     }
 
     /// Loads `names` (each `[rows_i, cols]`, `.weight` and optionally `.bias`) fused into one
@@ -217,43 +206,6 @@ impl Transformer {
             embed.shallow_clone()
         };
         Ok(Linear::new(weight, None))
-    }
-
-    /// Picks the weight layouts the device's kernels stream fastest (see `Linear`): on CPU
-    /// in f32, and only while doubling the weights stays cheap (under 2 GiB of them).
-    pub fn optimise_layout(mut self) -> Self {
-        let bytes: i64 = self
-            .layers
-            .iter()
-            .flat_map(|l| {
-                let mut ws = vec![&l.qkv.weight, &l.o.weight];
-                match &l.mlp {
-                    Mlp::Gated { gate_up, down } => ws.extend([&gate_up.weight, &down.weight]),
-                    Mlp::Plain { fc, proj } => ws.extend([&fc.weight, &proj.weight]),
-                }
-                ws
-            })
-            .map(|w| w.numel() as i64 * 4)
-            .sum();
-        if self.device == Device::Cpu && self.kind == Kind::Float && bytes < 2 << 30 {
-            for l in &mut self.layers {
-                l.qkv.add_row_layout();
-                l.o.add_row_layout();
-                match &mut l.mlp {
-                    Mlp::Gated { gate_up, down } => {
-                        gate_up.add_row_layout();
-                        down.add_row_layout();
-                    }
-                    Mlp::Plain { fc, proj } => {
-                        fc.add_row_layout();
-                        proj.add_row_layout();
-                    }
-                }
-            }
-            // The head is the largest single matrix (a fifth of SmolLM2).
-            self.lm_head.add_row_layout();
-        }
-        self
     }
 
     pub fn attention_params(config: &ModelConfig) -> AttentionParams {
