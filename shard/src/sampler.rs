@@ -118,6 +118,10 @@ fn env_f64(name: &str, default: f64) -> f64 {
 /// The green-list mask `[vocab]` after `prev`, drawn from torch's CPU generator exactly as
 /// TGI's `WatermarkLogitsProcessor` does, so TGI's detector recognises our text.
 pub fn watermark_greenlist(prev: u32, vocab: i64, gamma: f64) -> Tensor {
+    // The generator is libtorch's global one (tch has no per-call generators); nothing else in
+    // the shard draws from it, and this lock keeps two green lists from interleaving.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     tch::manual_seed(WATERMARK_HASH_KEY * prev as i64);
     let perm = Tensor::randperm(vocab, (Kind::Int64, Device::Cpu));
     let green = perm.narrow(0, 0, (vocab as f64 * gamma) as i64);

@@ -93,28 +93,34 @@ impl Rope {
         }
     }
 
-    /// `(cos, sin)` for `positions` (`[T]`), shaped `[T, 1, rotary_dim]` in `kind`.
+    /// `(cos, signed sin)` for `positions` (`[T]`), shaped `[T, 1, rotary_dim]` in `kind`. The
+    /// first half of `sin` is negated, so rotating is `x * cos + roll(x) * sin`.
     pub fn tables(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let gather = |t: &Tensor| t.index_select(0, positions).to_kind(kind).unsqueeze(1);
-        (gather(&self.cos), gather(&self.sin))
+        let sin = gather(&self.sin);
+        let half = self.rotary_dim / 2;
+        let signed = Tensor::cat(
+            &[sin.narrow(2, 0, half).neg(), sin.narrow(2, half, half)],
+            2,
+        );
+        (gather(&self.cos), signed)
     }
 
-    /// Rotates `x` (`[T, heads, head_dim]`).
+    /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let d = x.size()[2];
         if self.rotary_dim < d {
             let rot = x.narrow(2, 0, self.rotary_dim);
             let pass = x.narrow(2, self.rotary_dim, d - self.rotary_dim);
-            return Tensor::cat(&[&self.rotate(&rot, cos, sin), &pass], -1);
+            return Tensor::cat(&[&Self::rotate(&rot, cos, sin), &pass], -1);
         }
-        self.rotate(x, cos, sin)
+        Self::rotate(x, cos, sin)
     }
 
-    fn rotate(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    /// transformers' `x * cos + rotate_half(x) * sin`, where `rotate_half(x)` is
+    /// `cat(-x2, x1)`: that equals `roll(x, half) * signed_sin`, exactly (a sign flip is exact).
+    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let half = x.size()[2] / 2;
-        let x1 = x.narrow(2, 0, half);
-        let x2 = x.narrow(2, half, half);
-        let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
-        x * cos + rotated * sin
+        x * cos + x.roll([half], [2]) * sin
     }
 }

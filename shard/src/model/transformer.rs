@@ -108,14 +108,15 @@ impl Norm {
                 unit_offset,
             } => {
                 let kind = x.kind();
+                if !*unit_offset {
+                    // libtorch's rms_norm does Llama's arithmetic (f32, cast, then weight) in
+                    // one call instead of eight.
+                    return x.rms_norm([weight.size()[0]], Some(weight), Some(*eps));
+                }
                 let h = x.to_kind(Kind::Float);
                 let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
                 let h = h * (var + *eps).rsqrt();
-                if *unit_offset {
-                    (h * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
-                } else {
-                    weight * h.to_kind(kind)
-                }
+                (h * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
             }
             Norm::Layer { weight, bias, eps } => {
                 let n = weight.size()[0];
@@ -273,17 +274,23 @@ impl Transformer {
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x);
             let qkv = layer.qkv.forward(&h);
-            let mut q = qkv.narrow(1, 0, nh * hd).view([t, nh, hd]);
-            let mut k = qkv.narrow(1, nh * hd, nkv * hd).view([t, nkv, hd]);
             let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
+            // Queries and keys side by side as `[T, heads + kv_heads, hd]`, so RoPE is one
+            // set of ops for both (per-op overhead dominates small decode steps).
+            let mut qk = qkv.narrow(1, 0, (nh + nkv) * hd).view([t, nh + nkv, hd]);
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = qn.forward(&q);
-                k = kn.forward(&k);
+                qk = Tensor::cat(
+                    &[
+                        qn.forward(&qk.narrow(1, 0, nh)),
+                        kn.forward(&qk.narrow(1, nh, nkv)),
+                    ],
+                    1,
+                );
             }
             if let Some((rope, (cos, sin))) = &rope {
-                q = rope.apply(&q, cos, sin);
-                k = rope.apply(&k, cos, sin);
+                qk = rope.apply(&qk, cos, sin);
             }
+            let (q, k) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv));
             pool.write(li, &input.slots, &k, &v);
             let attn = attention::attend(
                 &self.attention,
