@@ -128,6 +128,10 @@ pub struct Args {
     /// size can join (unless --max-waiting-tokens steps have passed).
     #[arg(long, env, default_value_t = 0.3)]
     pub waiting_served_ratio: f32,
+    /// Reuse the KV cache of prompts that share a prefix (radix prefix cache). TGI reads the
+    /// same PREFIX_CACHING variable.
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     /// Most requests in the running batch.
     #[arg(long, env)]
     pub max_batch_size: Option<usize>,

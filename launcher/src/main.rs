@@ -156,6 +156,7 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
         max_batch_prefill_tokens.to_string(),
     );
     opt("--max-waiting-tokens", args.max_waiting_tokens.to_string());
+    opt("--prefix-caching", args.prefix_caching.to_string());
     opt(
         "--waiting-served-ratio",
         args.waiting_served_ratio.to_string(),

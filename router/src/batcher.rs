@@ -45,7 +45,7 @@ pub async fn batching_task(
             token_budget: config.max_batch_total_tokens,
         };
         while let Some((mut entries, batch)) = queue.next_batch(&first) {
-            let mut running = prefill(&client, batch, &mut entries, &healthy).await;
+            let mut running = prefill(&client, batch, &mut entries, &healthy, &queue).await;
             let mut waiting_tokens = 1;
             while let Some(batch) = running {
                 let mut batches = vec![batch.clone()];
@@ -72,14 +72,14 @@ pub async fn batching_task(
                     };
                     metrics::counter!("tgi_batch_concat", "reason" => reason).increment(1);
                     if let Some(new_cached) =
-                        prefill(&client, new_batch, &mut new_entries, &healthy).await
+                        prefill(&client, new_batch, &mut new_entries, &healthy, &queue).await
                     {
                         batches.push(new_cached);
                     }
                     entries.extend(new_entries);
                     waiting_tokens = 1;
                 }
-                running = decode(&client, batches, &mut entries, &healthy).await;
+                running = decode(&client, batches, &mut entries, &healthy, &queue).await;
                 waiting_tokens += 1;
                 let (size, max_tokens) =
                     running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
@@ -95,11 +95,17 @@ async fn prefill(
     batch: pb::Batch,
     entries: &mut Entries,
     healthy: &AtomicBool,
+    queue: &Queue,
 ) -> Option<pb::CachedBatch> {
     let id = batch.id;
     let start = Instant::now();
     let result = client.prefill(batch, None).await;
-    after_step(client, "prefill", start, result, vec![id], entries, healthy).await
+    let step = Step {
+        method: "prefill",
+        start,
+        batch_ids: vec![id],
+    };
+    after_step(client, step, result, entries, healthy, queue).await
 }
 
 async fn decode(
@@ -107,22 +113,38 @@ async fn decode(
     batches: Vec<pb::CachedBatch>,
     entries: &mut Entries,
     healthy: &AtomicBool,
+    queue: &Queue,
 ) -> Option<pb::CachedBatch> {
     let ids = batches.iter().map(|b| b.id).collect();
     let start = Instant::now();
     let result = client.decode(batches).await;
-    after_step(client, "decode", start, result, ids, entries, healthy).await
+    let step = Step {
+        method: "decode",
+        start,
+        batch_ids: ids,
+    };
+    after_step(client, step, result, entries, healthy, queue).await
+}
+
+/// Which call a result belongs to.
+struct Step {
+    method: &'static str,
+    start: Instant,
+    batch_ids: Vec<u64>,
 }
 
 /// Delivers a step's tokens, then shrinks the shards' batch to the requests still wanted.
 async fn after_step(
     client: &ShardedClient,
-    method: &'static str,
-    start: Instant,
+    Step {
+        method,
+        start,
+        batch_ids,
+    }: Step,
     result: crate::client::Result<StepResult>,
-    batch_ids: Vec<u64>,
     entries: &mut Entries,
     healthy: &AtomicBool,
+    queue: &Queue,
 ) -> Option<pb::CachedBatch> {
     metrics::counter!("tgi_batch_inference_count", "method" => method).increment(1);
     let step = match result {
@@ -135,6 +157,8 @@ async fn after_step(
                 let _ = client.clear_cache(Some(id)).await;
             }
             fail_all(entries, &e.to_string());
+            // The shard may have restarted with a fresh pool: cached prefixes are gone.
+            queue.block_allocator().invalidate_cache();
             return None;
         }
     };
@@ -150,7 +174,13 @@ async fn after_step(
     for generation in step.generations {
         let id = generation.request_id;
         let keep = match entries.get(&id) {
-            Some(entry) => send_generation(entry, generation),
+            Some(entry) => {
+                // A token means the whole prompt's K/V is in the pool.
+                if let Some(blocks) = &entry.blocks {
+                    blocks.mark_prefilled();
+                }
+                send_generation(entry, generation)
+            }
             None => true,
         };
         if !keep {
@@ -180,6 +210,7 @@ async fn after_step(
             tracing::error!("FilterBatch failed: {e}");
             healthy.store(false, Ordering::SeqCst);
             fail_all(entries, &e.to_string());
+            queue.block_allocator().invalidate_cache();
             None
         }
     }

@@ -15,6 +15,7 @@ pub mod infer;
 pub mod metrics;
 pub mod model_files;
 pub mod queue;
+pub mod radix;
 pub mod server;
 pub mod validation;
 pub mod warmup;

@@ -47,6 +47,9 @@ struct Args {
     max_batch_total_tokens: Option<u32>,
     #[arg(long, env, default_value_t = 20)]
     max_waiting_tokens: usize,
+    /// Reuse the KV blocks of prompts that share a prefix (needs a shard that supports it).
+    #[arg(long, env, default_value_t = true, action = clap::ArgAction::Set)]
+    prefix_caching: bool,
     #[arg(long, env)]
     max_batch_size: Option<usize>,
     #[arg(long, env, default_value = "0.0.0.0")]
@@ -155,9 +158,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_total_tokens: limits.max_total_tokens,
         },
     );
+    let prefix_caching = args.prefix_caching && shard_info.use_prefix_caching;
+    tracing::info!(
+        "prefix caching {}",
+        if prefix_caching { "on" } else { "off" }
+    );
     let queue = Queue::new(BlockAllocator::new(
         limits.max_batch_total_tokens,
         shard_info.block_size,
+        prefix_caching,
     ));
     let healthy = Arc::new(AtomicBool::new(true));
     let batching = BatchingConfig {

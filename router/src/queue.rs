@@ -109,20 +109,25 @@ impl Queue {
                 continue; // the client went away while waiting
             }
             let r = &entry.request;
-            if prefill_tokens + r.input_length > limits.prefill_token_budget
-                || total_tokens + r.max_tokens() > limits.token_budget
-            {
+            // Every position but the last generated token gets written to the KV cache.
+            let positions = (r.max_tokens() - 1).max(r.input_length);
+            if total_tokens + r.max_tokens() > limits.token_budget {
                 s.entries.push_front((id, entry));
                 break;
             }
-            // Every position but the last generated token gets written to the KV cache.
-            let positions = (r.max_tokens() - 1).max(r.input_length);
-            let Some(blocks) = self.blocks.allocate(positions) else {
+            // Prompt logprobs need every prompt position computed: no prefix reuse (as TGI).
+            let prompt = (!r.decoder_input_details).then_some(r.input_ids.as_slice());
+            let Some(blocks) = self.blocks.allocate(prompt, positions) else {
                 s.entries.push_front((id, entry));
                 break;
             };
+            let to_compute = r.input_length - blocks.cache_len;
+            if prefill_tokens + to_compute > limits.prefill_token_budget {
+                s.entries.push_front((id, entry));
+                break; // dropping `blocks` gives them back
+            }
             entry.blocks = Some(blocks);
-            prefill_tokens += r.input_length;
+            prefill_tokens += to_compute;
             total_tokens += r.max_tokens();
             entry.batched = Some(now);
             taken.push((id, entry));
@@ -142,14 +147,15 @@ impl Queue {
             .iter()
             .map(|(id, e)| {
                 let r = &e.request;
-                let (blocks, slots) = e
+                let (blocks, slots, cache_len) = e
                     .blocks
                     .as_ref()
-                    .map(|b| (b.blocks.clone(), b.slots.clone()))
+                    .map(|b| (b.blocks.clone(), b.slots.clone(), b.cache_len))
                     .unwrap_or_default();
                 pb::Request {
                     blocks,
                     slots,
+                    cache_len,
                     id: *id,
                     inputs: r.inputs.clone(),
                     input_chunks: Some(pb::Input {

@@ -35,6 +35,8 @@ pub struct ValidRequest {
     pub received: std::time::Instant,
     pub inputs: String,
     pub input_length: u32,
+    /// The prompt's token ids as the shard will see them (after truncation), for the prefix cache.
+    pub input_ids: Vec<u32>,
     pub add_special_tokens: bool,
     pub truncate: u32,
     pub parameters: pb::NextTokenChooserParameters,
@@ -207,9 +209,12 @@ impl Validation {
         metrics::histogram!("tgi_request_max_new_tokens").record(max_new_tokens as f64);
         metrics::histogram!("tgi_request_validation_duration")
             .record(received.elapsed().as_secs_f64());
+        let ids = encoding.get_ids();
+        let input_ids = ids[ids.len() - input_length..].to_vec();
         Ok(ValidRequest {
             received,
             inputs,
+            input_ids,
             input_length: input_length as u32,
             add_special_tokens,
             truncate: p.truncate.unwrap_or(0) as u32,

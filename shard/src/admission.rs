@@ -92,18 +92,12 @@ pub fn new_sequence(
             "{prompt_len} prompt tokens + {max_new} new tokens exceed the model's {max_positions} positions"
         )));
     }
-    let cached = r.cache_len as usize;
+    let mut cached = r.cache_len as usize;
     if cached >= prompt_len {
         return Err(bad(format!(
             "cache_len {cached} leaves none of the {prompt_len} prompt tokens to compute"
         )));
     }
-    let remaining = prompt_len - cached;
-    let chunk = match r.chunk_len {
-        Some(0) => return Err(bad("chunk_len must be at least 1".into())),
-        Some(c) => (c as usize).min(remaining),
-        None => remaining,
-    };
     if r.blocks.is_empty() {
         return Err(bad(
             "no KV blocks were allocated to it (the router must send `blocks`)".into(),
@@ -111,6 +105,16 @@ pub fn new_sequence(
     }
     pool.check_blocks(&r.blocks)
         .map_err(|e| bad(e.to_string()))?;
+    let prefix_blocks = cached.div_ceil(pool.block_size()).min(r.blocks.len());
+    if cached > 0 && !pool.all_written(&r.blocks[..prefix_blocks]) {
+        // The router believes these blocks hold this prefix, but this pool never wrote them
+        // (the shard restarted): compute the whole prompt instead of reading garbage.
+        tracing::warn!(
+            "request {}: cached prefix blocks were never written by this shard; recomputing {cached} tokens",
+            r.id
+        );
+        cached = 0;
+    }
     let slots = pool
         .context_slots(&r.blocks, slots_needed(prompt_len, max_new))
         .map_err(|e| bad(e.to_string()))?;
@@ -125,6 +129,12 @@ pub fn new_sequence(
             r.slots[i], slots[i]
         )));
     }
+    let remaining = prompt_len - cached;
+    let chunk = match r.chunk_len {
+        Some(0) => return Err(bad("chunk_len must be at least 1".into())),
+        Some(c) => (c as usize).min(remaining),
+        None => remaining,
+    };
     let params = sampling_params(&r.parameters.clone().unwrap_or_default());
     Ok(Sequence {
         id: r.id,

@@ -32,6 +32,9 @@ pub struct KvPool {
     values: Vec<Tensor>,
     block_size: usize,
     num_blocks: usize,
+    /// Blocks written since this pool was allocated: a cached prefix must point at these (a
+    /// restarted shard's pool holds nothing the router may think it cached).
+    written: Vec<bool>,
 }
 
 impl KvPool {
@@ -57,6 +60,7 @@ impl KvPool {
             values,
             block_size,
             num_blocks,
+            written: vec![false; num_blocks],
         })
     }
 
@@ -100,6 +104,22 @@ impl KvPool {
         Ok((0..len)
             .map(|i| blocks[i / bs] as i64 * bs as i64 + (i % bs) as i64)
             .collect())
+    }
+
+    /// Records that `slots` are about to hold K/V.
+    pub fn mark_written(&mut self, slots: &[i64]) {
+        for &s in slots {
+            if let Some(w) = self.written.get_mut(s as usize / self.block_size) {
+                *w = true;
+            }
+        }
+    }
+
+    /// Whether every one of `blocks` has been written since the pool was allocated.
+    pub fn all_written(&self, blocks: &[u32]) -> bool {
+        blocks
+            .iter()
+            .all(|&b| self.written.get(b as usize).copied().unwrap_or(false))
     }
 
     /// Checks that every block id of a request exists in the pool.

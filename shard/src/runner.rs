@@ -321,6 +321,10 @@ impl Runner {
                 .pool
                 .as_mut()
                 .ok_or_else(|| ShardError::Request("the KV cache is not allocated".into()))?;
+            for p in &plans {
+                let s = &batch.seqs[p.seq];
+                pool.mark_written(&s.slots[s.cached..s.cached + s.chunk]);
+            }
             self.model.forward(&input, pool)
         };
         let forward_ns = start.elapsed().as_nanos() as u64;

@@ -275,6 +275,13 @@ async fn kv_blocks_are_reused_without_contamination() {
     };
     let cached = run(&mut c, 6, vec![prefixed]).await;
     assert_eq!(cached[&6], a, "a cached prefix must give the same output");
+    // A prefix the router believes cached in blocks this shard never wrote (it restarted):
+    // the shard computes the whole prompt instead of reading garbage.
+    let stale = pb::Request {
+        cache_len: 16,
+        ..request(60, long, 8, vec![20, 21, 22])
+    };
+    assert_eq!(run(&mut c, 60, vec![stale]).await[&60], a);
     // Two sequences sharing the prefix block at once, in one batch.
     let shared = vec![
         pb::Request {

@@ -26,9 +26,12 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// Decode-sized inputs (a few rows) go to the streaming CPU kernels when they apply.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        if x.size()[0] as usize <= crate::kernels::MAX_ROWS {
+    /// `stream`: the rows are decode tokens; a few of them go to the streaming CPU kernels.
+    /// Prompt rows always take libtorch, whose per-row results do not depend on how many rows
+    /// there are: a prompt computed whole or after a cached prefix then gets the same K/V,
+    /// which in bf16 decides near-ties (the kernels accumulate in a different order).
+    pub fn forward(&self, x: &Tensor, stream: bool) -> Tensor {
+        if stream && x.size()[0] as usize <= crate::kernels::MAX_ROWS {
             if let Some(y) = crate::kernels::matvec(x, &self.weight) {
                 return match &self.bias {
                     Some(b) => y + b,
@@ -142,14 +145,15 @@ pub enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, act: Activation, x: &Tensor) -> Tensor {
+    fn forward(&self, act: Activation, x: &Tensor, stream: bool) -> Tensor {
         match self {
             Mlp::Gated { gate_up, down } => {
-                let gu = gate_up.forward(x);
+                let gu = gate_up.forward(x, stream);
                 let ffn = gu.size()[1] / 2;
-                down.forward(&(activate(act, &gu.narrow(1, 0, ffn)) * gu.narrow(1, ffn, ffn)))
+                let h = activate(act, &gu.narrow(1, 0, ffn)) * gu.narrow(1, ffn, ffn);
+                down.forward(&h, stream)
             }
-            Mlp::Plain { fc, proj } => proj.forward(&activate(act, &fc.forward(x))),
+            Mlp::Plain { fc, proj } => proj.forward(&activate(act, &fc.forward(x, stream)), stream),
         }
     }
 }
@@ -256,6 +260,7 @@ impl Transformer {
             self.attention.head_dim,
         );
         let t = input.input_ids.size()[0];
+        let stream = input.prefills.is_empty();
         let windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
         let plan = AttentionPlan::new(input, &windows, self.attention.softcap.is_some());
         let mut x = Tensor::embedding(&self.embed, &input.input_ids, -1, false, false);
@@ -273,7 +278,7 @@ impl Transformer {
         };
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x);
-            let qkv = layer.qkv.forward(&h);
+            let qkv = layer.qkv.forward(&h, stream);
             let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
             // Queries and keys side by side as `[T, heads + kv_heads, hd]`, so RoPE is one
             // set of ops for both (per-op overhead dominates small decode steps).
@@ -303,13 +308,13 @@ impl Transformer {
                 &k,
                 &v,
             );
-            let mut a = layer.o.forward(&attn);
+            let mut a = layer.o.forward(&attn, stream);
             if let Some(n) = &layer.post_attention_norm {
                 a = n.forward(&a);
             }
             x = x + a;
             let h = layer.pre_mlp_norm.forward(&x);
-            let mut m = layer.mlp.forward(self.config.activation, &h);
+            let mut m = layer.mlp.forward(self.config.activation, &h, stream);
             if let Some(n) = &layer.post_mlp_norm {
                 m = n.forward(&m);
             }
@@ -317,7 +322,7 @@ impl Transformer {
         }
         let rows = x.index_select(0, &input.logit_rows);
         let rows = self.final_norm.forward(&rows);
-        let logits = self.lm_head.forward(&rows).to_kind(Kind::Float);
+        let logits = self.lm_head.forward(&rows, stream).to_kind(Kind::Float);
         match self.config.final_logit_softcapping {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
