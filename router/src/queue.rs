@@ -1,6 +1,7 @@
 //! The waiting room between admission and the shards.
 //!
-//! A FIFO of validated requests. The batching task drains it into prefill batches under two
+//! A queue of validated requests, ordered by priority (higher first; a Tessera extension,
+//! 0 by default) and FIFO within a priority. The batching task drains it into prefill batches under two
 //! budgets: the prompt tokens one prefill may process, and the KV tokens the whole running
 //! batch may hold. As in TGI, the first request that does not fit stops batch building (no
 //! overtaking), so a large request cannot be starved by a stream of small ones.
@@ -68,7 +69,14 @@ impl Queue {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let id = s.next_id;
             s.next_id += 1;
-            s.entries.push_back((id, entry));
+            // Behind every entry of the same or a higher priority: FIFO within a priority.
+            let priority = entry.request.priority;
+            let at = s
+                .entries
+                .iter()
+                .rposition(|(_, e)| e.request.priority >= priority)
+                .map_or(0, |i| i + 1);
+            s.entries.insert(at, (id, entry));
             metrics::gauge!("tgi_queue_size").set(s.entries.len() as f64);
         }
         self.notify.notify_one();
@@ -185,5 +193,54 @@ impl Queue {
             max_blocks: 0,
         };
         Some((taken.into_iter().collect(), batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(priority: i32) -> Entry {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::mem::forget(rx); // keep the channel open: closed ones are dropped from the queue
+        Entry {
+            request: ValidRequest {
+                received: Instant::now(),
+                inputs: "x".into(),
+                input_ids: vec![1, 2, 3],
+                input_length: 3,
+                add_special_tokens: true,
+                truncate: 0,
+                parameters: Default::default(),
+                stopping: pb::StoppingCriteriaParameters {
+                    max_new_tokens: 4,
+                    ..Default::default()
+                },
+                top_n_tokens: 0,
+                decoder_input_details: false,
+                priority,
+            },
+            response_tx: tx,
+            queued: Instant::now(),
+            batched: None,
+            blocks: None,
+        }
+    }
+
+    #[test]
+    fn higher_priority_first_fifo_within_a_priority() {
+        let q = Queue::new(BlockAllocator::new(1 << 16, 16, true));
+        for p in [0, 5, 0, 5, -1, 9] {
+            q.append(entry(p));
+        }
+        let limits = BatchLimits {
+            min_size: None,
+            max_size: None,
+            prefill_token_budget: 1 << 20,
+            token_budget: 1 << 20,
+        };
+        let (_, batch) = q.next_batch(&limits).expect("batch");
+        let order: Vec<u64> = batch.requests.iter().map(|r| r.id).collect();
+        assert_eq!(order, vec![5, 1, 3, 0, 2, 4]);
     }
 }

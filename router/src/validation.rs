@@ -43,6 +43,8 @@ pub struct ValidRequest {
     pub stopping: pb::StoppingCriteriaParameters,
     pub top_n_tokens: u32,
     pub decoder_input_details: bool,
+    /// Higher runs first (a Tessera extension; 0 by default).
+    pub priority: i32,
 }
 
 impl ValidRequest {
@@ -239,6 +241,7 @@ impl Validation {
             },
             top_n_tokens,
             decoder_input_details: p.decoder_input_details,
+            priority: p.priority.unwrap_or(0),
         })
     }
 }

@@ -94,6 +94,7 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         presence_penalty: req.presence_penalty,
         stop: Stop::into_vec(req.stop),
         details: true,
+        priority: req.priority,
         ..Default::default()
     };
     // Every sequence takes its own concurrency slot, and every prompt is validated before any

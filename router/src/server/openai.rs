@@ -126,6 +126,7 @@ pub(crate) fn prepare(
             seed: req.seed,
             top_n_tokens,
             details: true,
+            priority: req.priority,
             ..Default::default()
         },
     ))

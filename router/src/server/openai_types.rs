@@ -69,6 +69,9 @@ pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
     pub messages: Vec<Message>,
+    /// Scheduling priority (as vLLM): higher is served first.
+    #[serde(default)]
+    pub priority: Option<i32>,
     #[serde(default)]
     pub frequency_penalty: Option<f32>,
     #[serde(default)]
@@ -161,6 +164,9 @@ pub struct CompletionRequest {
     pub seed: Option<u64>,
     #[serde(default)]
     pub suffix: Option<String>,
+    /// Scheduling priority (as vLLM): higher is served first.
+    #[serde(default)]
+    pub priority: Option<i32>,
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
     #[serde(default)]

@@ -48,6 +48,9 @@ pub struct GenerateParameters {
     pub grammar: Option<serde_json::Value>,
     #[serde(default)]
     pub adapter_id: Option<String>,
+    /// Beyond TGI: scheduling priority. Higher is served first; equal priorities are FIFO.
+    #[serde(default)]
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
