@@ -9,7 +9,7 @@ MODEL_DIR := models/SmolLM2-135M-Instruct
 TINY_DIR := models/tiny
 REFS_DIR := models/tiny-refs
 TEMPLATES_DIR := models/templates
-TINY_MODELS := tiny-llama,tiny-mistral,tiny-qwen2
+TINY_MODELS := tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3,tiny-phi3,tiny-gemma2,tiny-gpt2,tiny-llama3rope,tiny-llama-linrope
 PORT ?= 8080
 BIN := target/release
 

@@ -9,7 +9,16 @@ mod common;
 use common::*;
 use tessera_proto as pb;
 
-const MODEL_SET: &[&str] = &["tiny-llama", "tiny-qwen2", "tiny-gpt2"];
+/// Every architecture except the RoPE variants of Llama (whose batching is Llama's).
+const MODEL_SET: &[&str] = &[
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-gemma2",
+    "tiny-gpt2",
+];
 
 fn greedy(case: &serde_json::Value) -> Vec<u32> {
     ids(&case["greedy"]["ids"])

@@ -11,7 +11,17 @@ use tessera_proto as pb;
 use tessera_shard::Runner;
 
 /// Every architecture the shard supports, as a tiny random checkpoint.
-pub const MODELS: &[&str] = &["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"];
+pub const MODELS: &[&str] = &[
+    "tiny-llama",
+    "tiny-mistral",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-phi3",
+    "tiny-gemma2",
+    "tiny-gpt2",
+    "tiny-llama3rope",
+    "tiny-llama-linrope",
+];
 
 pub const BLOCK: usize = 16;
 
