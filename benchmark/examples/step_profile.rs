@@ -1,6 +1,7 @@
 //! Splits a decode step's time into the forward pass and token choice (sampling, detokenizing,
 //! stop checks), at a few batch sizes: the first question when decode is slower than its roofline.
-//! Run: `cargo run --release -p tessera-benchmark --example step_profile -- [dtype]`.
+//! Run: `cargo run --release -p tessera-benchmark --example step_profile -- [dtype] [batches] [steps]`,
+//! e.g. `-- float32 32 100` (defaults: float32, 1,8,32, 32 steps).
 
 use std::path::PathBuf;
 
@@ -19,9 +20,20 @@ fn main() {
         Device::Cpu,
     )
     .expect("load (run `make model`)");
-    runner.allocate_pool(1 + 32 * 16).expect("pool");
-    for batch in [1usize, 8, 32] {
-        let per = 256 / BLOCK_SIZE as u32;
+    let batches: Vec<usize> = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "1,8,32".into())
+        .split(',')
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    let steps: u32 = std::env::args()
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    let per = (128 + steps as usize + 1).div_ceil(BLOCK_SIZE) as u32;
+    let most = batches.iter().copied().max().unwrap_or(1);
+    runner.allocate_pool(1 + most * per as usize).expect("pool");
+    for batch in batches {
         let requests = (0..batch as u32)
             .map(|i| pb::Request {
                 id: i as u64,
@@ -34,7 +46,7 @@ fn main() {
                     ..Default::default()
                 }),
                 stopping_parameters: Some(pb::StoppingCriteriaParameters {
-                    max_new_tokens: 33,
+                    max_new_tokens: steps + 1,
                     ignore_eos_token: true,
                     ..Default::default()
                 }),

@@ -76,6 +76,11 @@ impl KvPool {
         self.num_blocks * self.block_size
     }
 
+    /// Layer `layer`'s whole key and value tensors, `[slots, kv_heads, head_dim]`.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// Stores the new tokens' `k`/`v` (`[T, kv_heads, head_dim]`) of `layer` at `slots` (`[T]`).
     pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
         let _ = self.keys[layer].index_copy_(0, slots, k);

@@ -288,6 +288,7 @@ impl Runner {
                 context: Tensor::from_slice(&ctx)
                     .view([decode_ctx.len() as i64, width as i64])
                     .to_device(device),
+                context_cpu: ctx,
                 lens: decode_lens,
             }
         });

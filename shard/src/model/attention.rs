@@ -9,6 +9,7 @@
 use tch::{Kind, Tensor};
 
 use super::ForwardInput;
+use crate::kernels::attention::DecodeShape;
 use crate::kv_cache::KvPool;
 
 /// Head geometry and score shaping of one model.
@@ -187,6 +188,43 @@ pub fn attend(
     }
     if let Some(d) = &input.decode {
         let b = d.lens.len() as i64;
+        // CPU, few sequences: the AVX-512 kernel reads the pool through the slot table and
+        // skips libtorch's gathers and per-op costs. Its softmax is scalar, so from 9
+        // sequences on the fused libtorch paths below win (docs/benchmarks.md).
+        let few = d.lens.len() <= crate::kernels::MAX_ROWS;
+        let contexts: Vec<&[i64]> = if few {
+            (0..d.lens.len()).map(|i| d.slots(i)).collect()
+        } else {
+            Vec::new()
+        };
+        let shape = DecodeShape {
+            num_heads: p.num_heads as usize,
+            num_kv_heads: p.num_kv_heads as usize,
+            head_dim: p.head_dim as usize,
+            scale: p.scale as f32,
+            softcap: p.softcap.map(|c| c as f32),
+            window,
+        };
+        let (keys, values) = pool.layer(layer);
+        let kernel = few
+            .then(|| {
+                crate::kernels::decode_attention(
+                    &q.narrow(0, d.start, b),
+                    keys,
+                    values,
+                    &contexts,
+                    shape,
+                )
+            })
+            .flatten();
+        if let Some(o) = kernel {
+            outs.push(o);
+            return if outs.len() == 1 {
+                outs.swap_remove(0)
+            } else {
+                Tensor::cat(&outs, 0)
+            };
+        }
         let qd = q.narrow(0, d.start, b).unsqueeze(2);
         let (kd, vd) = pool.gather(layer, &d.context);
         // [B, L, kv_heads, hd] -> [B, kv_heads, L, hd]

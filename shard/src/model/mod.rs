@@ -42,6 +42,16 @@ pub struct DecodeSpan {
     pub lens: Vec<i64>,
     /// `[B, max(lens)]` slot ids, padded with slot 0 (block 0 is reserved and always finite).
     pub context: Tensor,
+    /// The same slot ids on the CPU, row-major, for the CPU decode kernels.
+    pub context_cpu: Vec<i64>,
+}
+
+impl DecodeSpan {
+    /// Sequence `i`'s context slots, in position order.
+    pub fn slots(&self, i: usize) -> &[i64] {
+        let width = self.context_cpu.len() / self.lens.len().max(1);
+        &self.context_cpu[i * width..i * width + self.lens[i] as usize]
+    }
 }
 
 /// One forward pass over several sequences.

@@ -1,4 +1,4 @@
-//! CPU matrix-vector kernels for decode steps (1 to 8 rows against a weight matrix).
+//! Matrix-vector products for decode steps (1 to 8 rows against a weight matrix).
 //!
 //! A decode step at small batch is a stream over every weight: it can only be as fast as
 //! memory. libtorch's CPU kernels reach about half of the machine's read bandwidth on these
@@ -15,31 +15,10 @@ use std::arch::x86_64::*;
 
 use tch::{Kind, Tensor};
 
+use super::supported;
+
 /// The most rows of `x` the kernels take (their accumulators live in registers).
 pub const MAX_ROWS: usize = 8;
-
-fn supported(kind: Kind) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let f32_ok = *F32.get_or_init(|| {
-            std::env::var_os("TESSERA_NO_KERNELS").is_none() && is_x86_feature_detected!("avx512f")
-        });
-        match kind {
-            Kind::Float => f32_ok,
-            Kind::BFloat16 => {
-                *BF16.get_or_init(|| f32_ok && is_x86_feature_detected!("avx512bf16"))
-            }
-            _ => false,
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = kind;
-        false
-    }
-}
 
 /// `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` (both CPU, same dtype, `m <= MAX_ROWS`), or
 /// `None` when no kernel applies and the caller should use libtorch.
