@@ -91,3 +91,31 @@ def test_prefix_cache_on_and_off_give_identical_outputs():
             assert server.stop() == 0
     assert outputs[0] == outputs[1]
     assert outputs[0][0] == outputs[0][1] == outputs[0][2]
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_running():
+    cases = json.loads((REFS / "tiny-llama.json").read_text())["cases"]
+    long = max((c for c in cases if c["kind"] == "text"), key=lambda c: len(c["input_ids"]))
+    assert len(long["input_ids"]) > 3 * 16
+    # A prefill budget of 16 tokens: the long prompt needs several steps, and it may be longer
+    # than the budget at all only because the shard continues prompts across steps.
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--max-batch-prefill-tokens", "16",
+                   "--max-input-tokens", "200", "--max-total-tokens", "256", "--prefix-caching", "false")
+    try:
+        want = long["greedy"]["ids"][:10]
+        assert generate(server, long["prompt"], 10) == want
+        # Six such prompts at once: they cannot share one 16-token prefill, so later ones join
+        # the running batch chunk by chunk (prefill folded into its decode steps), and every
+        # output stays exact.
+        line = threading.Barrier(6)
+
+        def one(_):
+            line.wait()
+            return generate(server, long["prompt"], 10)
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(one, range(6))) == [want] * 6
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        assert re.search(r'^tgi_batch_concat\{reason="chunking"\} [1-9]', text, re.M), "no fused prefill"
+    finally:
+        assert server.stop() == 0

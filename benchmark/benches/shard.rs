@@ -82,16 +82,25 @@ fn run_batch(runner: &mut Runner, batch: usize, new_tokens: u32) -> (f64, f64) {
     )
 }
 
-/// Sustained read bandwidth in bytes/s over a buffer as large as the weights.
-fn read_bandwidth(bytes: i64) -> f64 {
+/// Sustained read bandwidth in bytes/s: the best of several passes of a summation over a
+/// 1 GiB buffer (far beyond any cache), with one and with all threads. The same figure serves
+/// both dtypes, so their rooflines are comparable.
+fn read_bandwidth() -> f64 {
+    let bytes: i64 = 1 << 30;
     let t = Tensor::ones([bytes / 4], (Kind::Float, Device::Cpu));
-    let _ = t.sum(Kind::Float);
-    let start = Instant::now();
-    let reps = 10;
-    for _ in 0..reps {
-        let _ = f64::try_from(t.sum(Kind::Float)).unwrap_or(0.0);
+    let threads = tch::get_num_threads();
+    let mut best = 0f64;
+    for n in [1, threads] {
+        tch::set_num_threads(n);
+        let _ = t.sum(Kind::Float);
+        for _ in 0..3 {
+            let start = Instant::now();
+            let _ = f64::try_from(t.sum(Kind::Float)).unwrap_or(0.0);
+            best = best.max(bytes as f64 / start.elapsed().as_secs_f64());
+        }
     }
-    (bytes * reps) as f64 / start.elapsed().as_secs_f64()
+    tch::set_num_threads(threads);
+    best
 }
 
 /// Large-matmul throughput in FLOP/s for `kind`.
@@ -190,7 +199,7 @@ fn main() {
             (c.vocab_size * c.hidden_size + c.num_layers * layer) as f64
         };
         let weight_bytes = params * kind.elt_size_in_bytes() as f64;
-        let bandwidth = read_bandwidth(weight_bytes as i64);
+        let bandwidth = read_bandwidth();
         let flops = matmul_flops(kind);
         println!(
             "\n{MODEL}, {dtype}: {:.1}M params ({:.0} MB), {} threads; read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s",

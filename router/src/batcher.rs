@@ -21,6 +21,8 @@ use crate::server::types::{FinishReason, PrefillToken, Token};
 
 #[derive(Debug, Clone)]
 pub struct BatchingConfig {
+    /// The shards can continue a prompt across calls and fold a prefill into a decode step.
+    pub chunking: bool,
     pub max_batch_prefill_tokens: u32,
     pub max_batch_total_tokens: u32,
     pub max_batch_size: Option<usize>,
@@ -43,44 +45,28 @@ pub async fn batching_task(
             max_size: config.max_batch_size,
             prefill_token_budget: config.max_batch_prefill_tokens,
             token_budget: config.max_batch_total_tokens,
+            chunking: config.chunking,
         };
         while let Some((mut entries, batch)) = queue.next_batch(&first) {
-            let mut running = prefill(&client, batch, &mut entries, &healthy, &queue).await;
+            let mut running = prefill(&client, batch, None, &mut entries, &healthy, &queue).await;
             let mut waiting_tokens = 1;
             while let Some(batch) = running {
-                let mut batches = vec![batch.clone()];
-                let min_size = if waiting_tokens >= config.max_waiting_tokens {
-                    None
+                running = if config.chunking {
+                    chunked_step(&client, &queue, &config, batch, &mut entries, &healthy).await
                 } else {
-                    Some(((batch.size as f32) * config.waiting_served_ratio).floor() as usize)
+                    let (next, waited) = separate_step(
+                        &client,
+                        &queue,
+                        &config,
+                        batch,
+                        waiting_tokens,
+                        &mut entries,
+                        &healthy,
+                    )
+                    .await;
+                    waiting_tokens = waited;
+                    next
                 };
-                let limits = BatchLimits {
-                    min_size,
-                    max_size: config
-                        .max_batch_size
-                        .map(|m| m.saturating_sub(batch.size as usize)),
-                    prefill_token_budget: config.max_batch_prefill_tokens,
-                    token_budget: config
-                        .max_batch_total_tokens
-                        .saturating_sub(batch.max_tokens),
-                };
-                if let Some((mut new_entries, new_batch)) = queue.next_batch(&limits) {
-                    let reason = if min_size.is_some() {
-                        "backpressure"
-                    } else {
-                        "wait_exceeded"
-                    };
-                    metrics::counter!("tgi_batch_concat", "reason" => reason).increment(1);
-                    if let Some(new_cached) =
-                        prefill(&client, new_batch, &mut new_entries, &healthy, &queue).await
-                    {
-                        batches.push(new_cached);
-                    }
-                    entries.extend(new_entries);
-                    waiting_tokens = 1;
-                }
-                running = decode(&client, batches, &mut entries, &healthy, &queue).await;
-                waiting_tokens += 1;
                 let (size, max_tokens) =
                     running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
                 metrics::gauge!("tgi_batch_current_size").set(size as f64);
@@ -90,20 +76,104 @@ pub async fn batching_task(
     }
 }
 
+/// With chunking (TGI v3's loop): new requests join whenever the prefill budget left by the
+/// running batch's own next tokens allows, as one forward pass with the running decode; the
+/// last one may bring only a chunk of its prompt. Running streams never stop for a prefill.
+async fn chunked_step(
+    client: &ShardedClient,
+    queue: &Queue,
+    config: &BatchingConfig,
+    batch: pb::CachedBatch,
+    entries: &mut Entries,
+    healthy: &AtomicBool,
+) -> Option<pb::CachedBatch> {
+    let limits = BatchLimits {
+        min_size: None,
+        max_size: config
+            .max_batch_size
+            .map(|m| m.saturating_sub(batch.size as usize)),
+        prefill_token_budget: config
+            .max_batch_prefill_tokens
+            .saturating_sub(batch.current_tokens),
+        token_budget: config
+            .max_batch_total_tokens
+            .saturating_sub(batch.max_tokens),
+        chunking: true,
+    };
+    match queue.next_batch(&limits) {
+        Some((new_entries, new_batch)) => {
+            metrics::counter!("tgi_batch_concat", "reason" => "chunking").increment(1);
+            entries.extend(new_entries);
+            prefill(client, new_batch, Some(batch), entries, healthy, queue).await
+        }
+        None => decode(client, vec![batch], entries, healthy, queue).await,
+    }
+}
+
+/// Without chunking (TGI's older loop): a separate prefill for newcomers when enough of them
+/// fit (`waiting_served_ratio`) or they waited `max_waiting_tokens` steps, then one decode of
+/// both batches. Returns the next batch and the updated waiting count.
+async fn separate_step(
+    client: &ShardedClient,
+    queue: &Queue,
+    config: &BatchingConfig,
+    batch: pb::CachedBatch,
+    mut waiting_tokens: usize,
+    entries: &mut Entries,
+    healthy: &AtomicBool,
+) -> (Option<pb::CachedBatch>, usize) {
+    let mut batches = vec![batch.clone()];
+    let min_size = if waiting_tokens >= config.max_waiting_tokens {
+        None
+    } else {
+        Some(((batch.size as f32) * config.waiting_served_ratio).floor() as usize)
+    };
+    let limits = BatchLimits {
+        min_size,
+        max_size: config
+            .max_batch_size
+            .map(|m| m.saturating_sub(batch.size as usize)),
+        prefill_token_budget: config.max_batch_prefill_tokens,
+        token_budget: config
+            .max_batch_total_tokens
+            .saturating_sub(batch.max_tokens),
+        chunking: false,
+    };
+    if let Some((mut new_entries, new_batch)) = queue.next_batch(&limits) {
+        let reason = if min_size.is_some() {
+            "backpressure"
+        } else {
+            "wait_exceeded"
+        };
+        metrics::counter!("tgi_batch_concat", "reason" => reason).increment(1);
+        if let Some(new_cached) =
+            prefill(client, new_batch, None, &mut new_entries, healthy, queue).await
+        {
+            batches.push(new_cached);
+        }
+        entries.extend(new_entries);
+        waiting_tokens = 1;
+    }
+    let next = decode(client, batches, entries, healthy, queue).await;
+    (next, waiting_tokens + 1)
+}
+
 async fn prefill(
     client: &ShardedClient,
     batch: pb::Batch,
+    running: Option<pb::CachedBatch>,
     entries: &mut Entries,
     healthy: &AtomicBool,
     queue: &Queue,
 ) -> Option<pb::CachedBatch> {
-    let id = batch.id;
+    let mut batch_ids = vec![batch.id];
+    batch_ids.extend(running.as_ref().map(|b| b.id));
     let start = Instant::now();
-    let result = client.prefill(batch, None).await;
+    let result = client.prefill(batch, running).await;
     let step = Step {
         method: "prefill",
         start,
-        batch_ids: vec![id],
+        batch_ids,
     };
     after_step(client, step, result, entries, healthy, queue).await
 }

@@ -114,6 +114,7 @@ impl Infer {
             queued: Instant::now(),
             batched: None,
             blocks: None,
+            chunk_len: None,
         });
         UnboundedReceiverStream::new(rx)
     }

@@ -131,7 +131,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         world_size = client.world_size(),
         "connected to shards"
     );
+    let chunking = shard_info.support_chunking;
+    if chunking {
+        tracing::warn!("Model supports prefill chunking. `waiting_served_ratio` and `max_waiting_tokens` will be ignored.");
+    }
     let requested = Requested {
+        chunking,
         max_input_tokens: args.max_input_tokens,
         max_total_tokens: args.max_total_tokens,
         max_batch_prefill_tokens: args.max_batch_prefill_tokens,
@@ -170,6 +175,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let healthy = Arc::new(AtomicBool::new(true));
     let batching = BatchingConfig {
+        chunking,
         max_batch_prefill_tokens: limits.max_batch_prefill_tokens,
         max_batch_total_tokens: limits.max_batch_total_tokens,
         max_batch_size: args.max_batch_size,

@@ -27,6 +27,8 @@ pub struct Entry {
     pub batched: Option<Instant>,
     /// The KV blocks it holds once batched; freed when the entry is dropped.
     pub blocks: Option<BlockAllocation>,
+    /// Prompt tokens its first prefill computes, when the budget takes only part of it.
+    pub chunk_len: Option<u32>,
 }
 
 #[derive(Default)]
@@ -49,6 +51,8 @@ pub struct BatchLimits {
     pub max_size: Option<usize>,
     pub prefill_token_budget: u32,
     pub token_budget: u32,
+    /// The last request may bring only the part of its prompt that fits (`chunk_len`).
+    pub chunking: bool,
 }
 
 impl Queue {
@@ -130,22 +134,30 @@ impl Queue {
                 break;
             };
             let to_compute = r.input_length - blocks.cache_len;
-            if prefill_tokens + to_compute > limits.prefill_token_budget {
+            let room = limits.prefill_token_budget.saturating_sub(prefill_tokens);
+            let chunk = if to_compute <= room {
+                None
+            } else if limits.chunking && room > 0 {
+                Some(room)
+            } else {
                 s.entries.push_front((id, entry));
                 break; // dropping `blocks` gives them back
-            }
+            };
             entry.blocks = Some(blocks);
-            prefill_tokens += to_compute;
+            entry.chunk_len = chunk;
+            prefill_tokens += chunk.unwrap_or(to_compute);
             total_tokens += r.max_tokens();
             entry.batched = Some(now);
+            let chunked = entry.chunk_len.is_some();
             taken.push((id, entry));
-            if limits.max_size == Some(taken.len()) {
+            if chunked || limits.max_size == Some(taken.len()) {
                 break;
             }
         }
         if taken.is_empty() || limits.min_size.is_some_and(|m| taken.len() < m) {
             for (id, mut e) in taken.into_iter().rev() {
                 e.blocks = None;
+                e.chunk_len = None;
                 e.batched = None;
                 s.entries.push_front((id, e));
             }
@@ -164,6 +176,7 @@ impl Queue {
                     blocks,
                     slots,
                     cache_len,
+                    chunk_len: e.chunk_len,
                     id: *id,
                     inputs: r.inputs.clone(),
                     input_chunks: Some(pb::Input {
@@ -224,6 +237,7 @@ mod tests {
             queued: Instant::now(),
             batched: None,
             blocks: None,
+            chunk_len: None,
         }
     }
 
@@ -238,6 +252,7 @@ mod tests {
             max_size: None,
             prefill_token_budget: 1 << 20,
             token_budget: 1 << 20,
+            chunking: false,
         };
         let (_, batch) = q.next_batch(&limits).expect("batch");
         let order: Vec<u64> = batch.requests.iter().map(|r| r.id).collect();

@@ -15,6 +15,8 @@ pub struct Limits {
 }
 
 pub struct Requested {
+    /// The shards continue long prompts across steps, so one prompt need not fit one prefill.
+    pub chunking: bool,
     pub max_input_tokens: Option<usize>,
     pub max_total_tokens: Option<usize>,
     pub max_batch_prefill_tokens: u32,
@@ -86,12 +88,13 @@ pub async fn warmup(
     // Without chunked prefill a prompt must fit in one prefill: cap the default accordingly.
     let max_input_tokens = match req.max_input_tokens {
         Some(m) => m,
+        None if req.chunking => resp.max_input_tokens as usize,
         None => (resp.max_input_tokens as usize).min(req.max_batch_prefill_tokens as usize),
     };
     if max_input_tokens >= max_total_tokens {
         anyhow::bail!("`max_input_tokens` must be < `max_total_tokens`. Given: {max_input_tokens} and {max_total_tokens}");
     }
-    if (req.max_batch_prefill_tokens as usize) < max_input_tokens {
+    if !req.chunking && (req.max_batch_prefill_tokens as usize) < max_input_tokens {
         anyhow::bail!(
             "`max_batch_prefill_tokens` must be >= `max_input_tokens`. Given: {} and {max_input_tokens}",
             req.max_batch_prefill_tokens
