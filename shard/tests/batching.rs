@@ -218,3 +218,48 @@ fn prompt_prefilled_in_three_chunks() {
         assert_eq!(out.get(2), &greedy(&cases[long])[..10], "{model}: chunked");
     }
 }
+
+/// A seeded sampling request gives byte-identical text alone and in a batch of 8 (with other
+/// prompts, greedy and sampled neighbours): its random numbers come from its own generator.
+#[test]
+fn seeded_sampling_is_identical_alone_and_in_a_batch_of_8() {
+    for model in MODEL_SET {
+        let r = refs(model);
+        let cases = cases(&r);
+        let mut runner = load(model, "float32", 512);
+        let mut blocks = Blocks::default();
+        let sampled =
+            |id: u64, case: &serde_json::Value, seed: u64, blocks: &mut Blocks| pb::Request {
+                parameters: Some(pb::NextTokenChooserParameters {
+                    temperature: 0.8,
+                    top_k: 40,
+                    top_p: 0.95,
+                    do_sample: true,
+                    seed,
+                    repetition_penalty: 1.1,
+                    ..Default::default()
+                }),
+                ..request(id, case, 24, blocks)
+            };
+        let text = |runner: &mut tessera_shard::Runner, requests: Vec<pb::Request>, id: u64| {
+            let mut out = Outputs::default();
+            let step = runner.prefill(&batch(id, requests), None).unwrap();
+            out.add(&step.generations);
+            run_to_end(runner, step.batch, &mut out);
+            let ids = out.get(0).to_vec();
+            runner.tokenizer.decode(&ids, false).unwrap()
+        };
+        let alone = text(&mut runner, vec![sampled(0, &cases[3], 7, &mut blocks)], 1);
+        let mut crowd = vec![sampled(0, &cases[3], 7, &mut blocks)];
+        for i in 1..8u64 {
+            let case = &cases[(i as usize * 3) % cases.len()];
+            crowd.push(if i % 2 == 0 {
+                request(i, case, 10 + i as u32, &mut blocks)
+            } else {
+                sampled(i, case, 100 + i, &mut blocks)
+            });
+        }
+        let together = text(&mut runner, crowd, 2);
+        assert_eq!(alone, together, "{model}");
+    }
+}
