@@ -356,6 +356,17 @@ impl ModelConfig {
         })
     }
 
+    /// `(hidden, heads, kv_heads, head_dim, intermediate)` as tensor dimensions.
+    pub fn dims(&self) -> (i64, i64, i64, i64, i64) {
+        (
+            self.hidden_size as i64,
+            self.num_heads as i64,
+            self.num_kv_heads as i64,
+            self.head_dim as i64,
+            self.intermediate_size as i64,
+        )
+    }
+
     /// The widest sliding window of any layer (what `Info.window_size` reports), if every layer slides.
     pub fn sliding_window(&self) -> Option<usize> {
         if self.layer_windows.iter().all(Option::is_some) {

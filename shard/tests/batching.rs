@@ -9,16 +9,10 @@ mod common;
 use common::*;
 use tessera_proto as pb;
 
-/// Every architecture except the RoPE variants of Llama (whose batching is Llama's).
-const MODEL_SET: &[&str] = &[
-    "tiny-llama",
-    "tiny-mistral",
-    "tiny-qwen2",
-    "tiny-qwen3",
-    "tiny-phi3",
-    "tiny-gemma2",
-    "tiny-gpt2",
-];
+/// Every architecture; the RoPE-scaling variants of Llama batch exactly as Llama does.
+fn model_set() -> impl Iterator<Item = &'static str> {
+    MODELS.iter().copied().filter(|m| !m.ends_with("rope"))
+}
 
 fn greedy(case: &serde_json::Value) -> Vec<u32> {
     ids(&case["greedy"]["ids"])
@@ -26,7 +20,7 @@ fn greedy(case: &serde_json::Value) -> Vec<u32> {
 
 #[test]
 fn requests_join_and_leave_between_steps() {
-    for model in MODEL_SET {
+    for model in model_set() {
         let r = refs(model);
         let cases = cases(&r);
         let n = cases.len() as u64;
@@ -84,7 +78,7 @@ fn requests_join_and_leave_between_steps() {
 
 #[test]
 fn cached_prefix_is_read_from_the_pool_not_recomputed() {
-    for model in MODEL_SET {
+    for model in model_set() {
         let r = refs(model);
         let cases = cases(&r);
         let (long, other) = {
@@ -133,7 +127,7 @@ fn cached_prefix_is_read_from_the_pool_not_recomputed() {
 
 #[test]
 fn prompt_prefilled_in_three_chunks() {
-    for model in MODEL_SET {
+    for model in model_set() {
         let r = refs(model);
         let cases = cases(&r);
         let long = (0..cases.len())
@@ -223,7 +217,7 @@ fn prompt_prefilled_in_three_chunks() {
 /// prompts, greedy and sampled neighbours): its random numbers come from its own generator.
 #[test]
 fn seeded_sampling_is_identical_alone_and_in_a_batch_of_8() {
-    for model in MODEL_SET {
+    for model in model_set() {
         let r = refs(model);
         let cases = cases(&r);
         let mut runner = load(model, "float32", 512);

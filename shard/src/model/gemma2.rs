@@ -19,13 +19,7 @@ fn norm(w: &Weights, name: &str, size: i64, eps: f64) -> Result<Norm> {
 }
 
 pub fn load(c: ModelConfig, w: &Weights, kind: Kind, device: Device) -> Result<Transformer> {
-    let (h, nh, nkv, hd, ffn) = (
-        c.hidden_size as i64,
-        c.num_heads as i64,
-        c.num_kv_heads as i64,
-        c.head_dim as i64,
-        c.intermediate_size as i64,
-    );
+    let (h, nh, nkv, hd, ffn) = c.dims();
     let eps = c.norm_eps;
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
