@@ -40,7 +40,8 @@ impl ShardService {
             device_type: if device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
             window_size: runner.model.config.sliding_window().map(|w| w as u32),
             speculate: 0,
-            support_chunking: true,
+            // TGI's PREFILL_CHUNKING switch: 0 makes the router use its non-chunking loop.
+            support_chunking: std::env::var("PREFILL_CHUNKING").map_or(true, |v| v != "0" && v != "false"),
             use_prefix_caching: true,
             attention_impl: "paged".to_string(),
             block_size: crate::runner::BLOCK_SIZE as u32,
