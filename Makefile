@@ -14,7 +14,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models run test test-rust test-integration bench docs clean
+.PHONY: install venv build model test-models run test test-rust test-integration bench bench-load docs clean
 
 install: venv build
 
@@ -73,6 +73,10 @@ bench: install model
 	cargo bench -p tessera-benchmark
 	$(PY) benchmark/scheduler.py all
 	$(PY) benchmark/startup.py 3
+
+# HTTP load: concurrency and Poisson sweeps, latency percentiles, plot, router overhead.
+bench-load: install model
+	bash benchmark/load_run.sh
 
 clean:
 	cargo clean
