@@ -7,9 +7,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import requests
 
-from conftest import REFS, TINY, start
+from conftest import DEFAULT_MODEL, REFS, TINY, start
 
 
 def gauge(server, name):
@@ -38,10 +39,12 @@ def abandon(server, prompt, n):
     return seen
 
 
-def test_64_concurrent_with_cancellations_match_solo_and_free_every_block():
+@pytest.mark.parametrize("caching", ["true", "false"])
+def test_64_concurrent_with_cancellations_match_solo_and_free_every_block(caching):
     cases = json.loads((REFS / "tiny-llama.json").read_text())["cases"]
     prompts = [c["prompt"] for c in cases if c["kind"] == "text"]
-    server = start(TINY / "tiny-llama", "--dtype", "float32", "--max-concurrent-requests", "128")
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--max-concurrent-requests", "128",
+                   "--prefix-caching", caching)
     try:
         total = gauge(server, "tessera_kv_free_blocks") + gauge(server, "tessera_kv_cached_blocks")
         jobs = [(prompts[i % len(prompts)], 4 + (i * 7) % 29, i % 3 == 2) for i in range(64)]
@@ -71,7 +74,11 @@ def test_64_concurrent_with_cancellations_match_solo_and_free_every_block():
                 break
             time.sleep(0.2)
         assert back == total, f"{total - back} KV blocks leaked"
-        assert gauge(server, "tessera_kv_cached_blocks") > 0, "prompts were cached for reuse"
+        if caching == "true":
+            # Finished prompts stay cached (evictable on demand) instead of returning to the list.
+            assert gauge(server, "tessera_kv_cached_blocks") > 0, "prompts were cached for reuse"
+        else:
+            assert gauge(server, "tessera_kv_free_blocks") == total
     finally:
         assert server.stop() == 0
 
@@ -117,5 +124,42 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_running():
             assert list(pool.map(one, range(6))) == [want] * 6
         text = requests.get(server.url + "/metrics", timeout=10).text
         assert re.search(r'^tgi_batch_concat\{reason="chunking"\} [1-9]', text, re.M), "no fused prefill"
+    finally:
+        assert server.stop() == 0
+
+
+def test_backpressure_429_at_max_concurrent_requests():
+    # The default model (tens of ms per token) so that two 400-token streams stay busy.
+    server = start(DEFAULT_MODEL, "--max-concurrent-requests", "2", "--max-batch-prefill-tokens", "512",
+                   "--max-input-tokens", "500", "--max-total-tokens", "1024")
+    try:
+        # Two long streams (ignore_eos: they cannot end early) hold both permits; a third
+        # request is refused at once.
+        streams = [requests.post(server.url + "/generate_stream", stream=True, timeout=60, json={
+            "inputs": "Hello", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}) for _ in range(2)]
+        # Keep the line iterators alive: dropping one closes its connection (a disconnect).
+        lines = [r.iter_lines() for r in streams]
+        for r, it in zip(streams, lines):
+            assert r.status_code == 200
+            next(line for line in it if line.startswith(b"data:"))
+        start_t = time.time()
+        r = requests.post(server.url + "/generate", timeout=60, json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+        assert r.status_code == 429, r.text
+        assert r.json() == {"error": "Model is overloaded", "error_type": "overloaded"}
+        assert time.time() - start_t < 5, "refused right away, not queued"
+        for r in streams:
+            r.close()
+        # Once the streams are gone, requests are served again.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            r = requests.post(server.url + "/generate", timeout=60, json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        # A request that can never fit is refused at validation, not left waiting.
+        r = requests.post(server.url + "/generate", timeout=60, json={
+            "inputs": "Hi", "parameters": {"max_new_tokens": 100000}})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
     finally:
         assert server.stop() == 0

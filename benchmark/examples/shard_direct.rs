@@ -22,7 +22,10 @@ const WORDS: &str = "time person year way day thing man world life hand part chi
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let socket = args.get(1).ok_or("usage: shard_direct SOCKET FIRST_BLOCK [N] [NEW]")?.clone();
+    let socket = args
+        .get(1)
+        .ok_or("usage: shard_direct SOCKET FIRST_BLOCK [N] [NEW]")?
+        .clone();
     let first: u32 = args.get(2).ok_or("FIRST_BLOCK")?.parse()?;
     let n: u64 = args.get(3).map_or(Ok(16), |s| s.parse())?;
     let new: u32 = args.get(4).map_or(Ok(64), |s| s.parse())?;
@@ -39,13 +42,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Same shape as load.py's fixed workload: 128 words after a request number.
         let prompt = format!(
             "Request {i}: {}",
-            (0..128).map(|j| words[(i as usize * 7 + j * 13) % words.len()]).collect::<Vec<_>>().join(" ")
+            (0..128)
+                .map(|j| words[(i as usize * 7 + j * 13) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         let request = pb::Request {
             id: i,
             inputs: prompt,
             add_special_tokens: true,
-            parameters: Some(pb::NextTokenChooserParameters { repetition_penalty: 1.0, ..Default::default() }),
+            parameters: Some(pb::NextTokenChooserParameters {
+                repetition_penalty: 1.0,
+                ..Default::default()
+            }),
             stopping_parameters: Some(pb::StoppingCriteriaParameters {
                 max_new_tokens: new,
                 ..Default::default()
@@ -56,7 +65,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let out = client
             .prefill(pb::PrefillRequest {
-                batch: Some(pb::Batch { id: i, size: 1, requests: vec![request], ..Default::default() }),
+                batch: Some(pb::Batch {
+                    id: i,
+                    size: 1,
+                    requests: vec![request],
+                    ..Default::default()
+                }),
                 cached_batch: None,
             })
             .await?
@@ -64,7 +78,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let first_token = Instant::now();
         let (mut cached, mut tokens) = (out.batch, out.generations.len());
         while let Some(b) = cached {
-            let d = client.decode(pb::DecodeRequest { batches: vec![b] }).await?.into_inner();
+            let d = client
+                .decode(pb::DecodeRequest { batches: vec![b] })
+                .await?
+                .into_inner();
             tokens += d.generations.len();
             cached = d.batch;
         }

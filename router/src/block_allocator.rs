@@ -6,7 +6,9 @@
 //! token, which is returned but never written): reserving up front means a running batch can
 //! never run out of blocks mid-generation, so nothing is ever preempted or recomputed, at the
 //! price of holding blocks for tokens a request may stop before using. `max_total_tokens`
-//! bounds that waste per request.
+//! bounds that waste per request. (Growing allocations step by step would admit more
+//! requests, but a batch could then run dry mid-generation and need preemption; reserving is
+//! the simpler contract, and TGI v3 makes the same choice.)
 //!
 //! With prefix caching, the first blocks may come from the `PrefixCache`: shared, read-only
 //! blocks holding an earlier request's K/V for the same leading tokens. When a request ends

@@ -237,7 +237,7 @@ impl Validation {
             stopping: pb::StoppingCriteriaParameters {
                 max_new_tokens,
                 stop_sequences: p.stop,
-                ignore_eos_token: false,
+                ignore_eos_token: p.ignore_eos,
             },
             top_n_tokens,
             decoder_input_details: p.decoder_input_details,

@@ -41,7 +41,8 @@ impl ShardService {
             window_size: runner.model.config.sliding_window().map(|w| w as u32),
             speculate: 0,
             // TGI's PREFILL_CHUNKING switch: 0 makes the router use its non-chunking loop.
-            support_chunking: std::env::var("PREFILL_CHUNKING").map_or(true, |v| v != "0" && v != "false"),
+            support_chunking: std::env::var("PREFILL_CHUNKING")
+                .map_or(true, |v| v != "0" && v != "false"),
             use_prefix_caching: true,
             attention_impl: "paged".to_string(),
             block_size: crate::runner::BLOCK_SIZE as u32,

@@ -51,6 +51,9 @@ pub struct GenerateParameters {
     /// Beyond TGI: scheduling priority. Higher is served first; equal priorities are FIFO.
     #[serde(default)]
     pub priority: Option<i32>,
+    /// Beyond TGI (as vLLM): keep generating past the EOS token, up to `max_new_tokens`.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, ToSchema)]
