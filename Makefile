@@ -9,12 +9,13 @@ MODEL_DIR := models/SmolLM2-135M-Instruct
 TINY_DIR := models/tiny
 REFS_DIR := models/tiny-refs
 TEMPLATES_DIR := models/templates
+PROMETHEUS := .tmp/prometheus/usr/bin/prometheus
 TINY_MODELS := tiny-llama,tiny-mistral,tiny-qwen2,tiny-qwen3,tiny-phi3,tiny-gemma2,tiny-gpt2,tiny-llama3rope,tiny-llama-linrope
 PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models run test test-rust test-integration bench bench-load docs clean
+.PHONY: install venv build model test-models prometheus run test test-rust test-integration bench bench-load docs clean
 
 install: venv build
 
@@ -51,10 +52,15 @@ $(TEMPLATES_DIR)/chat_templates.json: scripts/chat_template_refs.py $(TINY_DIR)/
 	$(PY) scripts/chat_template_refs.py --out $@ --tok $(TINY_DIR)/tiny-llama --tok $(TINY_DIR)/tiny-qwen2 \
 		--tok $(MODEL_DIR) --tok $(TEMPLATES_DIR)/qwen3 --tok $(TEMPLATES_DIR)/llama3_1
 
+# Debian's Prometheus server and promtool, for the observability tests.
+prometheus: $(PROMETHEUS)
+$(PROMETHEUS): scripts/prometheus.sh
+	bash scripts/prometheus.sh .tmp/prometheus
+
 run: install model
 	$(BIN)/tessera-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
-test: install model test-models
+test: install model test-models prometheus
 	$(MAKE) test-rust
 	$(MAKE) test-integration
 

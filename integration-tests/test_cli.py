@@ -49,6 +49,7 @@ ACCEPTED = [
     (["--api-key", "k"], "API_KEY", "k"),
     (["--json-output"], "JSON_OUTPUT", "true"),
     (["--otlp-service-name", "svc"], "OTLP_SERVICE_NAME", "svc"),
+    (["--otlp-endpoint", "http://127.0.0.1:4317"], "OTLP_ENDPOINT", "http://127.0.0.1:4317"),
     (["--usage-stats", "off"], "USAGE_STATS", "no-stack"),
     (["--disable-usage-stats"], "DISABLE_USAGE_STATS", "true"),
     (["--graceful-termination-timeout", "5"], "GRACEFUL_TERMINATION_TIMEOUT", "5"),
@@ -65,7 +66,6 @@ REFUSED = [
     (["--lora-adapters", "a/b"], "LORA_ADAPTERS", "a/b", "--lora-adapters"),
     (["--cuda-graphs", "1,2"], "CUDA_GRAPHS", "1,2,4", "--cuda-graphs"),
     (["--ngrok"], "NGROK", "true", "--ngrok"),
-    (["--otlp-endpoint", "http://x"], "OTLP_ENDPOINT", "http://x", "--otlp-endpoint"),
     (["--trust-remote-code"], "TRUST_REMOTE_CODE", "true", "--trust-remote-code"),
     (["--num-shard", "2"], "NUM_SHARD", "2", "`--num-shard` 2"),
 ]

@@ -1,20 +1,22 @@
-//! Embeds the git commit of the build as GIT_SHA (reported by `/info`), when built from a checkout.
+//! Stamps the build with its git commit (`GIT_SHA`, shown in `/info` and
+//! `tessera_build_info`). An explicit `GIT_SHA` wins, for builds outside a checkout (Docker).
+
 use std::process::Command;
 
 fn main() {
+    println!("cargo:rerun-if-env-changed=GIT_SHA");
     println!("cargo:rerun-if-changed=../.git/HEAD");
     println!("cargo:rerun-if-changed=../.git/refs/heads");
-    println!("cargo:rerun-if-env-changed=GIT_SHA");
-    if std::env::var("GIT_SHA").is_ok() {
+    if std::env::var_os("GIT_SHA").is_some() {
         return;
     }
     let sha = Command::new("git")
         .args(["rev-parse", "HEAD"])
         .output()
         .ok()
-        .filter(|o| o.status.success());
-    if let Some(out) = sha {
-        let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        println!("cargo:rustc-env=GIT_SHA={sha}");
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok());
+    if let Some(sha) = sha {
+        println!("cargo:rustc-env=GIT_SHA={}", sha.trim());
     }
 }

@@ -235,10 +235,12 @@ pub struct Args {
     /// Not supported (see --ngrok).
     #[arg(long, env)]
     pub ngrok_edge: Option<String>,
-    /// Not supported yet: OpenTelemetry export.
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317),
+    /// from the router and every shard, in one trace per request.
     #[arg(long, env)]
     pub otlp_endpoint: Option<String>,
-    /// Service name for traces (accepted; export is not supported yet).
+    /// `service.name` of the router's spans. The shards report `<name>.shard` (with a trailing
+    /// `.router` replaced), so router and shard spans can be told apart (TGI gives both the same name).
     #[arg(long, env, default_value = "text-generation-inference.router")]
     pub otlp_service_name: String,
     /// Accepted for compatibility: Tessera never sends usage statistics.
@@ -297,10 +299,6 @@ impl Args {
             (
                 self.ngrok || self.ngrok_authtoken.is_some() || self.ngrok_edge.is_some(),
                 "--ngrok",
-            ),
-            (
-                self.otlp_endpoint.is_some(),
-                "--otlp-endpoint (OpenTelemetry export)",
             ),
         ];
         if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {

@@ -22,8 +22,10 @@ use args::Args;
 use process::{describe, Supervised};
 
 fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    // As the router and shards (tessera_proto::telemetry): LOG_LEVEL, else RUST_LOG, else info.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -123,6 +125,11 @@ fn shard_command(args: &Args, model_dir: &Path) -> Command {
     if args.json_output {
         cmd.arg("--json-output");
     }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        cmd.arg("--otlp-endpoint").arg(endpoint);
+        cmd.arg("--otlp-service-name")
+            .arg(shard_service_name(&args.otlp_service_name));
+    }
     cmd.env("MASTER_ADDR", &args.master_addr)
         .env("MASTER_PORT", args.master_port.to_string());
     cmd.env("RANK", "0")
@@ -195,7 +202,17 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
     if args.json_output {
         cmd.arg("--json-output");
     }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        cmd.arg("--otlp-endpoint").arg(endpoint);
+    }
+    cmd.arg("--otlp-service-name").arg(&args.otlp_service_name);
     cmd
+}
+
+/// The shards' `service.name`: the router's with `.router` replaced by `.shard` (or `.shard`
+/// appended), so a trace shows which process each span came from.
+fn shard_service_name(router: &str) -> String {
+    format!("{}.shard", router.strip_suffix(".router").unwrap_or(router))
 }
 
 /// Stops children from last to first (the router before the shards), each with the timeout.

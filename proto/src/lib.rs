@@ -9,3 +9,5 @@ pub mod v3 {
 }
 
 pub use v3::*;
+
+pub mod telemetry;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_proto as pb;
+use tracing::{Instrument, Span};
 
 use crate::client::{ShardedClient, StepResult};
 use crate::error::InferError;
@@ -67,10 +68,12 @@ pub async fn batching_task(
                     waiting_tokens = waited;
                     next
                 };
-                let (size, max_tokens) =
-                    running.as_ref().map_or((0, 0), |b| (b.size, b.max_tokens));
+                let (size, max_tokens, tokens) = running
+                    .as_ref()
+                    .map_or((0, 0, 0), |b| (b.size, b.max_tokens, b.current_tokens));
                 metrics::gauge!("tgi_batch_current_size").set(size as f64);
                 metrics::gauge!("tgi_batch_current_max_tokens").set(max_tokens as f64);
+                metrics::gauge!("tgi_batch_total_tokens").set(tokens as f64);
             }
         }
     }
@@ -168,8 +171,11 @@ async fn prefill(
 ) -> Option<pb::CachedBatch> {
     let mut batch_ids = vec![batch.id];
     batch_ids.extend(running.as_ref().map(|b| b.id));
+    let ids = batch.requests.iter().map(|r| r.id);
+    let running_ids = running.iter().flat_map(|b| b.request_ids.iter().copied());
+    let span = step_span("prefill", ids.chain(running_ids), entries);
     let start = Instant::now();
-    let result = client.prefill(batch, running).await;
+    let result = client.prefill(batch, running).instrument(span).await;
     let step = Step {
         method: "prefill",
         start,
@@ -186,14 +192,32 @@ async fn decode(
     queue: &Queue,
 ) -> Option<pb::CachedBatch> {
     let ids = batches.iter().map(|b| b.id).collect();
+    let requests = batches.iter().flat_map(|b| b.request_ids.iter().copied());
+    let span = step_span("decode", requests, entries);
     let start = Instant::now();
-    let result = client.decode(batches).await;
+    let result = client.decode(batches).instrument(span).await;
     let step = Step {
         method: "decode",
         start,
         batch_ids: ids,
     };
     after_step(client, step, result, entries, healthy, queue).await
+}
+
+/// The span of one shard call. It is a child of the first request in the step, so a request's
+/// trace shows the steps it leads (all of them, for a request alone); every other request in
+/// the step is linked to it (OpenTelemetry links), as one span cannot have several parents.
+fn step_span(method: &'static str, ids: impl Iterator<Item = u64>, entries: &Entries) -> Span {
+    let mut spans = ids.filter_map(|id| entries.get(&id).map(|e| &e.span));
+    let first = spans.next();
+    let span = tracing::info_span!(parent: first.and_then(Span::id), "batch", otel.name = method, batch_size = tracing::field::Empty);
+    let mut size = usize::from(first.is_some());
+    for other in spans {
+        span.follows_from(other);
+        size += 1;
+    }
+    span.record("batch_size", size);
+    span
 }
 
 /// Which call a result belongs to.
@@ -235,6 +259,13 @@ async fn after_step(
     metrics::counter!("tgi_batch_inference_success", "method" => method).increment(1);
     metrics::histogram!("tgi_batch_forward_duration", "method" => method)
         .record(step.forward_ns as f64 / 1e9);
+    metrics::histogram!("tgi_batch_decode_duration", "method" => method)
+        .record(step.decode_ns as f64 / 1e9);
+    if let Some(ns) = step.concat_ns {
+        metrics::histogram!("tgi_batch_concat_duration", "method" => method)
+            .record(ns as f64 / 1e9);
+    }
+    let filter_start = Instant::now();
     healthy.store(true, Ordering::SeqCst);
     tracing::trace!(
         forward_ns = step.forward_ns,
@@ -243,7 +274,7 @@ async fn after_step(
     );
     for generation in step.generations {
         let id = generation.request_id;
-        let keep = match entries.get(&id) {
+        let keep = match entries.get_mut(&id) {
             Some(entry) => {
                 // A token means the whole prompt's K/V is in the pool.
                 if let Some(blocks) = &entry.blocks {
@@ -257,9 +288,22 @@ async fn after_step(
             entries.remove(&id);
         }
     }
-    let batch = step.batch;
+    let batch = filter(client, step.batch, entries, healthy, queue).await;
+    metrics::histogram!("tgi_batch_filter_duration", "method" => method)
+        .record(filter_start.elapsed().as_secs_f64());
     metrics::histogram!("tgi_batch_inference_duration", "method" => method)
         .record(start.elapsed().as_secs_f64());
+    batch
+}
+
+/// Shrinks the shards' batch to the requests still wanted (all gone: the batch is dropped).
+async fn filter(
+    client: &ShardedClient,
+    batch: Option<pb::CachedBatch>,
+    entries: &mut Entries,
+    healthy: &AtomicBool,
+    queue: &Queue,
+) -> Option<pb::CachedBatch> {
     let batch = batch?;
     let kept: Vec<u64> = batch
         .request_ids
@@ -288,32 +332,45 @@ async fn after_step(
 
 /// Fails every request of a lost batch with TGI's generation error (HTTP 424).
 fn fail_all(entries: &mut Entries, message: &str) {
-    for (_, entry) in entries.drain() {
+    for (id, entry) in entries.drain() {
         let e = InferError::GenerationError(message.to_string());
         e.record();
+        entry.span.in_scope(|| {
+            tracing::warn!(request_id = id, error = message, "request failed");
+        });
         let _ = entry.response_tx.send(Err(e));
     }
 }
 
-/// The per-request timings of a finished request.
-fn record_success(entry: &Entry, generated_tokens: u32) {
+/// The metrics and the one log line of a finished request.
+fn record_success(id: u64, entry: &Entry, generated_tokens: u32, finish_reason: FinishReason) {
     let now = Instant::now();
     let batched = entry.batched.unwrap_or(now);
-    let inference = now.saturating_duration_since(batched).as_secs_f64();
+    let total = now.saturating_duration_since(entry.request.received);
+    let queue = batched.saturating_duration_since(entry.queued);
+    let inference = now.saturating_duration_since(batched);
+    let per_token = inference / generated_tokens.max(1);
     metrics::counter!("tgi_request_success").increment(1);
-    metrics::histogram!("tgi_request_duration").record(
-        now.saturating_duration_since(entry.request.received)
-            .as_secs_f64(),
-    );
-    metrics::histogram!("tgi_request_queue_duration").record(
-        batched
-            .saturating_duration_since(entry.queued)
-            .as_secs_f64(),
-    );
-    metrics::histogram!("tgi_request_inference_duration").record(inference);
-    metrics::histogram!("tgi_request_mean_time_per_token_duration")
-        .record(inference / generated_tokens.max(1) as f64);
+    metrics::histogram!("tgi_request_duration").record(total.as_secs_f64());
+    metrics::histogram!("tgi_request_queue_duration").record(queue.as_secs_f64());
+    metrics::histogram!("tgi_request_inference_duration").record(inference.as_secs_f64());
+    metrics::histogram!("tgi_request_mean_time_per_token_duration").record(per_token.as_secs_f64());
     metrics::histogram!("tgi_request_generated_tokens").record(generated_tokens as f64);
+    entry.span.record("generated_tokens", generated_tokens);
+    entry.span.record("finish_reason", finish_reason.as_str());
+    entry.span.in_scope(|| {
+        tracing::info!(
+            request_id = id,
+            input_tokens = entry.request.input_length,
+            generated_tokens,
+            finish_reason = finish_reason.as_str(),
+            total_ms = total.as_secs_f64() * 1e3,
+            queue_ms = queue.as_secs_f64() * 1e3,
+            inference_ms = inference.as_secs_f64() * 1e3,
+            time_per_token_ms = per_token.as_secs_f64() * 1e3,
+            "request finished"
+        );
+    });
 }
 
 fn tokens(t: &pb::Tokens) -> Vec<Token> {
@@ -327,10 +384,27 @@ fn tokens(t: &pb::Tokens) -> Vec<Token> {
         .collect()
 }
 
+fn finish_reason(done: &pb::GeneratedText) -> FinishReason {
+    match pb::FinishReason::try_from(done.finish_reason) {
+        Ok(pb::FinishReason::EosToken) => FinishReason::EosToken,
+        Ok(pb::FinishReason::StopSequence) => FinishReason::StopSequence,
+        _ => FinishReason::Length,
+    }
+}
+
+/// The client went away: the request leaves the batch.
+fn dropped(id: u64, entry: &Entry) -> bool {
+    metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
+    entry
+        .span
+        .in_scope(|| tracing::info!(request_id = id, "request cancelled by the client"));
+    false
+}
+
 /// Sends one generation to its client; false when the request is done (finished or the client
 /// disconnected) and should leave the batch.
-fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
-    let tx = &entry.response_tx;
+fn send_generation(entry: &mut Entry, g: pb::Generation) -> bool {
+    let id = g.request_id;
     if let Some(p) = &g.prefill_tokens {
         let prefill = tokens(p)
             .into_iter()
@@ -340,14 +414,20 @@ fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
                 logprob: t.logprob,
             })
             .collect();
-        if tx.send(Ok(InferEvent::Prefill(prefill))).is_err() {
-            metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
-            return false;
+        if entry
+            .response_tx
+            .send(Ok(InferEvent::Prefill(prefill)))
+            .is_err()
+        {
+            return dropped(id, entry);
         }
     }
     let new = g.tokens.as_ref().map(tokens).unwrap_or_default();
+    // Tokens beyond one per step would come from speculation, which Tessera does not do.
+    metrics::histogram!("tgi_request_skipped_tokens").record(new.len().saturating_sub(1) as f64);
     let top: Vec<Vec<Token>> = g.top_tokens.iter().map(tokens).collect();
     let n = new.len();
+    let now = Instant::now();
     for (i, token) in new.into_iter().enumerate() {
         let top_tokens = top.get(i).cloned().unwrap_or_default();
         let event = match (&g.generated_text, i + 1 == n) {
@@ -357,25 +437,21 @@ fn send_generation(entry: &Entry, g: pb::Generation) -> bool {
                 generated_text: GeneratedText {
                     text: done.text.clone(),
                     generated_tokens: done.generated_tokens,
-                    finish_reason: match pb::FinishReason::try_from(done.finish_reason) {
-                        Ok(pb::FinishReason::EosToken) => FinishReason::EosToken,
-                        Ok(pb::FinishReason::StopSequence) => FinishReason::StopSequence,
-                        _ => FinishReason::Length,
-                    },
+                    finish_reason: finish_reason(done),
                     seed: done.seed,
                 },
                 queued: entry.queued,
-                start: entry.batched.unwrap_or_else(Instant::now),
+                start: entry.batched.unwrap_or(now),
             },
             _ => InferEvent::Token { token, top_tokens },
         };
-        if tx.send(Ok(event)).is_err() {
-            metrics::counter!("tgi_request_failure", "err" => "dropped").increment(1);
-            return false;
+        if entry.response_tx.send(Ok(event)).is_err() {
+            return dropped(id, entry);
         }
+        crate::metrics::record_token(entry, now);
     }
     if let Some(done) = &g.generated_text {
-        record_success(entry, done.generated_tokens);
+        record_success(id, entry, done.generated_tokens, finish_reason(done));
     }
     g.generated_text.is_none()
 }

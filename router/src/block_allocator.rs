@@ -104,6 +104,7 @@ impl BlockAllocator {
             block_size,
             cache: prefix_caching.then(|| PrefixCache::new(block_size as usize)),
         };
+        metrics::gauge!("tessera_kv_total_blocks").set(total as f64);
         pool.publish();
         Self {
             pool: Arc::new(Mutex::new(pool)),

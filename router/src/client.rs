@@ -52,11 +52,32 @@ pub struct ShardedClient {
     clients: Vec<TextGenerationServiceClient<Channel>>,
 }
 
-/// Results of a Prefill or Decode, with the shard's timings.
+/// Results of a Prefill or Decode, with rank 0's timings.
 pub struct StepResult {
     pub generations: Vec<pb::Generation>,
     pub batch: Option<pb::CachedBatch>,
     pub forward_ns: u64,
+    pub decode_ns: u64,
+    pub concat_ns: Option<u64>,
+}
+
+/// A request carrying the current span's trace context, so the shard's spans join its trace.
+fn traced<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    tessera_proto::telemetry::inject(&tracing::Span::current(), &mut request);
+    request
+}
+
+/// Each rank's forward time, so a straggling rank shows up.
+fn record_forward(method: &'static str, forward_ns: impl Iterator<Item = u64>) {
+    for (rank, ns) in forward_ns.enumerate() {
+        metrics::histogram!(
+            "tessera_shard_forward_duration_seconds",
+            "rank" => rank.to_string(),
+            "method" => method
+        )
+        .record(ns as f64 / 1e9);
+    }
 }
 
 impl ShardedClient {
@@ -85,16 +106,29 @@ impl ShardedClient {
         self.clients.len()
     }
 
-    async fn all<T, F, Fut>(&self, f: F) -> Result<T>
+    /// Sends a call to every rank at once; the results in rank order.
+    async fn every<T, F, Fut>(&self, f: F) -> Result<Vec<T>>
     where
         F: Fn(TextGenerationServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let results = try_join_all(self.clients.iter().cloned().map(f)).await?;
-        results
+        if results.is_empty() {
+            return Err(ClientError::Connection("no shards".into()));
+        }
+        Ok(results.into_iter().map(|r| r.into_inner()).collect())
+    }
+
+    /// Sends a call to every rank; rank 0's result.
+    async fn all<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(TextGenerationServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.every(f)
+            .await?
             .into_iter()
             .next()
-            .map(|r| r.into_inner())
             .ok_or_else(|| ClientError::Connection("no shards".into()))
     }
 
@@ -147,35 +181,49 @@ impl ShardedClient {
         batch: pb::Batch,
         cached_batch: Option<pb::CachedBatch>,
     ) -> Result<StepResult> {
-        let r = self
-            .all(|mut c| {
-                let req = pb::PrefillRequest {
+        let ranks = self
+            .every(|mut c| {
+                let req = traced(pb::PrefillRequest {
                     batch: Some(batch.clone()),
                     cached_batch: cached_batch.clone(),
-                };
+                });
                 async move { c.prefill(req).await }
             })
             .await?;
+        record_forward("prefill", ranks.iter().map(|r| r.forward_ns));
+        let r = ranks
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Connection("no shards".into()))?;
         Ok(StepResult {
             generations: r.generations,
             batch: r.batch,
             forward_ns: r.forward_ns,
+            decode_ns: r.decode_ns,
+            concat_ns: r.concat_ns,
         })
     }
 
     pub async fn decode(&self, batches: Vec<pb::CachedBatch>) -> Result<StepResult> {
-        let r = self
-            .all(|mut c| {
-                let req = pb::DecodeRequest {
+        let ranks = self
+            .every(|mut c| {
+                let req = traced(pb::DecodeRequest {
                     batches: batches.clone(),
-                };
+                });
                 async move { c.decode(req).await }
             })
             .await?;
+        record_forward("decode", ranks.iter().map(|r| r.forward_ns));
+        let r = ranks
+            .into_iter()
+            .next()
+            .ok_or_else(|| ClientError::Connection("no shards".into()))?;
         Ok(StepResult {
             generations: r.generations,
             batch: r.batch,
             forward_ns: r.forward_ns,
+            decode_ns: r.decode_ns,
+            concat_ns: r.concat_ns,
         })
     }
 }

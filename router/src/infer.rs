@@ -108,14 +108,7 @@ impl Infer {
     /// Queues a validated request; the permit must be held until the stream is consumed.
     pub fn schedule(&self, request: ValidRequest) -> InferStream {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.queue.append(Entry {
-            request,
-            response_tx: tx,
-            queued: Instant::now(),
-            batched: None,
-            blocks: None,
-            chunk_len: None,
-        });
+        self.queue.append(Entry::new(request, tx));
         UnboundedReceiverStream::new(rx)
     }
 

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::Parser;
+use tessera_proto::telemetry::TelemetryConfig;
 use tessera_router::batcher::{batching_task, BatchingConfig};
 use tessera_router::block_allocator::BlockAllocator;
 use tessera_router::chat_template::ChatTemplate;
@@ -80,22 +81,15 @@ struct Args {
     /// Also serve /metrics on this port.
     #[arg(long, env)]
     prometheus_port: Option<u16>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
+    #[arg(long, env)]
+    otlp_endpoint: Option<String>,
+    /// `service.name` of the router's spans.
+    #[arg(long, env, default_value = "text-generation-inference.router")]
+    otlp_service_name: String,
     /// Allowed CORS origins (repeat the flag); any origin when unset.
     #[arg(long, env, value_delimiter = ',')]
     cors_allow_origin: Vec<String>,
-}
-
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.compact().init();
-    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -153,6 +147,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics =
         tessera_router::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
     ::metrics::gauge!("tgi_batch_max_total_tokens").set(limits.max_batch_total_tokens as f64);
+    let model_name = args
+        .model_id
+        .clone()
+        .unwrap_or_else(|| args.tokenizer_name.display().to_string());
+    tessera_router::metrics::build_info(&tessera_router::metrics::BuildInfo {
+        model_id: &model_name,
+        dtype: &shard_info.dtype,
+        device: &shard_info.device_type,
+        world_size: client.world_size(),
+    });
     let validation = Validation::new(
         Arc::new(files.tokenizer),
         Limits {
@@ -195,12 +199,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.max_concurrent_requests,
         healthy,
     );
-    let model_id = args
-        .model_id
-        .clone()
-        .unwrap_or_else(|| args.tokenizer_name.display().to_string());
     let info = Info {
-        model_id,
+        model_id: model_name,
         model_sha: None,
         model_pipeline_tag: None,
         max_concurrent_requests: args.max_concurrent_requests,
@@ -249,7 +249,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.json_output);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -257,6 +256,24 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: Tokio runtime failed to start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The OTLP exporter runs on this runtime; the guard flushes it before the runtime stops.
+    let telemetry = {
+        let _runtime = rt.enter();
+        tessera_proto::telemetry::init(&TelemetryConfig {
+            json: args.json_output,
+            stderr: false,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            service_name: args.otlp_service_name.clone(),
+            resource: vec![],
+        })
+    };
+    let _telemetry = match telemetry {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("Error: {e}");
             return ExitCode::FAILURE;
         }
     };

@@ -29,6 +29,36 @@ pub struct Entry {
     pub blocks: Option<BlockAllocation>,
     /// Prompt tokens its first prefill computes, when the budget takes only part of it.
     pub chunk_len: Option<u32>,
+    /// When the last token went to the client (for time to first token and inter-token latency).
+    pub last_token: Option<Instant>,
+    /// The request's `infer` span: the parent of its queue wait and of the steps it heads.
+    pub span: tracing::Span,
+    /// Open while the request waits; closed when it is batched.
+    pub queue_span: Option<tracing::Span>,
+}
+
+impl Entry {
+    pub fn new(request: ValidRequest, response_tx: ResponseSender) -> Self {
+        let span = tracing::info_span!(
+            "infer",
+            input_tokens = request.input_length,
+            max_new_tokens = request.stopping.max_new_tokens,
+            generated_tokens = tracing::field::Empty,
+            finish_reason = tracing::field::Empty,
+        );
+        let queue_span = tracing::info_span!(parent: &span, "queue");
+        Self {
+            request,
+            response_tx,
+            queued: Instant::now(),
+            batched: None,
+            blocks: None,
+            chunk_len: None,
+            last_token: None,
+            span,
+            queue_span: Some(queue_span),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -163,6 +193,10 @@ impl Queue {
             }
             return None;
         }
+        for (_, e) in taken.iter_mut() {
+            e.queue_span = None; // the wait is over
+            crate::metrics::record_batched(e, now);
+        }
         let requests = taken
             .iter()
             .map(|(id, e)| {
@@ -216,8 +250,8 @@ mod tests {
     fn entry(priority: i32) -> Entry {
         let (tx, rx) = mpsc::unbounded_channel();
         std::mem::forget(rx); // keep the channel open: closed ones are dropped from the queue
-        Entry {
-            request: ValidRequest {
+        Entry::new(
+            ValidRequest {
                 received: Instant::now(),
                 inputs: "x".into(),
                 input_ids: vec![1, 2, 3],
@@ -233,12 +267,8 @@ mod tests {
                 decoder_input_details: false,
                 priority,
             },
-            response_tx: tx,
-            queued: Instant::now(),
-            batched: None,
-            blocks: None,
-            chunk_len: None,
-        }
+            tx,
+        )
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl Validation {
             .map_err(|e| ValidationError::Tokenizer(e.to_string()))
     }
 
+    #[tracing::instrument(name = "validate", skip_all)]
     pub async fn validate(
         &self,
         inputs: String,

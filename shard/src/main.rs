@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tch::Device;
+use tessera_proto::telemetry::TelemetryConfig;
 use tessera_shard::service::{socket_path, ShardService};
 use tessera_shard::Runner;
 use tokio::net::UnixListener;
@@ -52,6 +53,12 @@ struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     json_output: bool,
+    /// Export traces over OTLP/gRPC to this collector.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// `service.name` of the shard's spans.
+    #[arg(long, default_value = "tessera.shard")]
+    otlp_service_name: String,
 }
 
 fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
@@ -67,20 +74,6 @@ fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
             None => anyhow::bail!("unknown device `{other}` (use cpu, cuda or cuda:N)"),
         },
     })
-}
-
-fn init_logging(json: bool) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.compact().init();
-    }
 }
 
 async fn shutdown_signal() {
@@ -166,7 +159,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Serve(args) = cli.command;
-    init_logging(args.json_output);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,6 +167,23 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = {
+        let _runtime = rt.enter();
+        tessera_proto::telemetry::init(&TelemetryConfig {
+            json: args.json_output,
+            stderr: true,
+            otlp_endpoint: args.otlp_endpoint.clone(),
+            service_name: args.otlp_service_name.clone(),
+            resource: vec![("tessera.rank", args.rank.to_string())],
+        })
+    };
+    let _telemetry = match telemetry {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("Error: {e}");
             return ExitCode::FAILURE;
         }
     };

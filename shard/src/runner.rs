@@ -55,6 +55,8 @@ pub struct StepOutput {
     pub batch: Option<pb::CachedBatch>,
     pub forward_ns: u64,
     pub decode_ns: u64,
+    /// Time spent merging batches, when this call merged any (TGI reports it only then).
+    pub concat_ns: Option<u64>,
 }
 
 /// Parses a `--dtype` value (TGI spelling) or the checkpoint's `torch_dtype`.
@@ -191,24 +193,32 @@ impl Runner {
             .iter()
             .map(|r| crate::admission::new_sequence(&self.tokenizer, pool, positions, r))
             .collect::<Result<Vec<_>>>()?;
-        let merged = match cached {
+        let concat = Instant::now();
+        let (merged, concat_ns) = match cached {
             Some(c) => {
                 let mut old = self.batches.take(c.id)?;
                 old.seqs.extend(new);
-                old
+                (old, Some(concat.elapsed().as_nanos() as u64))
             }
-            None => Batch {
-                id: batch.id,
-                seqs: new,
-            },
+            None => (
+                Batch {
+                    id: batch.id,
+                    seqs: new,
+                },
+                None,
+            ),
         };
-        self.step(merged)
+        let out = self.step(merged)?;
+        Ok(StepOutput { concat_ns, ..out })
     }
 
     pub fn decode(&mut self, batches: &[pb::CachedBatch]) -> Result<StepOutput> {
         let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
+        let concat = Instant::now();
         let batch = self.batches.take_concat(&ids)?;
-        self.step(batch)
+        let concat_ns = (ids.len() > 1).then(|| concat.elapsed().as_nanos() as u64);
+        let out = self.step(batch)?;
+        Ok(StepOutput { concat_ns, ..out })
     }
 
     pub fn filter(&mut self, id: u64, request_ids: &[u64]) -> Result<Option<pb::CachedBatch>> {
@@ -314,9 +324,16 @@ impl Runner {
                 batch: summary,
                 forward_ns: 0,
                 decode_ns: 0,
+                concat_ns: None,
             });
         };
         let logits = {
+            let _span = tracing::info_span!(
+                "forward",
+                sequences = batch.seqs.len(),
+                tokens = input.input_ids.size()[0]
+            )
+            .entered();
             let _guard = tch::no_grad_guard();
             let pool = self
                 .pool
@@ -330,6 +347,7 @@ impl Runner {
         };
         let forward_ns = start.elapsed().as_nanos() as u64;
         let decode_start = Instant::now();
+        let _span = tracing::info_span!("sample", sequences = plans.len()).entered();
         let _guard = tch::no_grad_guard();
         self.prompt_logprobs(&mut batch, &plans, &logits)?;
         let sample_plans: Vec<&RowPlan> = plans.iter().filter(|p| p.sample).collect();
@@ -367,6 +385,7 @@ impl Runner {
             batch: summary,
             forward_ns,
             decode_ns: decode_start.elapsed().as_nanos() as u64,
+            concat_ns: None,
         })
     }
 

@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use tessera_proto as pb;
+use tessera_proto::telemetry;
 use tessera_proto::text_generation_service_server::{
     TextGenerationService, TextGenerationServiceServer,
 };
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::error::{Result, ShardError};
 use crate::runner::{kind_name, Runner};
@@ -76,7 +78,10 @@ impl ShardService {
         F: FnOnce(&mut Runner) -> Result<T> + Send + 'static,
     {
         let runner = self.runner.clone();
+        // The runner's own spans (forward, sample) belong under the RPC's span.
+        let span = tracing::Span::current();
         let joined = tokio::task::spawn_blocking(move || {
+            let _span = span.entered();
             let mut guard = runner
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -100,6 +105,14 @@ impl ShardService {
             }
         }
     }
+}
+
+/// The span of one Prefill or Decode, continuing the router's trace from the call's metadata.
+fn rpc_span<T>(method: &'static str, request: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!("shard", otel.name = method, otel.kind = "server");
+    let headers = telemetry::metadata_headers(request.metadata());
+    telemetry::set_remote_parent(&span, &headers);
+    span
 }
 
 #[tonic::async_trait]
@@ -148,6 +161,7 @@ impl TextGenerationService for ShardService {
         &self,
         r: Request<pb::WarmupRequest>,
     ) -> std::result::Result<Response<pb::WarmupResponse>, Status> {
+        let span = rpc_span("warmup", &r);
         let r = r.into_inner();
         let fraction = self.memory_fraction;
         let record = self.pool_record.clone();
@@ -159,6 +173,7 @@ impl TextGenerationService for ShardService {
                 }
                 Ok(resp)
             })
+            .instrument(span)
             .await?;
         Ok(Response::new(resp))
     }
@@ -168,6 +183,7 @@ impl TextGenerationService for ShardService {
         r: Request<pb::PrefillRequest>,
     ) -> std::result::Result<Response<pb::PrefillResponse>, Status> {
         let start = std::time::Instant::now();
+        let span = rpc_span("prefill", &r);
         let r = r.into_inner();
         let out = self
             .with_runner(move |run| {
@@ -176,6 +192,7 @@ impl TextGenerationService for ShardService {
                     .ok_or_else(|| ShardError::Request("Prefill without a batch".into()))?;
                 run.prefill(&batch, r.cached_batch.as_ref())
             })
+            .instrument(span)
             .await?;
         Ok(Response::new(pb::PrefillResponse {
             generations: out.generations,
@@ -183,7 +200,7 @@ impl TextGenerationService for ShardService {
             forward_ns: out.forward_ns,
             decode_ns: out.decode_ns,
             total_ns: start.elapsed().as_nanos() as u64,
-            concat_ns: None,
+            concat_ns: out.concat_ns,
         }))
     }
 
@@ -192,15 +209,19 @@ impl TextGenerationService for ShardService {
         r: Request<pb::DecodeRequest>,
     ) -> std::result::Result<Response<pb::DecodeResponse>, Status> {
         let start = std::time::Instant::now();
+        let span = rpc_span("decode", &r);
         let batches = r.into_inner().batches;
-        let out = self.with_runner(move |run| run.decode(&batches)).await?;
+        let out = self
+            .with_runner(move |run| run.decode(&batches))
+            .instrument(span)
+            .await?;
         Ok(Response::new(pb::DecodeResponse {
             generations: out.generations,
             batch: out.batch,
             forward_ns: out.forward_ns,
             decode_ns: out.decode_ns,
             total_ns: start.elapsed().as_nanos() as u64,
-            concat_ns: None,
+            concat_ns: out.concat_ns,
         }))
     }
 

@@ -24,6 +24,7 @@ use super::SharedState;
 use crate::error::{ErrorResponse, InferError};
 use crate::infer::InferEvent;
 use crate::validation::ValidRequest;
+use tracing::Instrument;
 
 fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
     (
@@ -125,56 +126,59 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
         let mut events = state.infer.schedule_all(valid);
-        tokio::spawn(async move {
-            let _permits = permits;
-            let completion = |choice: CompletionChoice, usage: Option<Usage>| Completion {
-                object: "text_completion",
-                id: id.clone(),
-                created,
-                model: model.clone(),
-                system_fingerprint: fingerprint.clone(),
-                choices: vec![choice],
-                usage,
-            };
-            while let Some((index, item)) = events.next().await {
-                let (token, end) = match item {
-                    Ok(InferEvent::Prefill(_)) => continue,
-                    Ok(InferEvent::Token { token, .. }) => (token, None),
-                    Ok(InferEvent::End {
-                        token,
-                        generated_text,
-                        ..
-                    }) => (token, Some(generated_text)),
-                    Err(e) => {
-                        let _ = tx.send(Ok(error_event(&e))).await;
-                        break;
+        tokio::spawn(
+            async move {
+                let _permits = permits;
+                let completion = |choice: CompletionChoice, usage: Option<Usage>| Completion {
+                    object: "text_completion",
+                    id: id.clone(),
+                    created,
+                    model: model.clone(),
+                    system_fingerprint: fingerprint.clone(),
+                    choices: vec![choice],
+                    usage,
+                };
+                while let Some((index, item)) = events.next().await {
+                    let (token, end) = match item {
+                        Ok(InferEvent::Prefill(_)) => continue,
+                        Ok(InferEvent::Token { token, .. }) => (token, None),
+                        Ok(InferEvent::End {
+                            token,
+                            generated_text,
+                            ..
+                        }) => (token, Some(generated_text)),
+                        Err(e) => {
+                            let _ = tx.send(Ok(error_event(&e))).await;
+                            break;
+                        }
+                    };
+                    let usage = end.as_ref().map(|g| Usage {
+                        prompt_tokens: lengths[index],
+                        completion_tokens: g.generated_tokens,
+                        total_tokens: lengths[index] + g.generated_tokens,
+                    });
+                    let choice = CompletionChoice {
+                        index,
+                        text: if token.special {
+                            String::new()
+                        } else {
+                            token.text
+                        },
+                        logprobs: None,
+                        finish_reason: end.as_ref().map_or("", |g| g.finish_reason.openai()),
+                    };
+                    if tx
+                        .send(Ok(event(&completion(choice, usage))))
+                        .await
+                        .is_err()
+                    {
+                        return;
                     }
-                };
-                let usage = end.as_ref().map(|g| Usage {
-                    prompt_tokens: lengths[index],
-                    completion_tokens: g.generated_tokens,
-                    total_tokens: lengths[index] + g.generated_tokens,
-                });
-                let choice = CompletionChoice {
-                    index,
-                    text: if token.special {
-                        String::new()
-                    } else {
-                        token.text
-                    },
-                    logprobs: None,
-                    finish_reason: end.as_ref().map_or("", |g| g.finish_reason.openai()),
-                };
-                if tx
-                    .send(Ok(event(&completion(choice, usage))))
-                    .await
-                    .is_err()
-                {
-                    return;
                 }
+                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
             }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-        });
+            .in_current_span(),
+        );
         return Ok((
             headers,
             Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),

@@ -23,6 +23,7 @@ use super::types::{
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::{InferEvent, InferResponse};
+use tracing::Instrument;
 
 fn header(v: impl ToString) -> HeaderValue {
     HeaderValue::from_str(&v.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -210,12 +211,15 @@ async fn stream_inner(
     headers.insert("x-compute-type", header(&state.compute_type));
     headers.insert("x-compute-characters", header(inputs.chars().count()));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    tokio::spawn(async move {
-        // TGI reports every failure, validation included, as an SSE event with status 200.
-        if let Err(e) = run_stream(&state, inputs, p, default_full_text, &tx).await {
-            let _ = tx.send(Ok(error_event(&e))).await;
+    tokio::spawn(
+        async move {
+            // TGI reports every failure, validation included, as an SSE event with status 200.
+            if let Err(e) = run_stream(&state, inputs, p, default_full_text, &tx).await {
+                let _ = tx.send(Ok(error_event(&e))).await;
+            }
         }
-    });
+        .in_current_span(),
+    );
     (
         headers,
         Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),

@@ -1,7 +1,8 @@
 //! The HTTP server: the route table, shared state, and the operational endpoints (`/health`,
 //! `/ping`, `/info`, `/metrics`, `/invocations`). Generation routes live in `generate` (TGI),
 //! `openai` (chat) and `completions`; `tokenize` shows what the model sees; `access` holds the
-//! API key and CORS; `json` the body extractor; `docs` the OpenAPI document.
+//! API key and CORS; `json` the body extractor; `docs` the OpenAPI document; `trace` the
+//! request span that continues a caller's W3C trace.
 
 pub mod access;
 pub mod completions;
@@ -11,6 +12,7 @@ pub mod json;
 pub mod openai;
 pub mod openai_types;
 pub mod tokenize;
+pub mod trace;
 pub mod types;
 
 use std::net::SocketAddr;
@@ -72,6 +74,7 @@ pub fn app(state: SharedState, http: HttpConfig) -> Router {
             access::require_api_key,
         ))
         .layer(access::cors(&http.cors_allow_origin))
+        .layer(axum::middleware::from_fn(trace::request_span))
         .with_state(state)
         .merge(docs::routes())
 }

@@ -23,6 +23,7 @@ use super::SharedState;
 use crate::chat_template::TemplateInputs;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::infer::InferEvent;
+use tracing::Instrument;
 
 pub(crate) fn unsupported(what: &str) -> InferError {
     ValidationError::Other(format!("{what} is not supported yet")).into()
@@ -275,65 +276,68 @@ pub async fn chat_completions(
     let mut events = state.infer.schedule_all(requests);
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let created = now();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
-            event(&ChatCompletionChunk {
-                object: "chat.completion.chunk",
-                id: id.clone(),
-                created,
-                model: model.clone(),
-                system_fingerprint: fingerprint.clone(),
-                choices,
-                usage,
-            })
-        };
-        let mut completion_tokens = 0;
-        while let Some((index, event)) = events.next().await {
-            let (token, top, end) = match event {
-                Ok(InferEvent::Prefill(_)) => continue,
-                Ok(InferEvent::Token { token, top_tokens }) => (token, top_tokens, None),
-                Ok(InferEvent::End {
-                    token,
-                    top_tokens,
-                    generated_text,
-                    ..
-                }) => (token, top_tokens, Some(generated_text)),
-                Err(e) => {
-                    let _ = tx.send(Ok(error_event(&e))).await;
-                    break;
-                }
+    tokio::spawn(
+        async move {
+            let _permit = permit;
+            let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| {
+                event(&ChatCompletionChunk {
+                    object: "chat.completion.chunk",
+                    id: id.clone(),
+                    created,
+                    model: model.clone(),
+                    system_fingerprint: fingerprint.clone(),
+                    choices,
+                    usage,
+                })
             };
-            completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
-            let choice = ChunkChoice {
-                index,
-                delta: OutputMessage {
-                    role: "assistant",
-                    content: if token.special {
-                        String::new()
-                    } else {
-                        token.text.clone()
+            let mut completion_tokens = 0;
+            while let Some((index, event)) = events.next().await {
+                let (token, top, end) = match event {
+                    Ok(InferEvent::Prefill(_)) => continue,
+                    Ok(InferEvent::Token { token, top_tokens }) => (token, top_tokens, None),
+                    Ok(InferEvent::End {
+                        token,
+                        top_tokens,
+                        generated_text,
+                        ..
+                    }) => (token, top_tokens, Some(generated_text)),
+                    Err(e) => {
+                        let _ = tx.send(Ok(error_event(&e))).await;
+                        break;
+                    }
+                };
+                completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
+                let choice = ChunkChoice {
+                    index,
+                    delta: OutputMessage {
+                        role: "assistant",
+                        content: if token.special {
+                            String::new()
+                        } else {
+                            token.text.clone()
+                        },
                     },
-                },
-                logprobs: logprobs.then(|| ChatLogprobs {
-                    content: vec![logprob_entry(&token, &top)],
-                }),
-                finish_reason: end.as_ref().map(|g| g.finish_reason.openai()),
-            };
-            if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
-                return;
+                    logprobs: logprobs.then(|| ChatLogprobs {
+                        content: vec![logprob_entry(&token, &top)],
+                    }),
+                    finish_reason: end.as_ref().map(|g| g.finish_reason.openai()),
+                };
+                if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
+                    return;
+                }
             }
+            if include_usage {
+                let _ = tx
+                    .send(Ok(chunk(
+                        Vec::new(),
+                        Some(usage(input_length, completion_tokens)),
+                    )))
+                    .await;
+            }
+            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
         }
-        if include_usage {
-            let _ = tx
-                .send(Ok(chunk(
-                    Vec::new(),
-                    Some(usage(input_length, completion_tokens)),
-                )))
-                .await;
-        }
-        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-    });
+        .in_current_span(),
+    );
     let mut headers = HeaderMap::new();
     headers.insert(
         "x-compute-type",

@@ -110,6 +110,15 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// TGI's spelling, as in `details.finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+        }
+    }
+
     /// The OpenAI spelling: `stop` for both EOS and a stop sequence (see docs/compatibility.md).
     pub fn openai(self) -> &'static str {
         match self {
