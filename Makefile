@@ -15,7 +15,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models prometheus run test test-rust test-integration bench bench-load docs clean
+.PHONY: install venv build model test-models prometheus node-clients docker-context run test test-rust test-integration bench bench-load docs clean
 
 install: venv build
 
@@ -57,10 +57,23 @@ prometheus: $(PROMETHEUS)
 $(PROMETHEUS): scripts/prometheus.sh
 	bash scripts/prometheus.sh .tmp/prometheus
 
+# The JavaScript clients of the client tests (@huggingface/inference 4.x and 2.x, openai), from
+# integration-tests/node/package-lock.json.
+NODE_CLIENTS := integration-tests/node/node_modules/.package-lock.json
+node-clients: $(NODE_CLIENTS)
+$(NODE_CLIENTS): integration-tests/node/package.json integration-tests/node/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is required for the JavaScript client tests" >&2; exit 1; }
+	npm ci --prefix integration-tests/node --no-audit --no-fund
+
+# The Docker builds without a Docker engine: hadolint, and every path they copy exists.
+docker-context: venv
+	$(PY) scripts/docker_context.py
+
 run: install model
 	$(BIN)/tessera-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
-test: install model test-models prometheus
+test: install model test-models prometheus node-clients
+	$(MAKE) docker-context
 	$(MAKE) test-rust
 	$(MAKE) test-integration
 

@@ -70,9 +70,19 @@ pub fn install(
     Ok(handle)
 }
 
-/// Every label value of the failure and concatenation counters exists from the start, at 0,
-/// so `rate()` and alerts see a series before the first failure (TGI creates them lazily).
+/// Every label value of the failure and concatenation counters, and the queue and batch gauges,
+/// exist from the start at 0, so `rate()`, alerts and autoscalers see a series before the first
+/// request or failure (TGI creates them lazily).
 fn zero_counters() {
+    for name in [
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_batch_current_max_tokens",
+        "tgi_batch_total_tokens",
+        "tessera_prefix_cache_hit_ratio",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
     for err in [
         "validation",
         "overloaded",

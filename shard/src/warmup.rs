@@ -14,12 +14,46 @@ use crate::admission::{slots_needed, tokenize};
 use crate::error::{Result, ShardError};
 use crate::runner::{Runner, BLOCK_SIZE};
 
-/// `MemAvailable` from /proc/meminfo, in bytes.
+/// Memory this process may still use, in bytes: `MemAvailable` from /proc/meminfo, capped by
+/// the cgroup's limit (a container's or a Kubernetes pod's), where one is set. Inside a
+/// container /proc/meminfo describes the whole host, so the cap is what keeps a pool sized
+/// from it clear of the OOM killer.
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let host = mem_available(&meminfo)?;
+    Some(match cgroup_headroom() {
+        Some(room) => host.min(room),
+        None => host,
+    })
+}
+
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Limit minus usage of this process's memory cgroup (v2, then v1); `None` when unlimited.
+fn cgroup_headroom() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let (limit, usage) = match read("/sys/fs/cgroup/memory.max") {
+        Some(limit) => (limit, read("/sys/fs/cgroup/memory.current")?),
+        None => (
+            read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?,
+            read("/sys/fs/cgroup/memory/memory.usage_in_bytes")?,
+        ),
+    };
+    headroom(&limit, &usage)
+}
+
+fn headroom(limit: &str, usage: &str) -> Option<u64> {
+    // v2 writes "max" when unlimited; v1 writes a huge page-aligned number.
+    let limit: u64 = limit.trim().parse().ok()?;
+    if limit >= 1 << 60 {
+        return None;
+    }
+    let usage: u64 = usage.trim().parse().ok()?;
+    Some(limit.saturating_sub(usage))
 }
 
 /// Free memory of CUDA device `index`, from the CUDA runtime libtorch already loaded.
@@ -171,4 +205,19 @@ pub fn restore_pool(path: &std::path::Path, runner: &mut Runner) -> Result<bool>
     runner.set_max_prefill_tokens(record["max_prefill_tokens"].as_u64().unwrap_or(4096) as usize);
     runner.allocate_pool(blocks)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_budget_respects_the_cgroup_limit() {
+        let meminfo = "MemTotal: 24000000 kB\nMemAvailable: 20000000 kB\n";
+        assert_eq!(mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(headroom("max\n", "123\n"), None);
+        assert_eq!(headroom("9223372036854771712\n", "5\n"), None); // v1 "unlimited"
+        assert_eq!(headroom("8589934592\n", "1073741824\n"), Some(7 << 30));
+        assert_eq!(headroom("100\n", "200\n"), Some(0));
+    }
 }
