@@ -15,7 +15,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models prometheus node-clients docker-context run test test-rust test-integration bench bench-load docs clean
+.PHONY: install venv build model test-models prometheus node-clients chromium docker-context run test test-rust test-integration bench bench-load docs clean
 
 install: venv build
 
@@ -65,6 +65,13 @@ $(NODE_CLIENTS): integration-tests/node/package.json integration-tests/node/pack
 	@command -v npm >/dev/null || { echo "error: npm is required for the JavaScript client tests" >&2; exit 1; }
 	npm ci --prefix integration-tests/node --no-audit --no-fund
 
+# Debian's Chromium, driven headless by playwright-core in the web UI test.
+chromium:
+	@command -v chromium >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "error: the web UI test needs Debian's chromium package" >&2; exit 1; }; \
+		apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y --no-install-recommends chromium; }; }
+
 # The Docker builds without a Docker engine: hadolint, and every path they copy exists.
 docker-context: venv
 	$(PY) scripts/docker_context.py
@@ -72,7 +79,7 @@ docker-context: venv
 run: install model
 	$(BIN)/tessera-launcher --model-id $(MODEL_DIR) --port $(PORT)
 
-test: install model test-models prometheus node-clients
+test: install model test-models prometheus node-clients chromium
 	$(MAKE) docker-context
 	$(MAKE) test-rust
 	$(MAKE) test-integration

@@ -255,6 +255,9 @@ pub struct Args {
     /// Watermark logit bias of green-list tokens (default 2.0).
     #[arg(long, env)]
     pub watermark_delta: Option<f32>,
+    /// Do not serve the built-in web playground and live dashboard at /ui.
+    #[arg(long, env)]
+    pub disable_ui: bool,
     /// Print the runtime environment (versions, GPUs) at startup.
     #[arg(short, long)]
     pub env: bool,

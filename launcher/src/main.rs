@@ -206,6 +206,9 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
         cmd.arg("--otlp-endpoint").arg(endpoint);
     }
     cmd.arg("--otlp-service-name").arg(&args.otlp_service_name);
+    if args.disable_ui {
+        cmd.arg("--disable-ui");
+    }
     cmd
 }
 

@@ -4,7 +4,8 @@
 //! `validation` (and `chat_template` for chat), admitted by `infer`, wait in `queue`, and are
 //! run by the continuous-batching loop in `batcher`, which drives the shards through `client`.
 //! `block_allocator` decides which KV blocks of the shards' pool each request owns.
-//! The router owns policy (what runs when); the shards own memory and compute.
+//! The router owns policy (what runs when); the shards own memory and compute. `metrics` and
+//! `live` record what happens, for Prometheus and for the built-in dashboard.
 
 pub mod batcher;
 pub mod block_allocator;
@@ -12,6 +13,7 @@ pub mod chat_template;
 pub mod client;
 pub mod error;
 pub mod infer;
+pub mod live;
 pub mod metrics;
 pub mod model_files;
 pub mod queue;

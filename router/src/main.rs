@@ -81,6 +81,9 @@ struct Args {
     /// Also serve /metrics on this port.
     #[arg(long, env)]
     prometheus_port: Option<u16>,
+    /// Do not serve the web playground and dashboard at /ui.
+    #[arg(long, env)]
+    disable_ui: bool,
     /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
     #[arg(long, env)]
     otlp_endpoint: Option<String>,
@@ -144,7 +147,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits.max_batch_total_tokens
     );
 
-    let metrics =
+    let (metrics, live) =
         tessera_router::metrics::install(limits.max_input_tokens, limits.max_total_tokens)?;
     ::metrics::gauge!("tgi_batch_max_total_tokens").set(limits.max_batch_total_tokens as f64);
     let model_name = args
@@ -238,11 +241,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         chat_template,
         compute_type,
         metrics,
+        live,
     });
     let http = HttpConfig {
         payload_limit: args.payload_limit,
         api_key: args.api_key,
         cors_allow_origin: args.cors_allow_origin,
+        ui: !args.disable_ui,
     };
     serve(addr, app(state, http)).await
 }

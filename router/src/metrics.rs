@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::layers::FanoutBuilder;
 
+use crate::live::LiveStats;
 use crate::queue::Entry;
 
 /// TGI's latency buckets: 35 geometric steps from 150 µs.
@@ -36,11 +38,12 @@ pub struct BuildInfo<'a> {
     pub world_size: usize,
 }
 
+/// Installs the global recorder: Prometheus's, and the dashboard's live statistics beside it.
 pub fn install(
     max_input_tokens: usize,
     max_total_tokens: usize,
-) -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
+) -> anyhow::Result<(PrometheusHandle, LiveStats)> {
+    let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration".into()), &duration_buckets())?
         .set_buckets_for_metric(Matcher::Suffix("seconds".into()), &duration_buckets())?
         .set_buckets_for_metric(
@@ -63,11 +66,18 @@ pub fn install(
             Matcher::Full("tgi_request_skipped_tokens".into()),
             &(0..=10).map(f64::from).collect::<Vec<_>>(),
         )?
-        .install_recorder()
+        .build_recorder();
+    let handle = prometheus.handle();
+    let live = LiveStats::default();
+    let fanout = FanoutBuilder::default()
+        .add_recorder(prometheus)
+        .add_recorder(live.clone())
+        .build();
+    metrics::set_global_recorder(fanout)
         .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
     describe();
     zero_counters();
-    Ok(handle)
+    Ok((handle, live))
 }
 
 /// Every label value of the failure and concatenation counters, and the queue and batch gauges,

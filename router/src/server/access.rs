@@ -3,7 +3,7 @@
 //! Unlike TGI, the key protects every route that generates or reveals the model (chat
 //! templates and tokenization included), is compared in constant time and case-sensitively,
 //! and CORS allows the `Authorization` header so browsers can send it. Health probes and
-//! `/metrics` stay open for orchestrators and scrapers.
+//! `/metrics` stay open for orchestrators and scrapers, and the web UI's static page too.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -13,9 +13,11 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-/// Routes that stay reachable without the key.
+/// Routes that stay reachable without the key. The web UI's page and `/ui/stats` (the same
+/// figures as `/metrics`) are open; the page asks for the key and sends it with its API calls.
 fn is_open(method: &Method, path: &str) -> bool {
     matches!(path, "/health" | "/ping" | "/metrics")
+        || (method == Method::GET && (path == "/ui" || path.starts_with("/ui/")))
         || (path == "/" && method == Method::GET)
         || method == Method::OPTIONS
 }

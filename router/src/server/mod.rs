@@ -2,7 +2,7 @@
 //! `/ping`, `/info`, `/metrics`, `/invocations`). Generation routes live in `generate` (TGI),
 //! `openai` (chat) and `completions`; `tokenize` shows what the model sees; `access` holds the
 //! API key and CORS; `json` the body extractor; `docs` the OpenAPI document; `trace` the
-//! request span that continues a caller's W3C trace.
+//! request span that continues a caller's W3C trace; `ui` the built-in playground and dashboard.
 
 pub mod access;
 pub mod completions;
@@ -14,6 +14,7 @@ pub mod openai_types;
 pub mod tokenize;
 pub mod trace;
 pub mod types;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub struct AppState {
     pub chat_template: Option<ChatTemplate>,
     pub compute_type: String,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub live: crate::live::LiveStats,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -51,10 +53,14 @@ pub struct HttpConfig {
     pub payload_limit: usize,
     pub api_key: Option<String>,
     pub cors_allow_origin: Vec<String>,
+    /// Serve the web UI at `/ui` (`--disable-ui` turns it off).
+    pub ui: bool,
 }
 
 pub fn app(state: SharedState, http: HttpConfig) -> Router {
+    let ui = if http.ui { ui::routes() } else { Router::new() };
     Router::new()
+        .merge(ui)
         .route("/", get(root_health).post(generate::compat_generate))
         .route("/generate", post(generate::generate))
         .route("/generate_stream", post(generate::generate_stream))

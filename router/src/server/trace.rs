@@ -2,8 +2,9 @@
 //! the shards. It continues the caller's trace when the request carries a W3C `traceparent`
 //! (a malformed one, or version `ff`, is ignored and a new trace starts).
 //!
-//! Probes and scrapes (`/health`, `/ping`, `/metrics`, `GET /`) get no span: at one per second
-//! per scraper they would bury the traces people look for.
+//! Probes, scrapes and the web UI's page and stats polling (`/health`, `/ping`, `/metrics`,
+//! `GET /`, `GET /ui/...`) get no span: at one per second they would bury the traces people
+//! look for.
 
 use axum::extract::Request;
 use axum::http::Method;
@@ -13,7 +14,8 @@ use tessera_proto::telemetry;
 use tracing::Instrument;
 
 fn is_probe(method: &Method, path: &str) -> bool {
-    matches!(path, "/health" | "/ping" | "/metrics") || (method == Method::GET && path == "/")
+    matches!(path, "/health" | "/ping" | "/metrics")
+        || (method == Method::GET && (path == "/" || path == "/ui" || path.starts_with("/ui/")))
 }
 
 pub async fn request_span(request: Request, next: Next) -> Response {
