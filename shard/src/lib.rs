@@ -3,10 +3,12 @@
 //! A shard loads one checkpoint, keeps the KV state of running requests, and serves the v3
 //! shard protocol. The pieces, from the wire inwards: `service` (gRPC), `runner` (batches to
 //! forward passes), `batch`/`sequence` (request state), `model` (the network), `kv_cache`,
-//! `sampler` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint).
+//! `sampler` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint), `comm`
+//! (collectives between tensor-parallel ranks).
 
 pub mod admission;
 pub mod batch;
+pub mod comm;
 pub mod config;
 pub mod detokenizer;
 pub mod error;

@@ -1,0 +1,68 @@
+//! Collectives between the tensor-parallel ranks of one model.
+//!
+//! A rank holds a slice of every sharded weight; after a row-parallel matmul the partial sums
+//! are added up across ranks (all-reduce), and the vocabulary-parallel logits are put back
+//! together (all-gather). `Communicator` is that contract. `shm::ShmComm` implements it
+//! between processes on one host through a POSIX shared-memory segment, for CPU shards; a
+//! single rank needs no communication at all (`Solo`).
+//!
+//! Every rank must call the same collectives in the same order with tensors of the same shape
+//! and dtype, as the router drives all ranks through the same batches. Results are identical
+//! on every rank, bit for bit: each rank adds the contributions in rank order, so sampling on
+//! every rank picks the same tokens.
+
+pub mod shm;
+
+use tch::Tensor;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CommError {
+    #[error("rank {rank} (pid {pid}) exited during {op} #{seq}")]
+    PeerDied {
+        rank: usize,
+        pid: u64,
+        op: &'static str,
+        seq: u64,
+    },
+    #[error("rank {rank} did not reach {op} #{seq} within {timeout_s} s (hung or stopped)")]
+    Timeout {
+        rank: usize,
+        op: &'static str,
+        seq: u64,
+        timeout_s: f64,
+    },
+    #[error("cannot set up the shared-memory segment {path}: {reason}")]
+    Setup { path: String, reason: String },
+    #[error("unsupported tensor for a collective: {0}")]
+    Tensor(String),
+}
+
+pub type Result<T> = std::result::Result<T, CommError>;
+
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// The elementwise sum of `t` over all ranks (same shape and dtype everywhere).
+    fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor>;
+    /// Every rank's `t` (same shape everywhere), concatenated in rank order along `dim`.
+    fn all_gather(&mut self, t: &Tensor, dim: i64) -> Result<Tensor>;
+}
+
+/// One rank: every collective is the identity.
+pub struct Solo;
+
+impl Communicator for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.shallow_clone())
+    }
+    fn all_gather(&mut self, t: &Tensor, _dim: i64) -> Result<Tensor> {
+        Ok(t.shallow_clone())
+    }
+}
