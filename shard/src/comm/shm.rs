@@ -10,7 +10,8 @@
 //! 4. publishes `depart = s`.
 //!
 //! Only a rank's own counters are ever written by it, so the protocol needs no locks and is
-//! correct under any interleaving. Waiting spins briefly, then yields, then sleeps. While it
+//! correct under any interleaving. Waiting spins briefly, then yields, and sleeps only after
+//! a few milliseconds. While it
 //! waits, a rank checks that its peers' processes still exist (a dead peer gives
 //! `PeerDied` at once) and gives up after the timeout (a stopped or hung peer gives `Timeout`).
 //!
@@ -217,7 +218,6 @@ impl ShmComm {
 
     fn wait_all(&self, base: usize, target: u64, op: &'static str) -> Result<()> {
         let start = Instant::now();
-        let mut spins = 0u32;
         let mut next_check = Duration::from_millis(100);
         loop {
             let behind = (0..self.world)
@@ -225,15 +225,16 @@ impl ShmComm {
             let Some(rank) = behind else {
                 return Ok(());
             };
-            spins += 1;
-            if spins < 2_000 {
+            // Spin, then yield, and only sleep after a few milliseconds: a rank has a core of
+            // its own, and an OS sleep costs far more than a collective (hundreds of µs here).
+            let waited = start.elapsed();
+            if waited < Duration::from_micros(50) {
                 std::hint::spin_loop();
-            } else if spins < 4_000 {
+            } else if waited < Duration::from_millis(5) {
                 std::thread::yield_now();
             } else {
-                std::thread::sleep(Duration::from_micros(50));
+                std::thread::sleep(Duration::from_micros(20));
             }
-            let waited = start.elapsed();
             if waited >= next_check {
                 next_check += Duration::from_millis(100);
                 let pid = self.word(PIDS + rank * 8).load(Ordering::Relaxed);
