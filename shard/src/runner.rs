@@ -104,6 +104,17 @@ fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> HashSet<u
 impl Runner {
     /// Loads the checkpoint in `dir`. `dtype` overrides the checkpoint's own dtype.
     pub fn load(dir: &Path, dtype: Option<&str>, device: Device) -> Result<Self> {
+        Self::load_rank(dir, dtype, device, None)
+    }
+
+    /// Loads one tensor-parallel rank's slice of the checkpoint (`comm` says which rank); the
+    /// whole model without one.
+    pub fn load_rank(
+        dir: &Path,
+        dtype: Option<&str>,
+        device: Device,
+        comm: Option<Box<dyn crate::comm::Communicator>>,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let kind = match dtype {
             Some(d) => {
@@ -134,7 +145,13 @@ impl Runner {
             .collect();
         let model = {
             let _guard = tch::no_grad_guard();
-            crate::model::load(config, &weights, kind, device)?
+            let model = crate::model::load(config, &weights, kind, device)?;
+            match comm {
+                Some(comm) if comm.world_size() > 1 => {
+                    model.shard(crate::model::parallel::Parallel::new(comm))?
+                }
+                _ => model,
+            }
         };
         Ok(Self {
             model,

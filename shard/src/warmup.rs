@@ -132,9 +132,18 @@ pub fn warmup(
         _ => available_memory(),
     }
     .unwrap_or(0);
-    let budget = (available as f64 * memory_fraction) as u64;
-    let num_blocks =
+    let mut budget = (available as f64 * memory_fraction) as u64;
+    let parallel = runner.model.parallel.as_ref();
+    if let (Some(p), Device::Cpu) = (parallel, runner.model.device()) {
+        // CPU ranks share one host's memory; each sees all of it as available.
+        budget /= p.world as u64;
+    }
+    let mut num_blocks =
         (budget / per_token / BLOCK_SIZE as u64).min((u32::MAX / 2) as u64 / BLOCK_SIZE as u64);
+    if let Some(p) = parallel {
+        // The router sizes its block table from rank 0's answer: every rank needs that many.
+        num_blocks = p.min(num_blocks as i64).max(0) as u64;
+    }
     if num_blocks < 2 {
         return Err(ShardError::OutOfMemory(format!(
             "the KV cache budget ({} MiB) holds no blocks of {BLOCK_SIZE} tokens at {per_token} bytes per token. \

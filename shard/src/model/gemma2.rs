@@ -76,5 +76,7 @@ pub fn load(c: ModelConfig, w: &Weights, kind: Kind, device: Device) -> Result<T
         kind,
         device,
         config: c,
+        parallel: None,
+        vocab_block: 0,
     })
 }

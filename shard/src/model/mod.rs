@@ -7,12 +7,14 @@
 //! single decode tokens all together in one padded, masked batched attention.
 //!
 //! Every supported family is the same pre-norm decoder with different parts (`transformer`);
-//! the per-family files only know where the weights are and which parts to pick.
+//! the per-family files only know where the weights are and which parts to pick. `parallel`
+//! cuts a loaded model into one tensor-parallel rank's slice.
 
 pub mod attention;
 mod gemma2;
 mod gpt2;
 mod llama;
+pub mod parallel;
 pub mod rope;
 pub mod transformer;
 

@@ -193,6 +193,10 @@ pub struct Transformer {
     pub attention: AttentionParams,
     pub kind: Kind,
     pub device: Device,
+    /// Tensor parallelism (`parallel.rs`): this rank's group, when the model is sharded.
+    pub parallel: Option<super::parallel::Parallel>,
+    /// Vocabulary rows per rank when sharded (the embedding and lm_head blocks).
+    pub vocab_block: i64,
 }
 
 impl Transformer {
@@ -236,7 +240,8 @@ impl Transformer {
     pub fn kv_layout(&self) -> KvLayout {
         KvLayout {
             num_layers: self.config.num_layers,
-            num_kv_heads: self.config.num_kv_heads,
+            // This rank's KV heads (all of them unless sharded).
+            num_kv_heads: self.attention.num_kv_heads as usize,
             head_dim: self.config.head_dim,
             kind: self.kind,
             device: self.device,
@@ -251,6 +256,34 @@ impl Transformer {
         self.kind
     }
 
+    /// The sum of the ranks' partial results (row-parallel layers); the identity unsharded.
+    fn reduce(&self, t: Tensor) -> Tensor {
+        match &self.parallel {
+            Some(p) => p.all_reduce(&t),
+            None => t,
+        }
+    }
+
+    /// Token embeddings. Sharded, each rank holds a block of the vocabulary: it embeds the ids
+    /// in its block, zeros the rest, and the sum over ranks is the full lookup.
+    fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        let Some(p) = &self.parallel else {
+            return Tensor::embedding(&self.embed, ids, -1, false, false);
+        };
+        let local = ids - self.vocab_block * p.rank as i64;
+        let mine = local.ge(0).logical_and(&local.lt(self.vocab_block));
+        let rows = Tensor::embedding(
+            &self.embed,
+            &local.clamp(0, self.vocab_block - 1),
+            -1,
+            false,
+            false,
+        );
+        let kind = rows.kind();
+        let rows = rows * mine.unsqueeze(1).to_kind(kind);
+        p.all_reduce(&rows)
+    }
+
     /// Runs the batch, writing the new tokens' K/V into `pool`, and returns f32 logits
     /// `[rows, vocab]` for `input.logit_rows`.
     pub fn forward(&self, input: &ForwardInput, pool: &mut KvPool) -> Tensor {
@@ -263,7 +296,7 @@ impl Transformer {
         let stream = input.prefills.is_empty();
         let windows: Vec<Option<usize>> = self.layers.iter().map(|l| l.window).collect();
         let plan = AttentionPlan::new(input, &windows, self.attention.softcap.is_some());
-        let mut x = Tensor::embedding(&self.embed, &input.input_ids, -1, false, false);
+        let mut x = self.embed_tokens(&input.input_ids);
         if let Some(scale) = self.embed_scale {
             x = x * Tensor::from(scale)
                 .to_kind(self.kind)
@@ -308,13 +341,13 @@ impl Transformer {
                 &k,
                 &v,
             );
-            let mut a = layer.o.forward(&attn, stream);
+            let mut a = self.reduce(layer.o.forward(&attn, stream));
             if let Some(n) = &layer.post_attention_norm {
                 a = n.forward(&a);
             }
             x = x + a;
             let h = layer.pre_mlp_norm.forward(&x);
-            let mut m = layer.mlp.forward(self.config.activation, &h, stream);
+            let mut m = self.reduce(layer.mlp.forward(self.config.activation, &h, stream));
             if let Some(n) = &layer.post_mlp_norm {
                 m = n.forward(&m);
             }
@@ -322,7 +355,14 @@ impl Transformer {
         }
         let rows = x.index_select(0, &input.logit_rows);
         let rows = self.final_norm.forward(&rows);
-        let logits = self.lm_head.forward(&rows, stream).to_kind(Kind::Float);
+        let logits = self.lm_head.forward(&rows, stream);
+        let logits = match &self.parallel {
+            Some(p) => p
+                .all_gather(&logits, 1)
+                .narrow(1, 0, self.config.vocab_size as i64),
+            None => logits,
+        }
+        .to_kind(Kind::Float);
         match self.config.final_logit_softcapping {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use tch::Device;
+use tch::{Device, Tensor};
 use tessera_proto as pb;
+use tessera_shard::kv_cache::KvPool;
+use tessera_shard::model::{ForwardInput, PrefillSpan};
 use tessera_shard::Runner;
 
 /// Every architecture the shard supports, as a tiny random checkpoint.
@@ -159,4 +161,40 @@ pub fn generate(runner: &mut Runner, requests: Vec<pb::Request>) -> Outputs {
     out.add(&step.generations);
     run_to_end(runner, step.batch, &mut out);
     out
+}
+
+/// Last-position logits of each prompt, computed as one batched forward pass into a fresh pool.
+pub fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    let _guard = tch::no_grad_guard();
+    let total: usize = prompts.iter().map(|p| p.len().div_ceil(BLOCK)).sum();
+    let mut pool = KvPool::new(runner.model.kv_layout(), BLOCK, total + 1).expect("pool");
+    let flat: Vec<i64> = prompts.iter().flatten().map(|&t| t as i64).collect();
+    let positions: Vec<i64> = prompts.iter().flat_map(|p| 0..p.len() as i64).collect();
+    let (mut rows, mut spans, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut start, mut block) = (0i64, 1i64);
+    for p in prompts {
+        let n = p.len() as i64;
+        slots.extend((0..n).map(|i| block * BLOCK as i64 + i));
+        block += (p.len().div_ceil(BLOCK)) as i64;
+        spans.push(PrefillSpan {
+            start,
+            len: n,
+            past: 0,
+            context: None,
+        });
+        start += n;
+        rows.push(start - 1);
+    }
+    let input = ForwardInput {
+        input_ids: Tensor::from_slice(&flat),
+        positions: Tensor::from_slice(&positions),
+        slots: Tensor::from_slice(&slots),
+        prefills: spans,
+        decode: None,
+        logit_rows: Tensor::from_slice(&rows),
+    };
+    let logits = runner.model.forward(&input, &mut pool);
+    (0..prompts.len() as i64)
+        .map(|i| Vec::<f32>::try_from(logits.get(i)).expect("row"))
+        .collect()
 }
