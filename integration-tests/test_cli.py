@@ -50,6 +50,8 @@ ACCEPTED = [
     (["--json-output"], "JSON_OUTPUT", "true"),
     (["--otlp-service-name", "svc"], "OTLP_SERVICE_NAME", "svc"),
     (["--otlp-endpoint", "http://127.0.0.1:4317"], "OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+    (["--num-shard", "2"], "NUM_SHARD", "2"),
+    (["--threads-per-shard", "1"], "THREADS_PER_SHARD", "1"),
     (["--usage-stats", "off"], "USAGE_STATS", "no-stack"),
     (["--disable-usage-stats"], "DISABLE_USAGE_STATS", "true"),
     (["--graceful-termination-timeout", "5"], "GRACEFUL_TERMINATION_TIMEOUT", "5"),
@@ -67,7 +69,6 @@ REFUSED = [
     (["--cuda-graphs", "1,2"], "CUDA_GRAPHS", "1,2,4", "--cuda-graphs"),
     (["--ngrok"], "NGROK", "true", "--ngrok"),
     (["--trust-remote-code"], "TRUST_REMOTE_CODE", "true", "--trust-remote-code"),
-    (["--num-shard", "2"], "NUM_SHARD", "2", "`--num-shard` 2"),
 ]
 
 

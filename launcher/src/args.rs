@@ -84,7 +84,9 @@ pub struct Args {
     /// A Tessera extension; TGI picks the device from the environment.
     #[arg(long, env, default_value = "auto")]
     pub device: String,
-    /// Number of tensor-parallel shards. Only 1 is supported in this version.
+    /// Number of tensor-parallel shards: one process per rank, each holding a slice of the
+    /// model. On CPU they talk through shared memory; across GPUs this version has no NCCL yet.
+    /// Head counts must divide by it (SmolLM2's 9 heads: 1, 3 or 9).
     #[arg(long, env)]
     pub num_shard: Option<usize>,
     /// The port the HTTP server listens on.
@@ -198,7 +200,7 @@ pub struct Args {
     /// A tokenizer_config.json (with the chat template) to use instead of the model's.
     #[arg(long, env)]
     pub tokenizer_config_path: Option<PathBuf>,
-    /// Shard the model across the visible GPUs (TGI semantics; only one shard is supported yet).
+    /// Shard the model (TGI semantics; needs --num-shard, as Tessera does not count GPUs).
     #[arg(long, env)]
     pub sharded: Option<bool>,
     /// Address and port for the shards' rendezvous (passed to them as MASTER_ADDR/MASTER_PORT).
@@ -255,6 +257,11 @@ pub struct Args {
     /// Watermark logit bias of green-list tokens (default 2.0).
     #[arg(long, env)]
     pub watermark_delta: Option<f32>,
+    /// Intra-op threads of each CPU shard (default: the host's cores divided by the number of
+    /// shards, so that ranks do not oversubscribe the cores; each shard is also pinned to its
+    /// own cores).
+    #[arg(long, env)]
+    pub threads_per_shard: Option<usize>,
     /// Do not serve the built-in web playground and live dashboard at /ui.
     #[arg(long, env)]
     pub disable_ui: bool,
@@ -267,6 +274,11 @@ pub struct Args {
 }
 
 impl Args {
+    /// The number of shard processes (tensor-parallel ranks); `validate` has checked it.
+    pub fn world_size(&self) -> usize {
+        self.num_shard.unwrap_or(1).max(1)
+    }
+
     /// TGI's argument checks ("Invalid argument: ...") and the refusals of features Tessera
     /// does not have yet, before anything starts.
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -327,8 +339,8 @@ impl Args {
         if num_shard < 1 {
             bail!("`num_shard` cannot be < 1");
         }
-        if num_shard > 1 {
-            bail!("Invalid argument: `--num-shard` {num_shard}: tensor parallelism is not supported yet (use 1)");
+        if num_shard > 64 {
+            bail!("Invalid argument: `--num-shard` {num_shard}: at most 64 shards");
         }
         if let (Some(i), Some(t)) = (self.max_input_tokens(), self.max_total_tokens) {
             if i >= t {

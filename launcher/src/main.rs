@@ -92,7 +92,21 @@ fn binary(args: &Args, name: &str) -> PathBuf {
     PathBuf::from(name) // resolved through PATH
 }
 
-fn shard_command(args: &Args, model_dir: &Path) -> Command {
+/// Rank `rank`'s threads and cores: the host's cores split evenly (or `--threads-per-shard`
+/// each), so that ranks neither oversubscribe the cores nor wait on each other's time slices.
+fn core_budget(args: &Args, rank: usize) -> (usize, String) {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let world = args.world_size();
+    let per = args
+        .threads_per_shard
+        .unwrap_or_else(|| (cores / world).max(1))
+        .max(1);
+    let first = (rank * per) % cores;
+    let last = (first + per - 1).min(cores - 1);
+    (per, format!("{first}-{last}"))
+}
+
+fn shard_command(args: &Args, model_dir: &Path, rank: usize) -> Command {
     let mut cmd = Command::new(binary(args, "tessera-shard"));
     cmd.arg("serve")
         .arg(model_dir)
@@ -132,9 +146,16 @@ fn shard_command(args: &Args, model_dir: &Path) -> Command {
     }
     cmd.env("MASTER_ADDR", &args.master_addr)
         .env("MASTER_PORT", args.master_port.to_string());
-    cmd.env("RANK", "0")
-        .env("WORLD_SIZE", "1")
+    cmd.env("RANK", rank.to_string())
+        .env("WORLD_SIZE", args.world_size().to_string())
         .env("MEMORY_FRACTION", args.cuda_memory_fraction.to_string());
+    if args.world_size() > 1 || args.threads_per_shard.is_some() {
+        let (threads, cores) = core_budget(args, rank);
+        cmd.arg("--threads").arg(threads.to_string());
+        if args.world_size() > 1 {
+            cmd.arg("--cores").arg(cores);
+        }
+    }
     cmd
 }
 
@@ -225,6 +246,12 @@ fn stop_all(children: &mut [Supervised], timeout: Duration) {
     }
 }
 
+fn remove_pool_records(args: &Args) {
+    for rank in 0..args.world_size() {
+        let _ = std::fs::remove_file(format!("{}-{rank}.pool", args.shard_uds_path));
+    }
+}
+
 fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     args.validate()?;
     if args.env {
@@ -258,7 +285,10 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     });
     let timeout = Duration::from_secs(args.graceful_termination_timeout);
 
-    let Some(shard) = start_shard(&args, &model_dir, &stop)? else {
+    // Pool records let a restarted shard group rebuild its KV pools (see the shard's warmup);
+    // a fresh launch must not inherit another run's.
+    remove_pool_records(&args);
+    let Some(mut shards) = start_shards(&args, &model_dir, &stop)? else {
         return Ok(());
     };
     tracing::info!("Starting router");
@@ -269,93 +299,126 @@ fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     ) {
         Ok(router) => router,
         Err(e) => {
-            stop_all(&mut [shard], timeout);
+            stop_all(&mut shards, timeout);
             return Err(e);
         }
     };
-    supervise(&args, &model_dir, &stop, shard, router)
+    let result = supervise(&args, &model_dir, &stop, shards, router);
+    remove_pool_records(&args);
+    result
 }
 
-/// Starts shard 0 and waits until it answers Health. `None` when a signal arrived meanwhile.
-fn start_shard(
+/// Starts every shard (one per tensor-parallel rank) and waits until all answer Health.
+/// `None` when a signal arrived meanwhile. If one fails to start, the others are stopped.
+fn start_shards(
     args: &Args,
     model_dir: &Path,
     stop: &AtomicBool,
-) -> anyhow::Result<Option<Supervised>> {
-    let socket = PathBuf::from(format!("{}-0", args.shard_uds_path));
-    if socket.exists() {
-        std::fs::remove_file(&socket)
-            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+) -> anyhow::Result<Option<Vec<Supervised>>> {
+    let timeout = Duration::from_secs(args.graceful_termination_timeout);
+    let world = args.world_size();
+    let sockets: Vec<PathBuf> = (0..world)
+        .map(|r| PathBuf::from(format!("{}-{r}", args.shard_uds_path)))
+        .collect();
+    for socket in &sockets {
+        if socket.exists() {
+            std::fs::remove_file(socket)
+                .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+        }
     }
-    tracing::info!("Starting shard 0");
-    let mut shard = Supervised::spawn("shard 0", shard_command(args, model_dir), args.json_output)?;
+    let mut shards = Vec::with_capacity(world);
+    for rank in 0..world {
+        tracing::info!("Starting shard {rank}");
+        match Supervised::spawn(
+            &format!("shard {rank}"),
+            shard_command(args, model_dir, rank),
+            args.json_output,
+        ) {
+            Ok(s) => shards.push(s),
+            Err(e) => {
+                stop_all(&mut shards, timeout);
+                return Err(e);
+            }
+        }
+    }
     let start = Instant::now();
     let mut last_note = Instant::now();
-    while !health::shard_ready(&socket) {
+    while !sockets.iter().all(|s| health::shard_ready(s)) {
         if stop.load(Ordering::SeqCst) {
-            shard.terminate(Duration::from_secs(args.graceful_termination_timeout));
+            stop_all(&mut shards, timeout);
             return Ok(None);
         }
-        if let Some(status) = shard.exited() {
-            bail!(
-                "shard 0 failed to start ({}): {}",
-                describe(status),
-                shard.last_words()
-            );
+        if let Some(rank) = shards.iter_mut().position(|s| s.exited().is_some()) {
+            let status = shards[rank].exited().map(describe).unwrap_or_default();
+            let why = shards[rank].last_words();
+            stop_all(&mut shards, timeout);
+            bail!("shard {rank} failed to start ({status}): {why}");
         }
         if last_note.elapsed() > Duration::from_secs(10) {
-            tracing::info!("Waiting for shard to be ready...");
+            tracing::info!("Waiting for shards to be ready...");
             last_note = Instant::now();
         }
         thread::sleep(Duration::from_millis(100));
     }
-    tracing::info!("Shard ready in {:.2}s", start.elapsed().as_secs_f64());
-    Ok(Some(shard))
+    tracing::info!(
+        "{} ready in {:.2}s",
+        if world == 1 {
+            "Shard".to_string()
+        } else {
+            format!("{world} shards")
+        },
+        start.elapsed().as_secs_f64()
+    );
+    Ok(Some(shards))
 }
 
-/// Watches the children until a signal (stop all, Ok) or a death. A dead shard is restarted
-/// with exponential backoff, at most `--max-restarts` times in a row (a shard that then stays
-/// up for ten minutes earns its budget back); the router reconnects by itself, and requests
-/// caught in the crash fail with 424. A dead router stops everything.
+/// Watches the children until a signal (stop all, Ok) or a death. When a shard dies, every
+/// shard is restarted (tensor-parallel ranks only work as a group), with exponential backoff,
+/// at most `--max-restarts` times in a row (shards that then stay up for ten minutes earn the
+/// budget back); the router reconnects by itself, and requests caught in the crash fail with
+/// 424. A dead router stops everything.
 fn supervise(
     args: &Args,
     model_dir: &Path,
     stop: &AtomicBool,
-    mut shard: Supervised,
-    mut router: Supervised,
+    mut shards: Vec<Supervised>,
+    router: Supervised,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.graceful_termination_timeout);
     let mut restarts = 0u32;
     let mut up_since = Instant::now();
+    let mut router = vec![router];
     loop {
         if stop.load(Ordering::SeqCst) {
             tracing::info!("Shutting down");
-            stop_all(&mut [shard, router], timeout);
+            shards.append(&mut router); // stop_all stops the router (last) first
+            stop_all(&mut shards, timeout);
             return Ok(());
         }
-        if let Some(status) = router.exited() {
-            let why = router.last_words();
-            stop_all(&mut [shard], timeout);
+        if let Some(status) = router[0].exited() {
+            let why = router[0].last_words();
+            stop_all(&mut shards, timeout);
             bail!("router exited unexpectedly ({}): {why}", describe(status));
         }
-        if let Some(status) = shard.exited() {
+        if let Some(rank) = shards.iter_mut().position(|s| s.exited().is_some()) {
+            let status = shards[rank].exited().map(describe).unwrap_or_default();
             let why = format!(
-                "shard 0 exited unexpectedly ({}): {}",
-                describe(status),
-                shard.last_words()
+                "shard {rank} exited unexpectedly ({status}): {}",
+                shards[rank].last_words()
             );
+            stop_all(&mut shards, timeout);
             if up_since.elapsed() > Duration::from_secs(600) {
                 restarts = 0;
             }
             if restarts >= args.max_restarts {
-                stop_all(&mut [router], timeout);
+                stop_all(&mut router, timeout);
                 bail!("{why}; giving up after {restarts} restarts (--max-restarts)");
             }
             restarts += 1;
             let doubling = f64::from(1u32 << (restarts - 1).min(5));
             let backoff = Duration::from_secs_f64(args.restart_backoff.max(0.0) * doubling);
             tracing::error!(
-                "{why}; restarting it in {:.1}s (restart {restarts} of {})",
+                "{why}; restarting the shards in {:.1}s (restart {restarts} of {})",
                 backoff.as_secs_f64(),
                 args.max_restarts
             );
@@ -363,17 +426,17 @@ fn supervise(
             while Instant::now() < resume && !stop.load(Ordering::SeqCst) {
                 thread::sleep(Duration::from_millis(50));
             }
-            match start_shard(args, model_dir, stop) {
+            match start_shards(args, model_dir, stop) {
                 Ok(Some(new)) => {
-                    shard = new;
+                    shards = new;
                     up_since = Instant::now();
                 }
                 Ok(None) => {
-                    stop_all(&mut [router], timeout);
+                    stop_all(&mut router, timeout);
                     return Ok(());
                 }
                 Err(e) => {
-                    stop_all(&mut [router], timeout);
+                    stop_all(&mut router, timeout);
                     return Err(e.context(why));
                 }
             }

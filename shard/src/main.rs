@@ -30,7 +30,7 @@ enum Command {
     Serve(ServeArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 struct ServeArgs {
     /// A local folder with config.json, tokenizer.json and *.safetensors.
     model_dir: PathBuf,
@@ -53,6 +53,13 @@ struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     json_output: bool,
+    /// Intra-op threads (libtorch's default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Pin this process to these cores (`first-last`), so tensor-parallel ranks on one host
+    /// each keep their own cores.
+    #[arg(long)]
+    cores: Option<String>,
     /// Export traces over OTLP/gRPC to this collector.
     #[arg(long)]
     otlp_endpoint: Option<String>,
@@ -91,12 +98,79 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if args.world_size != 1 {
+/// Pins the process to cores `first-last` (Linux); a bad range is an error, a refusal by the
+/// kernel only a warning.
+fn pin(cores: &str) -> anyhow::Result<()> {
+    let (first, last) = cores
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|(a, b)| a <= b)
+        .ok_or_else(|| anyhow::anyhow!("--cores must be FIRST-LAST, got `{cores}`"))?;
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only changes this process.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in first..=last {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    if !ok {
+        tracing::warn!(
+            "cannot pin to cores {cores}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The collectives of a tensor-parallel group: shared memory between the CPU shard processes
+/// of this host. GPU ranks would need NCCL, which this version does not have.
+fn communicator(
+    args: &ServeArgs,
+    device: Device,
+) -> anyhow::Result<Option<Box<dyn tessera_shard::comm::Communicator>>> {
+    if args.world_size <= 1 {
+        return Ok(None);
+    }
+    if device != Device::Cpu {
         anyhow::bail!(
-            "tensor parallelism is not available yet: WORLD_SIZE must be 1, got {}",
+            "tensor parallelism across GPUs needs NCCL, which this version of Tessera does not have: \
+             use --num-shard 1, or --device cpu"
+        );
+    }
+    let port: u16 = std::env::var("MASTER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(29500);
+    let timeout = std::env::var("TESSERA_COLLECTIVE_TIMEOUT")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(120.0);
+    let path = tessera_shard::comm::shm::ShmComm::segment_path(&args.uds_path, port);
+    let comm = tessera_shard::comm::shm::ShmComm::new(
+        &path,
+        args.rank,
+        args.world_size,
+        16 << 20,
+        std::time::Duration::from_secs(300),
+    )?
+    .with_timeout(std::time::Duration::from_secs_f64(timeout));
+    Ok(Some(Box::new(comm)))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.world_size == 0 || args.rank >= args.world_size {
+        anyhow::bail!(
+            "RANK {} is outside WORLD_SIZE {}",
+            args.rank,
             args.world_size
         );
+    }
+    if let Some(cores) = &args.cores {
+        pin(cores)?;
+    }
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads.max(1) as i32);
     }
     if !(0.0..=1.0).contains(&args.memory_fraction) || args.memory_fraction == 0.0 {
         anyhow::bail!(
@@ -110,8 +184,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let dtype = args.dtype.clone();
     let record = tessera_shard::warmup::pool_record_path(&args.uds_path, args.rank);
     let restore = record.clone();
+    // Joining the group blocks until every rank is there.
+    let group = args.clone();
+    let comm = tokio::task::spawn_blocking(move || communicator(&group, device)).await??;
     let (runner, restored) = tokio::task::spawn_blocking(move || {
-        let mut runner = Runner::load(&dir, dtype.as_deref(), device)?;
+        let mut runner = Runner::load_rank(&dir, dtype.as_deref(), device, comm)?;
         let restored = tessera_shard::warmup::restore_pool(&restore, &mut runner)?;
         Ok::<_, tessera_shard::ShardError>((runner, restored))
     })
@@ -149,8 +226,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     let _ = std::fs::remove_file(&path);
-    // A clean stop: nothing will restart this shard, so the record has no reader.
-    let _ = std::fs::remove_file(&record);
+    // The record stays: the launcher may restart this shard with its group after a peer's
+    // crash; the launcher removes the records when it starts and when it stops for good.
     result?;
     tracing::info!("shard stopped");
     Ok(())
