@@ -152,6 +152,8 @@ fn shard_command(args: &Args, model_dir: &Path, rank: usize) -> Command {
     if args.world_size() > 1 || args.threads_per_shard.is_some() {
         let (threads, cores) = core_budget(args, rank);
         cmd.arg("--threads").arg(threads.to_string());
+        // OpenMP reads its thread count per thread; the environment reaches every one.
+        cmd.env("OMP_NUM_THREADS", threads.to_string());
         if args.world_size() > 1 {
             cmd.arg("--cores").arg(cores);
         }

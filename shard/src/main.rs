@@ -166,9 +166,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.world_size
         );
     }
-    if let Some(cores) = &args.cores {
-        pin(cores)?;
-    }
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads.max(1) as i32);
     }
@@ -236,6 +233,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let Command::Serve(args) = cli.command;
+    // Before any thread exists, so that every thread (tokio's, libtorch's) inherits the cores.
+    if let Some(cores) = &args.cores {
+        if let Err(e) = pin(cores) {
+            eprintln!("Error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
