@@ -139,7 +139,7 @@ def test_killed_shard_is_restarted_and_service_heals():
         assert r.status_code == 200
         assert shard_pid(server) != first
         assert server.proc.poll() is None, "the launcher must keep running"
-        assert "restarting it in 1.0s (restart 1 of 3)" in server.output()
+        assert "restarting the shards in 1.0s (restart 1 of 3)" in server.output()
     finally:
         assert server.stop() == 0
 
