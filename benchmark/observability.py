@@ -11,10 +11,7 @@ Usage: .venv/bin/python benchmark/observability.py [--model tiny|default] [--req
 """
 import argparse
 import json
-import statistics
 import sys
-import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
@@ -36,24 +33,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def workload(server, concurrency, n, max_new):
-    gaps, tokens = [], 0
-    lock = threading.Lock()
-
-    def one(i):
-        nonlocal tokens
-        times = server.stream(f"Request {i}: tell me a story about the sea.", max_new)
-        with lock:
-            gaps.extend(b - a for a, b in zip(times, times[1:]))
-            tokens += len(times)
-
-    start = time.perf_counter()
-    with futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(n)))
-    elapsed = time.perf_counter() - start
-    return {"median_itl_ms": statistics.median(gaps) * 1e3, "tokens_per_s": tokens / elapsed}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=MODELS, default="tiny")
@@ -71,8 +50,11 @@ def main():
     for mode, extra in (("off", []), ("on", ["--otlp-endpoint", f"http://127.0.0.1:{port}"])):
         server = scheduler.Server("--dtype", "float32", *extra)
         try:
-            workload(server, 2, 4, 4)  # warm up
-            results[mode] = {c: workload(server, c, args.requests, args.max_new_tokens) for c in (1, 8)}
+            scheduler.stream_load(server, 2, 4, 4)  # warm up
+            results[mode] = {}
+            for c in (1, 8):
+                tps, itl = scheduler.stream_load(server, c, args.requests, args.max_new_tokens)
+                results[mode][c] = {"median_itl_ms": itl, "tokens_per_s": tps}
         finally:
             server.stop()
         for c, r in results[mode].items():

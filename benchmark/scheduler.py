@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -78,6 +79,24 @@ class Server:
                     if on_token:
                         on_token()
         return times
+
+
+def stream_load(server, concurrency, n, max_new):
+    """Streams `n` requests, `concurrency` at a time: (tokens/s, median inter-token gap in ms)."""
+    gaps, tokens = [], 0
+    lock = threading.Lock()
+
+    def one(i):
+        nonlocal tokens
+        times = server.stream(f"Request {i}: tell me a story about the sea.", max_new)
+        with lock:
+            gaps.extend(b - a for a, b in zip(times, times[1:]))
+            tokens += len(times)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(n)))
+    return tokens / (time.perf_counter() - start), statistics.median(gaps) * 1e3
 
 
 def prefix(n):

@@ -9,11 +9,7 @@ figures are what this machine gives, not a claim about bigger hosts.
 Usage: .venv/bin/python benchmark/tensor_parallel.py [--requests N] [--max-new-tokens N]
 """
 import argparse
-import statistics
 import sys
-import threading
-import time
-from concurrent import futures
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,23 +17,6 @@ import scheduler  # noqa: E402  (the launcher wrapper shared with the scheduler 
 
 MODELS = [("tiny-llama", scheduler.ROOT / "models" / "tiny" / "tiny-llama", 2),
           ("SmolLM2-135M", scheduler.MODEL, 3)]
-
-
-def run(server, concurrency, n, max_new):
-    gaps, tokens = [], 0
-    lock = threading.Lock()
-
-    def one(i):
-        nonlocal tokens
-        times = server.stream(f"Request {i}: tell me a story about the sea.", max_new)
-        with lock:
-            gaps.extend(b - a for a, b in zip(times, times[1:]))
-            tokens += len(times)
-
-    start = time.perf_counter()
-    with futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(n)))
-    return tokens / (time.perf_counter() - start), statistics.median(gaps) * 1e3
 
 
 def main():
@@ -53,9 +32,9 @@ def main():
         for shards in (1, n):
             server = scheduler.Server("--dtype", "float32", "--num-shard", str(shards))
             try:
-                run(server, 2, 2, 4)  # warm up
+                scheduler.stream_load(server, 2, 2, 4)  # warm up
                 for c in (1, 4):
-                    tps, itl = run(server, c, args.requests, args.max_new_tokens)
+                    tps, itl = scheduler.stream_load(server, c, args.requests, args.max_new_tokens)
                     base.setdefault(c, tps)
                     print(f"| {name} | {shards} | {c} | {tps:.1f} | {itl:.1f} ms | {tps / base[c]:.2f}x |", flush=True)
             finally:
