@@ -19,17 +19,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Keeps a rank on its own core, as separate shard processes with a core budget each would be;
-/// two spinning ranks time-sliced on one core wait for each other's time slices.
-fn pin_to_core(core: usize) {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only changes this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 fn main() {
     let iterations: usize = std::env::args()
         .nth(1)
@@ -52,7 +41,7 @@ fn main() {
                             // One intra-op thread per rank (OpenMP's count is per thread): two
                             // ranks of two threads each would fight over two cores.
                             tch::set_num_threads(1);
-                            pin_to_core(rank);
+                            let _ = tessera_shard::comm::pin_to_cores(rank, rank);
                             let mut comm =
                                 ShmComm::new(path, rank, 2, 1 << 20, Duration::from_secs(30))
                                     .expect("set-up");

@@ -98,27 +98,16 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// Pins the process to cores `first-last` (Linux); a bad range is an error, a refusal by the
-/// kernel only a warning.
+/// Pins the process to cores `first-last`; a bad range is an error, a refusal by the kernel
+/// only a warning.
 fn pin(cores: &str) -> anyhow::Result<()> {
     let (first, last) = cores
         .split_once('-')
         .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
         .filter(|(a, b)| a <= b)
         .ok_or_else(|| anyhow::anyhow!("--cores must be FIRST-LAST, got `{cores}`"))?;
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only changes this process.
-    let ok = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for c in first..=last {
-            libc::CPU_SET(c, &mut set);
-        }
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-    };
-    if !ok {
-        tracing::warn!(
-            "cannot pin to cores {cores}: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = tessera_shard::comm::pin_to_cores(first, last) {
+        eprintln!("warning: cannot pin to cores {cores}: {e}");
     }
     Ok(())
 }

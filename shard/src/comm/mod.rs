@@ -4,7 +4,7 @@
 //! are added up across ranks (all-reduce), and the vocabulary-parallel logits are put back
 //! together (all-gather). `Communicator` is that contract. `shm::ShmComm` implements it
 //! between processes on one host through a POSIX shared-memory segment, for CPU shards; a
-//! single rank needs no communication at all (`Solo`).
+//! single rank needs no communication at all.
 //!
 //! Every rank must call the same collectives in the same order with tensors of the same shape
 //! and dtype, as the router drives all ranks through the same batches. Results are identical
@@ -49,20 +49,21 @@ pub trait Communicator: Send {
     fn all_gather(&mut self, t: &Tensor, dim: i64) -> Result<Tensor>;
 }
 
-/// One rank: every collective is the identity.
-pub struct Solo;
-
-impl Communicator for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.shallow_clone())
-    }
-    fn all_gather(&mut self, t: &Tensor, _dim: i64) -> Result<Tensor> {
-        Ok(t.shallow_clone())
+/// Pins the calling thread, and every thread it starts afterwards, to cores `first..=last`.
+/// Ranks that spin while waiting for each other need cores of their own: two of them
+/// time-sliced on one core wait out each other's slices (docs/benchmarks.md).
+pub fn pin_to_cores(first: usize, last: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only changes this thread.
+    let ok = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in first..=last {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

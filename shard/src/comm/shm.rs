@@ -110,25 +110,7 @@ impl ShmComm {
             file.set_len(len as u64).map_err(|e| setup(e.to_string()))?;
             // SAFETY: the file is ours and stays mapped for the lifetime of `map`; other
             // processes only touch it through the same protocol.
-            let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| setup(e.to_string()))?;
-            let comm = Self {
-                map,
-                rank,
-                world,
-                capacity,
-                seq: 0,
-                timeout,
-            };
-            comm.word(8).store(world as u64, Ordering::Relaxed);
-            comm.word(16).store(capacity as u64, Ordering::Relaxed);
-            comm.word(PIDS)
-                .store(u64::from(std::process::id()), Ordering::Relaxed);
-            comm.word(24).store(1, Ordering::Relaxed);
-            comm.word(0).store(MAGIC, Ordering::Release);
-            let comm = comm.wait_attached(path, deadline);
-            // Everyone has it mapped (or set-up failed): the name is no longer needed.
-            let _ = std::fs::remove_file(path);
-            return comm;
+            unsafe { MmapMut::map_mut(&file) }.map_err(|e| setup(e.to_string()))?
         } else {
             loop {
                 if let Some(map) = Self::try_attach(path, len, world, capacity) {
@@ -150,10 +132,21 @@ impl ShmComm {
             seq: 0,
             timeout,
         };
-        comm.word(PIDS + rank * 8)
-            .store(u64::from(std::process::id()), Ordering::Relaxed);
-        comm.word(24).fetch_add(1, Ordering::AcqRel);
-        Ok(comm)
+        let pid = u64::from(std::process::id());
+        if rank > 0 {
+            comm.word(PIDS + rank * 8).store(pid, Ordering::Relaxed);
+            comm.word(24).fetch_add(1, Ordering::AcqRel);
+            return Ok(comm);
+        }
+        comm.word(8).store(world as u64, Ordering::Relaxed);
+        comm.word(16).store(capacity as u64, Ordering::Relaxed);
+        comm.word(PIDS).store(pid, Ordering::Relaxed);
+        comm.word(24).store(1, Ordering::Relaxed);
+        comm.word(0).store(MAGIC, Ordering::Release);
+        let comm = comm.wait_attached(path, deadline);
+        // Everyone has it mapped (or set-up failed): the name is no longer needed.
+        let _ = std::fs::remove_file(path);
+        comm
     }
 
     fn try_attach(path: &Path, len: usize, world: usize, capacity: usize) -> Option<MmapMut> {
