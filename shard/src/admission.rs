@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 
 use crate::detokenizer::{IncrementalDecoder, StoppingCriteria};
 use crate::error::{Result, ShardError};
+use crate::grammar::Grammars;
 use crate::kv_cache::KvPool;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::sequence::Sequence;
@@ -75,6 +76,7 @@ pub fn sampling_params(p: &pb::NextTokenChooserParameters) -> SamplingParams {
 
 pub fn new_sequence(
     tokenizer: &Tokenizer,
+    grammars: &Grammars,
     pool: &KvPool,
     max_positions: usize,
     r: &pb::Request,
@@ -135,7 +137,11 @@ pub fn new_sequence(
         Some(c) => (c as usize).min(remaining),
         None => remaining,
     };
-    let params = sampling_params(&r.parameters.clone().unwrap_or_default());
+    let parameters = r.parameters.clone().unwrap_or_default();
+    let constraint = grammars
+        .constraint(&parameters)
+        .map_err(|e| bad(e.to_string()))?;
+    let params = sampling_params(&parameters);
     Ok(Sequence {
         id: r.id,
         prompt_len,
@@ -143,6 +149,7 @@ pub fn new_sequence(
         decoder: IncrementalDecoder::new(prompt_len),
         tokens: ids,
         sampler: Sampler::new(params),
+        constraint,
         stopping: StoppingCriteria::new(max_new, stop.stop_sequences, stop.ignore_eos_token),
         top_n_tokens: r.top_n_tokens as usize,
         prefill_logprobs: r.prefill_logprobs,

@@ -3,7 +3,7 @@
 //! A shard loads one checkpoint, keeps the KV state of running requests, and serves the v3
 //! shard protocol. The pieces, from the wire inwards: `service` (gRPC), `runner` (batches to
 //! forward passes), `batch`/`sequence` (request state), `model` (the network), `kv_cache`,
-//! `sampler` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint), `comm`
+//! `sampler`, `grammar` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint), `comm`
 //! (collectives between tensor-parallel ranks).
 
 pub mod admission;
@@ -12,6 +12,7 @@ pub mod comm;
 pub mod config;
 pub mod detokenizer;
 pub mod error;
+pub mod grammar;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;

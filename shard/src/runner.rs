@@ -19,6 +19,7 @@ use crate::batch::{Batch, BatchRegistry};
 use crate::config::{token_ids, ModelConfig};
 use crate::detokenizer::Finish;
 use crate::error::{Result, ShardError};
+use crate::grammar::Grammars;
 use crate::kv_cache::KvPool;
 use crate::model::{DecodeSpan, ForwardInput, PrefillSpan, Transformer};
 use crate::sampler::{self, Choice};
@@ -31,6 +32,8 @@ pub struct Runner {
     pub model: Transformer,
     pub tokenizer: Tokenizer,
     eos: HashSet<u32>,
+    /// Compiled grammars and their masks (structured output).
+    grammars: Grammars,
     special: HashSet<u32>,
     batches: BatchRegistry,
     pool: Option<KvPool>,
@@ -78,9 +81,9 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
-/// The EOS ids: generation_config.json's list wins (as in transformers), then config.json, then
+/// The EOS ids, the main one first: generation_config.json's list wins (as in transformers), then config.json, then
 /// the tokenizer's `eos_token`.
-fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> HashSet<u32> {
+fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> Vec<u32> {
     let read = |f: &str| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(dir.join(f)).ok()?).ok()
     };
@@ -98,7 +101,9 @@ fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> HashSet<u
             .and_then(|e| e.as_str().or_else(|| e.get("content")?.as_str()));
         ids.extend(eos.and_then(|e| tokenizer.token_to_id(e)));
     }
-    ids.into_iter().collect()
+    let mut seen = HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+    ids
 }
 
 impl Runner {
@@ -136,7 +141,12 @@ impl Runner {
         let tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| ShardError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         let weights = crate::weights::Weights::open(dir, kind, device)?;
-        let eos = eos_ids(dir, &config, &tokenizer);
+        let eos_list = eos_ids(dir, &config, &tokenizer);
+        let eos: HashSet<u32> = eos_list.iter().copied().collect();
+        let grammars = match eos_list.first() {
+            Some(&main) => Grammars::new(&tokenizer, main, &eos, config.vocab_size as i64),
+            None => Grammars::unavailable("the model has no EOS token to end an output with"),
+        };
         let special = tokenizer
             .get_added_tokens_decoder()
             .into_iter()
@@ -157,6 +167,7 @@ impl Runner {
             model,
             tokenizer,
             eos,
+            grammars,
             special,
             batches: BatchRegistry::default(),
             pool: None,
@@ -208,7 +219,9 @@ impl Runner {
         let new = batch
             .requests
             .iter()
-            .map(|r| crate::admission::new_sequence(&self.tokenizer, pool, positions, r))
+            .map(|r| {
+                crate::admission::new_sequence(&self.tokenizer, &self.grammars, pool, positions, r)
+            })
             .collect::<Result<Vec<_>>>()?;
         let concat = Instant::now();
         let (merged, concat_ns) = match cached {
@@ -385,7 +398,15 @@ impl Runner {
                     wanted.next();
                 }
             }
-            sampler::choose_batch(&scores, &mut seqs)?
+            let rows = seqs
+                .iter_mut()
+                .map(|s| {
+                    let budget = s.budget();
+                    (s.constraint.as_mut(), budget)
+                })
+                .collect();
+            let mask = self.grammars.batch_mask(rows, scores.device())?;
+            sampler::choose_batch(&scores, &mut seqs, mask.as_ref())?
         };
         for p in &plans {
             let s = &mut batch.seqs[p.seq];
@@ -487,9 +508,20 @@ impl Runner {
         };
         seq.tokens.push(choice.token);
         let text = seq.decoder.next(&self.tokenizer, &seq.tokens)?;
-        let finish = seq
-            .stopping
-            .check(seq.generated(), self.eos.contains(&choice.token), &text);
+        // A grammar ends on its EOS (even with `ignore_eos_token`, which would only run on past
+        // the end of the document); `length` when the token budget had to steer it there.
+        let grammar_done = match seq.constraint.as_mut() {
+            Some(c) => c.advance(choice.token)?.then_some(if c.forced {
+                Finish::Length
+            } else {
+                Finish::EosToken
+            }),
+            None => None,
+        };
+        let finish = grammar_done.or_else(|| {
+            seq.stopping
+                .check(seq.generated(), self.eos.contains(&choice.token), &text)
+        });
         let top_tokens = if seq.top_n_tokens > 0 {
             let (ids, logprobs) = choice.top.into_iter().unzip();
             vec![self.tokens(ids, logprobs)?]

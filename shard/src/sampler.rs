@@ -1,8 +1,8 @@
 //! Next-token choice for a whole batch at once: logit processors, warpers, then greedy or
 //! seeded sampling, all as tensor ops over `[batch, vocab]` on the model's device.
 //!
-//! The order follows TGI: watermark, repetition penalty, frequency (and presence) penalty, then
-//! the warpers temperature, top-k, top-p and typical-p. As in TGI, setting any warper implies
+//! The order follows TGI: watermark, repetition penalty, frequency (and presence) penalty, the
+//! grammar mask (structured output), then the warpers temperature, top-k, top-p and typical-p. As in TGI, setting any warper implies
 //! sampling. Each step runs only the processors some row asks for, with per-row parameters as
 //! `[batch, 1]` tensors (a neutral value for rows that did not ask), so the cost does not grow
 //! with per-request branching. Randomness is the one thing that stays per request: each
@@ -166,7 +166,12 @@ fn keep_mass(scores: &Tensor, order: &Tensor, mass: &Tensor) -> Tensor {
 }
 
 /// Picks the next token of every row of `scores` (`[B, vocab]` f32 logits) for `seqs`.
-pub fn choose_batch(scores: &Tensor, seqs: &mut [&mut Sequence]) -> Result<Vec<Choice>> {
+/// `banned` (`[B, vocab]` bool) marks the tokens a row's grammar rules out.
+pub fn choose_batch(
+    scores: &Tensor,
+    seqs: &mut [&mut Sequence],
+    banned: Option<&Tensor>,
+) -> Result<Vec<Choice>> {
     let device = scores.device();
     let (b, vocab) = (scores.size()[0], scores.size()[1]);
     let params: Vec<SamplingParams> = seqs.iter().map(|s| s.sampler.params.clone()).collect();
@@ -220,6 +225,11 @@ pub fn choose_batch(scores: &Tensor, seqs: &mut [&mut Sequence]) -> Result<Vec<C
                 .to_kind(Kind::Float);
             scores = scores - present * col(&|p| p.presence_penalty);
         }
+    }
+    if let Some(banned) = banned {
+        // After the penalties and before the warpers (TGI's place for grammars), so top-k,
+        // top-p and typical-p pick among the tokens the grammar allows.
+        scores = scores.masked_fill(banned, f64::NEG_INFINITY);
     }
     let sampling: Vec<bool> = params.iter().map(SamplingParams::sampling).collect();
     if any(&|p| p.sampling() && p.temperature != 1.0) {

@@ -8,6 +8,7 @@ fn seq(tokens: &[u32], prompt_len: usize, params: SamplingParams, top_n: usize) 
         prompt_len,
         max_new_tokens: 16,
         sampler: Sampler::new(params),
+        constraint: None,
         stopping: StoppingCriteria::new(16, Vec::new(), false),
         decoder: IncrementalDecoder::new(prompt_len),
         top_n_tokens: top_n,
@@ -27,7 +28,7 @@ fn choose(logits: &[f32], seqs: &mut [Sequence]) -> Vec<Choice> {
         .collect();
     let scores = Tensor::from_slice(&rows).view([seqs.len() as i64, v]);
     let mut refs: Vec<&mut Sequence> = seqs.iter_mut().collect();
-    choose_batch(&scores, &mut refs).unwrap()
+    choose_batch(&scores, &mut refs, None).unwrap()
 }
 
 fn sampling(seed: u64) -> SamplingParams {

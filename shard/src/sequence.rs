@@ -3,6 +3,7 @@
 //! batches are plain vectors of sequences and joining or splitting them never copies model state.
 
 use crate::detokenizer::{Finish, IncrementalDecoder, StoppingCriteria};
+use crate::grammar::Constraint;
 use crate::sampler::Sampler;
 
 pub struct Sequence {
@@ -12,6 +13,8 @@ pub struct Sequence {
     pub prompt_len: usize,
     pub max_new_tokens: usize,
     pub sampler: Sampler,
+    /// The grammar its output must follow (structured output), if any.
+    pub constraint: Option<Constraint>,
     pub stopping: StoppingCriteria,
     pub decoder: IncrementalDecoder,
     pub top_n_tokens: usize,
@@ -52,6 +55,11 @@ impl Sequence {
     /// Tokens it holds in the KV cache at most (prompt plus its generation budget).
     pub fn max_tokens(&self) -> usize {
         self.prompt_len + self.max_new_tokens
+    }
+
+    /// Tokens it may still generate, the next one included.
+    pub fn budget(&self) -> u32 {
+        self.max_new_tokens.saturating_sub(self.generated()) as u32
     }
 
     pub fn generated_ids(&self) -> &[u32] {
