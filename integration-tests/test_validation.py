@@ -37,7 +37,7 @@ RULES = [
     ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"truncate": 0}, "`truncate` must be strictly positive and less than 100. Given: 0"),
     ({"truncate": 101}, "`truncate` must be strictly positive and less than 100. Given: 101"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar is not supported"),
+    ({"grammar": {"type": "regex", "value": "(a+"}}, "grammar is not valid: invalid regex: error parsing regex"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
 ]
 
@@ -46,7 +46,8 @@ RULES = [
 def test_rule(server, params, message):
     r = requests.post(server.url + "/generate", json={"inputs": "Hello", "parameters": params})
     assert r.status_code == 422, r.text
-    assert r.json() == {"error": f"Input validation error: {message}", "error_type": "validation"}
+    assert r.json()["error_type"] == "validation"
+    assert r.json()["error"].startswith(f"Input validation error: {message}"), r.text
 
 
 def test_empty_inputs(server):

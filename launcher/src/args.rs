@@ -218,7 +218,7 @@ pub struct Args {
     /// Tokenizer worker threads in the router (must be > 0).
     #[arg(long, env, default_value_t = 2)]
     pub validation_workers: usize,
-    /// Accepted: grammars are not supported yet anyway, so they are always refused.
+    /// Refuse grammars, `response_format` and tools (structured output) with a 422.
     #[arg(long, env)]
     pub disable_grammar_support: bool,
     /// Accepted: prompt logprobs are always returned when a request asks for them.

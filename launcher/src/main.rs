@@ -232,6 +232,9 @@ fn router_command(args: &Args, model_dir: &Path, max_batch_prefill_tokens: u32) 
     if args.disable_ui {
         cmd.arg("--disable-ui");
     }
+    if args.disable_grammar_support {
+        cmd.arg("--disable-grammar-support");
+    }
     cmd
 }
 

@@ -23,6 +23,33 @@ pub struct TemplateInputs<'a> {
     pub kwargs: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
+/// An assistant message's tool calls as the text the model produced them in (`{"name": ...,
+/// "parameters": {...}}`, one per line), for templates that only show `content`.
+fn calls_as_text(m: &serde_json::Value) -> Option<String> {
+    let calls = m.get("tool_calls")?.as_array().filter(|c| !c.is_empty())?;
+    if m.get("content")
+        .and_then(|c| c.as_str())
+        .is_some_and(|c| !c.is_empty())
+    {
+        return None;
+    }
+    let lines: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            let f = &c["function"];
+            // OpenAI sends arguments as a JSON string; a few clients send the object itself.
+            let args = match &f["arguments"] {
+                serde_json::Value::String(s) => {
+                    serde_json::from_str(s).unwrap_or_else(|_| s.clone().into())
+                }
+                other => other.clone(),
+            };
+            serde_json::json!({"name": f["name"], "parameters": args}).to_string()
+        })
+        .collect();
+    Some(lines.join("\n"))
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
@@ -30,6 +57,9 @@ pub struct ChatTemplate {
     /// Whether the template renders `tools` itself; if not, they are appended to the last
     /// message as text (TGI's behaviour).
     uses_tools: bool,
+    /// Whether the template shows an assistant's `tool_calls` itself; if not, they become the
+    /// message's text, in the JSON shape calls are generated in.
+    renders_tool_calls: bool,
 }
 
 /// JSON with Python's `json.dumps` separators (`", "` and `": "`), as transformers' `tojson` emits.
@@ -105,6 +135,7 @@ impl ChatTemplate {
             .replace("{% endgeneration %}", "")
             .replace("{%- generation %}", "")
             .replace("{%- endgeneration %}", "");
+        let renders_tool_calls = source.contains("tool_calls");
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_trim_blocks(true);
@@ -130,6 +161,7 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             uses_tools,
+            renders_tool_calls,
         })
     }
 
@@ -146,6 +178,13 @@ impl ChatTemplate {
             .get_template("chat")
             .map_err(|e| InferError::TemplateError(e.to_string()))?;
         let mut messages = messages.to_vec();
+        if !self.renders_tool_calls {
+            for m in &mut messages {
+                if let Some(text) = calls_as_text(m) {
+                    m["content"] = text.into();
+                }
+            }
+        }
         let tools = inputs
             .tools
             .filter(|t| t.as_array().is_some_and(|a| !a.is_empty()));

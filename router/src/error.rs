@@ -49,6 +49,8 @@ pub enum ValidationError {
     InputLength(usize, usize),
     #[error("grammar is not supported")]
     Grammar,
+    #[error("grammar is not valid: {0}")]
+    InvalidGrammar(String),
     #[error("`best_of` != 1 is not supported when streaming tokens")]
     BestOfStream,
     #[error("`decoder_input_details` == true is not supported when streaming tokens")]
@@ -69,6 +71,8 @@ pub enum InferError {
     IncompleteGeneration,
     #[error("Template error: {0}")]
     TemplateError(String),
+    #[error("Tool error: {0}")]
+    ToolError(String),
 }
 
 impl InferError {
@@ -79,6 +83,7 @@ impl InferError {
             InferError::ValidationError(_) => "validation",
             InferError::IncompleteGeneration => "incomplete_generation",
             InferError::TemplateError(_) => "template_error",
+            InferError::ToolError(_) => "tool_error",
         }
     }
 
@@ -86,9 +91,9 @@ impl InferError {
         match self {
             InferError::GenerationError(_) => StatusCode::FAILED_DEPENDENCY,
             InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            InferError::ValidationError(_) | InferError::TemplateError(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            InferError::ValidationError(_)
+            | InferError::TemplateError(_)
+            | InferError::ToolError(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InferError::IncompleteGeneration => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -101,6 +106,7 @@ impl InferError {
             InferError::ValidationError(_) => "validation",
             InferError::IncompleteGeneration => "incomplete",
             InferError::TemplateError(_) => "template",
+            InferError::ToolError(_) => "tool",
         };
         metrics::counter!("tgi_request_failure", "err" => err).increment(1);
     }

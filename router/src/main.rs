@@ -84,6 +84,9 @@ struct Args {
     /// Do not serve the web playground and dashboard at /ui.
     #[arg(long, env)]
     disable_ui: bool,
+    /// Refuse grammars, `response_format` and tools (422 "grammar is not supported").
+    #[arg(long, env)]
+    disable_grammar_support: bool,
     /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317).
     #[arg(long, env)]
     otlp_endpoint: Option<String>,
@@ -169,6 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_input_tokens: limits.max_input_tokens,
             max_total_tokens: limits.max_total_tokens,
         },
+        tessera_router::grammar::Grammars::new(!args.disable_grammar_support),
     );
     let prefix_caching = args.prefix_caching && shard_info.use_prefix_caching;
     tracing::info!(

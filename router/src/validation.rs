@@ -8,6 +8,7 @@ use tessera_proto as pb;
 use tokenizers::Tokenizer;
 
 use crate::error::ValidationError;
+use crate::grammar::{self, Grammars};
 use crate::server::types::GenerateParameters;
 
 /// Longest generation TGI schedules for a request that sets no `max_new_tokens`.
@@ -26,6 +27,7 @@ pub struct Limits {
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     pub limits: Limits,
+    pub grammars: Arc<Grammars>,
 }
 
 /// A request that passed validation.
@@ -67,8 +69,12 @@ impl ValidRequest {
 }
 
 impl Validation {
-    pub fn new(tokenizer: Arc<Tokenizer>, limits: Limits) -> Self {
-        Self { tokenizer, limits }
+    pub fn new(tokenizer: Arc<Tokenizer>, limits: Limits, grammars: Grammars) -> Self {
+        Self {
+            tokenizer,
+            limits,
+            grammars: Arc::new(grammars),
+        }
     }
 
     /// TGI's `validate_best_of`: how many candidates to run (1 when `best_of` is unset).
@@ -204,9 +210,11 @@ impl Validation {
         if max_new_tokens == 0 {
             return Err(ValidationError::NegativeMaxNewTokens);
         }
-        if p.grammar.is_some() {
-            return Err(ValidationError::Grammar);
-        }
+        let regex = match &p.grammar {
+            None => None,
+            Some(_) if !self.grammars.enabled() => return Err(ValidationError::Grammar),
+            Some(g) => Some(self.grammars.regex(grammar::from_grammar(g)?).await?),
+        };
         let seed = p.seed.unwrap_or_else(rand::random);
         metrics::histogram!("tgi_request_input_length").record(input_length as f64);
         metrics::histogram!("tgi_request_max_new_tokens").record(max_new_tokens as f64);
@@ -231,8 +239,11 @@ impl Validation {
                 repetition_penalty,
                 frequency_penalty,
                 watermark: p.watermark,
-                grammar: String::new(),
-                grammar_type: pb::GrammarType::None as i32,
+                grammar_type: match regex {
+                    Some(_) => pb::GrammarType::Regex,
+                    None => pb::GrammarType::None,
+                } as i32,
+                grammar: regex.map(|r| r.to_string()).unwrap_or_default(),
                 presence_penalty,
             },
             stopping: pb::StoppingCriteriaParameters {
@@ -275,7 +286,7 @@ mod tests {
             max_input_tokens: 4,
             max_total_tokens: 8,
         };
-        Validation::new(Arc::new(tok), limits)
+        Validation::new(Arc::new(tok), limits, Grammars::new(true))
     }
 
     fn params() -> GenerateParameters {

@@ -12,6 +12,7 @@ pub mod json;
 pub mod openai;
 pub mod openai_types;
 pub mod tokenize;
+pub mod tools;
 pub mod trace;
 pub mod types;
 pub mod ui;

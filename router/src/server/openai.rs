@@ -18,11 +18,14 @@ use tokio_stream::StreamExt;
 use super::generate::timing_headers;
 use super::json::JsonBody;
 use super::openai_types::*;
+use super::tools::{tool_grammar, ToolMode, ToolStream};
 use super::types::{GenerateParameters, Token};
 use super::SharedState;
 use crate::chat_template::TemplateInputs;
 use crate::error::{ErrorResponse, InferError, ValidationError};
+use crate::grammar::{from_response_format, Spec};
 use crate::infer::InferEvent;
+use serde_json::json;
 use tracing::Instrument;
 
 pub(crate) fn unsupported(what: &str) -> InferError {
@@ -84,11 +87,12 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
     template.apply(&messages, &inputs)
 }
 
-/// The rendered prompt and the generation parameters of a chat request (TGI's mapping).
+/// The rendered prompt and the generation parameters of a chat request (TGI's mapping), and
+/// how to read tool calls out of the output when the request has tools.
 pub(crate) fn prepare(
     state: &SharedState,
     mut req: ChatRequest,
-) -> Result<(String, GenerateParameters), InferError> {
+) -> Result<(String, GenerateParameters, Option<ToolMode>), InferError> {
     if req
         .logit_bias
         .as_ref()
@@ -96,16 +100,19 @@ pub(crate) fn prepare(
     {
         return Err(unsupported("`logit_bias`"));
     }
-    if req.active_tools().is_some() {
-        // Calling tools needs constrained decoding (structured output), which is not there yet;
-        // `tool_choice: "none"` works and simply leaves the tools out, as in TGI.
-        return Err(unsupported(
-            "tool calling (`tools` with a `tool_choice` other than \"none\")",
-        ));
-    }
-    if !is_plain_text_format(&req.response_format) {
-        return Err(unsupported("`response_format`"));
-    }
+    // `tool_choice: "none"` leaves the tools out altogether, as in TGI.
+    let (grammar, tool_mode) = match tool_grammar(&req)? {
+        Some((grammar, mode)) => (Some(grammar), Some(mode)),
+        None => {
+            let format = req.response_format.as_ref().map(from_response_format);
+            let grammar = match format.transpose()?.flatten() {
+                Some(Spec::Schema(schema)) => Some(json!({"type": "json", "value": schema})),
+                Some(Spec::Regex(regex)) => Some(json!({"type": "regex", "value": regex})),
+                None => None,
+            };
+            (grammar, None)
+        }
+    };
     let prompt = render(state, &mut req)?;
     let (do_sample, temperature) = sampling(req.temperature);
     let top_n_tokens = if req.logprobs.unwrap_or(false) {
@@ -128,8 +135,10 @@ pub(crate) fn prepare(
             top_n_tokens,
             details: true,
             priority: req.priority,
+            grammar,
             ..Default::default()
         },
+        tool_mode,
     ))
 }
 
@@ -228,7 +237,7 @@ pub async fn chat_completions(
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let logprobs = req.logprobs.unwrap_or(false);
-    let (prompt, params) = prepare(&state, req)?;
+    let (prompt, params, tool_mode) = prepare(&state, req)?;
     let chars = prompt.chars().count();
     let valid = state
         .infer
@@ -252,14 +261,24 @@ pub async fn chat_completions(
             let g = &r.generated_text;
             completion_tokens += g.generated_tokens;
             headers.insert("x-generated-tokens", HeaderValue::from(completion_tokens));
+            let call = tool_mode.and_then(|_| super::tools::parse_call(&g.text));
+            let finish_reason = match (&call, g.finish_reason.openai()) {
+                (Some(_), "stop") => "tool_calls",
+                (_, reason) => reason,
+            };
+            let message = match call {
+                Some(call) => OutputMessage {
+                    role: "assistant",
+                    content: None,
+                    tool_calls: Some(vec![call]),
+                },
+                None => OutputMessage::text(g.text.clone()),
+            };
             choices.push(ChatCompletionChoice {
                 index,
-                message: OutputMessage {
-                    role: "assistant",
-                    content: g.text.clone(),
-                },
+                message,
                 logprobs: logprobs.then(|| logprobs_of(&r.tokens, &r.top_tokens)),
-                finish_reason: g.finish_reason.openai(),
+                finish_reason,
             });
         }
         let body = ChatCompletion {
@@ -291,6 +310,7 @@ pub async fn chat_completions(
                 })
             };
             let mut completion_tokens = 0;
+            let mut tool_streams: std::collections::HashMap<usize, ToolStream> = Default::default();
             while let Some((index, event)) = events.next().await {
                 let (token, top, end) = match event {
                     Ok(InferEvent::Prefill(_)) => continue,
@@ -307,23 +327,45 @@ pub async fn chat_completions(
                     }
                 };
                 completion_tokens += end.as_ref().map_or(0, |g| g.generated_tokens);
-                let choice = ChunkChoice {
-                    index,
-                    delta: OutputMessage {
-                        role: "assistant",
-                        content: if token.special {
-                            String::new()
-                        } else {
-                            token.text.clone()
-                        },
-                    },
-                    logprobs: logprobs.then(|| ChatLogprobs {
-                        content: vec![logprob_entry(&token, &top)],
-                    }),
-                    finish_reason: end.as_ref().map(|g| g.finish_reason.openai()),
+                let text = if token.special {
+                    String::new()
+                } else {
+                    token.text.clone()
                 };
-                if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
-                    return;
+                let mut finish_reason = end.as_ref().map(|g| g.finish_reason.openai());
+                let mut deltas = match tool_mode {
+                    None => vec![Delta::text(text)],
+                    Some(mode) => {
+                        let stream = tool_streams
+                            .entry(index)
+                            .or_insert_with(|| ToolStream::new(mode));
+                        let mut pieces = stream.push(&text);
+                        if end.is_some() {
+                            pieces.extend(stream.finish());
+                            if stream.is_call() && finish_reason == Some("stop") {
+                                finish_reason = Some("tool_calls");
+                            }
+                        }
+                        pieces.into_iter().map(Delta::from).collect()
+                    }
+                };
+                if deltas.is_empty() && (logprobs || finish_reason.is_some()) {
+                    deltas.push(Delta::empty());
+                }
+                let last = deltas.len().saturating_sub(1);
+                let mut token_logprobs = logprobs.then(|| ChatLogprobs {
+                    content: vec![logprob_entry(&token, &top)],
+                });
+                for (i, delta) in deltas.into_iter().enumerate() {
+                    let choice = ChunkChoice {
+                        index,
+                        delta,
+                        logprobs: token_logprobs.take(),
+                        finish_reason: if i == last { finish_reason } else { None },
+                    };
+                    if tx.send(Ok(chunk(vec![choice], None))).await.is_err() {
+                        return;
+                    }
                 }
             }
             if include_usage {

@@ -186,10 +186,98 @@ pub fn is_plain_text_format(format: &Option<Value>) -> bool {
         .is_none_or(|f| f.is_null() || f.get("type").and_then(Value::as_str) == Some("text"))
 }
 
+/// The assistant's message: text, or (with `content` null) the tools it calls.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OutputMessage {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+impl OutputMessage {
+    pub fn text(content: String) -> Self {
+        Self {
+            role: "assistant",
+            content: Some(content),
+            tool_calls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments as a string of JSON (OpenAI's convention).
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ToolCall {
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+/// A streamed piece of a tool call: the first carries its id and name, the rest argument text.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+/// What one stream event adds to the message.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Delta {
+    pub role: &'static str,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+impl Delta {
+    pub fn text(content: String) -> Self {
+        Self {
+            role: "assistant",
+            content: Some(content),
+            tool_calls: None,
+        }
+    }
+
+    /// Nothing new (an event that only carries logprobs or the finish reason).
+    pub fn empty() -> Self {
+        Self {
+            role: "assistant",
+            content: None,
+            tool_calls: None,
+        }
+    }
+}
+
+impl From<super::tools::Piece> for Delta {
+    fn from(p: super::tools::Piece) -> Self {
+        match p {
+            super::tools::Piece::Content(text) => Delta::text(text),
+            super::tools::Piece::Call(call) => Self {
+                role: "assistant",
+                content: None,
+                tool_calls: Some(vec![call]),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -215,6 +303,7 @@ pub struct ChatCompletionChoice {
     pub index: usize,
     pub message: OutputMessage,
     pub logprobs: Option<ChatLogprobs>,
+    /// `stop`, `length`, or `tool_calls` when the message calls tools.
     pub finish_reason: &'static str,
 }
 
@@ -234,7 +323,7 @@ pub struct ChatCompletion {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChunkChoice {
     pub index: usize,
-    pub delta: OutputMessage,
+    pub delta: Delta,
     pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
