@@ -390,13 +390,15 @@ impl Runner {
         } else {
             let scores =
                 logits.index_select(0, &Tensor::from_slice(&rows).to_device(logits.device()));
+            // In row order, which is not the batch's order: prompt chunks come first, so when a
+            // prefill joins running decodes its rows lead.
+            let mut by_index: Vec<Option<&mut Sequence>> =
+                batch.seqs.iter_mut().map(Some).collect();
             let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(rows.len());
-            let mut wanted = sample_plans.iter().map(|p| p.seq).peekable();
-            for (i, s) in batch.seqs.iter_mut().enumerate() {
-                if wanted.peek() == Some(&i) {
-                    seqs.push(s);
-                    wanted.next();
-                }
+            for p in &sample_plans {
+                seqs.push(by_index[p.seq].take().ok_or_else(|| {
+                    ShardError::Request(format!("sequence {} planned twice", p.seq))
+                })?);
             }
             let rows = seqs
                 .iter_mut()

@@ -257,3 +257,42 @@ fn seeded_sampling_is_identical_alone_and_in_a_batch_of_8() {
         assert_eq!(alone, together, "{model}");
     }
 }
+
+/// Regression: when a prefill joins running decodes, the step's rows start with the new prompt,
+/// not with the batch's first sequence. Each row must still get its own sampling parameters,
+/// random generator and `top_n_tokens`.
+#[test]
+fn sampled_request_keeps_its_parameters_when_others_join() {
+    let model = "tiny-llama";
+    let r = refs(model);
+    let cases = cases(&r);
+    let mut runner = load(model, "float32", 256);
+    let mut blocks = Blocks::default();
+    let sampled = |blocks: &mut Blocks| pb::Request {
+        parameters: Some(pb::NextTokenChooserParameters {
+            temperature: 0.7,
+            do_sample: true,
+            seed: 11,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        }),
+        top_n_tokens: 3,
+        ..request(0, &cases[3], 12, blocks)
+    };
+    let alone = generate(&mut runner, vec![sampled(&mut blocks)])
+        .get(0)
+        .to_vec();
+    let mut out = Outputs::default();
+    let step = runner
+        .prefill(&batch(1, vec![sampled(&mut blocks)]), None)
+        .unwrap();
+    out.add(&step.generations);
+    let step = runner.decode(&[step.batch.unwrap()]).unwrap();
+    out.add(&step.generations);
+    let joining = batch(2, vec![request(1, &cases[1], 6, &mut blocks)]);
+    let step = runner.prefill(&joining, step.batch.as_ref()).unwrap();
+    out.add(&step.generations);
+    run_to_end(&mut runner, step.batch, &mut out);
+    assert_eq!(out.get(0), alone.as_slice());
+    assert_eq!(out.get(1), &greedy(&cases[1])[..6]);
+}
