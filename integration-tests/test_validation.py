@@ -37,7 +37,7 @@ RULES = [
     ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"truncate": 0}, "`truncate` must be strictly positive and less than 100. Given: 0"),
     ({"truncate": 101}, "`truncate` must be strictly positive and less than 100. Given: 101"),
-    ({"grammar": {"type": "regex", "value": "(a+"}}, "grammar is not valid: invalid regex: error parsing regex"),
+    ({"grammar": {"type": "regex", "value": "(a+"}}, "grammar is not valid: invalid regex: unclosed group"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
 ]
 

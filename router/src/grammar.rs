@@ -110,6 +110,16 @@ pub fn schema_regex(schema: &Value) -> Result<String, ValidationError> {
 
 /// Builds the regex's DFA under the size limits, as the shards will.
 pub fn check_regex(regex: &str) -> Result<(), ValidationError> {
+    // The parser's own message names the mistake; the DFA builder's only says it failed.
+    if let Err(e) = regex_automata::util::syntax::parse(regex) {
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim_start_matches("error: ");
+        return Err(invalid(format!("invalid regex: {why}")));
+    }
     let dfa = dense::Builder::new()
         .configure(
             dense::Config::new()

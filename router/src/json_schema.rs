@@ -63,7 +63,28 @@ pub fn prepare(schema: &Value) -> Result<Prepared, String> {
     Ok(p)
 }
 
+/// Any scalar.
+fn scalar() -> Value {
+    serde_json::json!({"anyOf": [
+        {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]})
+}
+
+/// Any JSON value nested at most two levels: what "any value" means here. outlines-core's own
+/// unconstrained values nest deeper and make automata of a hundred megabytes.
+fn any_value() -> Value {
+    let mut v = scalar();
+    if let Some(list) = v["anyOf"].as_array_mut() {
+        list.push(serde_json::json!({"type": "array", "items": scalar()}));
+        list.push(serde_json::json!({"type": "object", "additionalProperties": scalar()}));
+    }
+    v
+}
+
 fn walk(node: &mut Value, nonce: &str, out: &mut Vec<(String, String)>) -> Result<(), String> {
+    if node == &Value::Bool(true) {
+        *node = any_value();
+        return Ok(());
+    }
     let Value::Object(obj) = node else {
         return Ok(());
     };
@@ -72,6 +93,52 @@ fn walk(node: &mut Value, nonce: &str, out: &mut Vec<(String, String)>) -> Resul
     }
     if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
         return Err("`uniqueItems` cannot be enforced by structured output".into());
+    }
+    const VALUE_KEYS: &[&str] = &[
+        "type",
+        "enum",
+        "const",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "properties",
+        "items",
+        "prefixItems",
+    ];
+    if !VALUE_KEYS.iter().any(|k| obj.contains_key(*k)) {
+        // `{}` (perhaps with a title or description): any value. A constraint without a type
+        // (`{"minimum": 3}` allows any string) is refused rather than dropped.
+        const NOTES: &[&str] = &[
+            "title",
+            "description",
+            "default",
+            "examples",
+            "$schema",
+            "$id",
+            "$comment",
+            "deprecated",
+            "readOnly",
+            "writeOnly",
+            "$defs",
+            "definitions",
+        ];
+        if let Some(k) = obj.keys().find(|k| !NOTES.contains(&k.as_str())) {
+            return Err(format!("a schema with `{k}` needs a `type`"));
+        }
+        obj.extend(any_value().as_object().cloned().unwrap_or_default());
+        return Ok(());
+    }
+    let typed = |t: &str| obj.get("type").and_then(Value::as_str) == Some(t);
+    if typed("object")
+        && !obj.contains_key("properties")
+        && !obj.contains_key("additionalProperties")
+    {
+        obj.insert("additionalProperties".into(), any_value());
+        return Ok(());
+    }
+    if typed("array") && !obj.contains_key("items") && !obj.contains_key("prefixItems") {
+        obj.insert("items".into(), any_value());
     }
     if BOUNDS.iter().any(|k| obj.contains_key(*k)) {
         let number = bounded_number(obj)?;

@@ -132,9 +132,23 @@ fn keywords_we_cannot_enforce_are_refused_by_name() {
             json!({"type": "string", "minimum": 5}),
             "`integer` and `number`",
         ),
+        (
+            json!({"properties": {"a": {"minimum": 5}}}),
+            "needs a `type`",
+        ),
     ] {
         let e = prepare(&schema).err().expect("refused");
         assert!(e.contains(word), "{e}");
     }
     assert!(prepare(&json!({"type": "array", "uniqueItems": false})).is_ok());
+    // Unconstrained values become bounded "any value" schemas.
+    let p = prepare(
+        &json!({"properties": {"a": {"description": "anything"}, "b": true},
+                            "required": ["a"]}),
+    )
+    .unwrap();
+    assert!(p.schema["properties"]["a"]["anyOf"].is_array());
+    assert!(p.schema["properties"]["b"]["anyOf"].is_array());
+    let p = prepare(&json!({"type": "object"})).unwrap();
+    assert!(p.schema["additionalProperties"]["anyOf"].is_array());
 }

@@ -187,6 +187,11 @@ impl Grammar {
         })
     }
 
+    /// States of the token-level automaton (its size).
+    pub fn states(&self) -> usize {
+        self.index.transitions().len()
+    }
+
     pub fn initial_state(&self) -> StateId {
         self.index.initial_state()
     }
@@ -222,6 +227,8 @@ impl Grammar {
 
 /// A grammar being compiled or compiled, shared by every request that uses the same regex.
 pub struct Compiled {
+    /// Names the grammar in the mask cache (cheaper to hash than its regex).
+    id: u64,
     slot: Mutex<Option<std::result::Result<Arc<Grammar>, String>>>,
     ready: Condvar,
 }
@@ -248,7 +255,7 @@ pub struct Constraint {
     compiled: Arc<Compiled>,
     grammar: Option<Arc<Grammar>>,
     /// Identity of the grammar, for the mask cache.
-    key: Arc<str>,
+    key: u64,
     state: StateId,
     /// Whether the token budget has removed choices the grammar allowed.
     pub forced: bool,
@@ -286,7 +293,7 @@ pub struct Grammars {
     vocab: std::result::Result<Arc<Vocabulary>, String>,
     compiled: Mutex<LruCache<String, Arc<Compiled>>>,
     /// `(grammar, state)` → `[vocab]` bool tensor, true where a token is *not* allowed.
-    masks: LruCache<(Arc<str>, StateId), Tensor>,
+    masks: LruCache<(u64, StateId), Tensor>,
     mask_width: i64,
 }
 
@@ -337,7 +344,9 @@ impl Grammars {
         let compiled = match cache.get(&regex) {
             Some(c) => c.clone(),
             None => {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                 let c = Arc::new(Compiled {
+                    id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                     slot: Mutex::new(None),
                     ready: Condvar::new(),
                 });
@@ -361,9 +370,9 @@ impl Grammars {
             }
         };
         Ok(Some(Constraint {
+            key: compiled.id,
             compiled,
             grammar: None,
-            key: Arc::from(regex),
             state: 0,
             forced: false,
         }))
@@ -378,7 +387,7 @@ impl Grammars {
             }
             return self.build(&ids, device);
         }
-        let key = (c.key.clone(), c.state);
+        let key = (c.key, c.state);
         if let Some(m) = self.masks.get(&key) {
             if m.device() == device {
                 return Ok(m.shallow_clone());
@@ -410,12 +419,14 @@ impl Grammars {
         if rows.iter().all(|(c, _)| c.is_none()) {
             return Ok(None);
         }
-        let open = Tensor::zeros([self.mask_width], (Kind::Bool, device));
+        let mut open: Option<Tensor> = None;
         let masks = rows
             .into_iter()
             .map(|(c, budget)| match c {
                 Some(c) => self.mask(c, budget, device),
-                None => Ok(open.shallow_clone()),
+                None => Ok(open
+                    .get_or_insert_with(|| Tensor::zeros([self.mask_width], (Kind::Bool, device)))
+                    .shallow_clone()),
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Tensor::stack(&masks, 0)))
