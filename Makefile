@@ -97,6 +97,7 @@ docs: build
 # Hot-path benchmarks against rooflines measured in the same run (docs/benchmarks.md).
 bench: install model
 	cargo bench -p tessera-benchmark
+	cargo run --release -p tessera-benchmark --example grammar
 	$(PY) benchmark/scheduler.py all
 	$(PY) benchmark/startup.py 3
 

@@ -331,3 +331,17 @@ def test_grammar_support_can_be_switched_off():
         assert r.status_code == 422 and r.json()["error"] == "Input validation error: grammar is not supported"
     finally:
         assert s.stop() == 0
+
+
+def test_huggingface_hub_client_grammars(tiny):
+    from huggingface_hub import InferenceClient
+
+    hf = InferenceClient(base_url=tiny.url)
+    # The client posts to TGI's `/`, which returns the prompt too unless told otherwise.
+    text = hf.text_generation("Phone:", max_new_tokens=12, grammar={"type": "regex", "value": REGEXES[0]},
+                              return_full_text=False)
+    assert re.fullmatch(REGEXES[0], text)
+    schema = SCHEMAS[11]
+    out = hf.chat_completion(messages=[{"role": "user", "content": "A person"}], max_tokens=120, seed=5,
+                             response_format={"type": "json", "value": schema})
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)

@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 
 use crate::error::ValidationError;
 
-/// Distinct grammars remembered.
+/// Distinct grammars remembered, and the largest remembered (spec and regex, in bytes).
 const CACHE: usize = 256;
+const CACHE_ENTRY_BYTES: usize = 64 << 10;
 /// Nesting depth followed through recursive `$ref`s.
 const MAX_RECURSION: usize = 3;
 /// Bounds on the automaton. The shard's compile time grows with the DFA's states times the
@@ -186,10 +187,10 @@ impl Grammars {
             Spec::Regex(r) => format!("regex:{r}"),
         };
         if let Some(hit) = self.lock().get(&key) {
-            metrics::counter!("tessera_grammar_cache_total", "result" => "hit").increment(1);
+            metrics::counter!("tessera_grammar_requests_total", "result" => "hit").increment(1);
             return hit.clone().map_err(ValidationError::InvalidGrammar);
         }
-        metrics::counter!("tessera_grammar_cache_total", "result" => "miss").increment(1);
+        metrics::counter!("tessera_grammar_requests_total", "result" => "miss").increment(1);
         let start = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || compile(&spec))
             .await
@@ -200,7 +201,11 @@ impl Grammars {
             Err(ValidationError::InvalidGrammar(why)) => Err(why.clone()),
             Err(e) => Err(e.to_string()),
         };
-        self.lock().put(key, cached);
+        // Huge grammars are checked every time rather than pinning megabytes in the cache.
+        let size = key.len() + cached.as_ref().map_or(0, |r| r.len());
+        if size <= CACHE_ENTRY_BYTES {
+            self.lock().put(key, cached);
+        }
         result
     }
 

@@ -97,11 +97,15 @@ fn zero_counters() {
         "validation",
         "overloaded",
         "template",
+        "tool",
         "incomplete",
         "generation",
         "dropped",
     ] {
         metrics::counter!("tgi_request_failure", "err" => err).absolute(0);
+    }
+    for result in ["hit", "miss"] {
+        metrics::counter!("tessera_grammar_requests_total", "result" => result).absolute(0);
     }
     for method in ["prefill", "decode"] {
         for name in [
@@ -267,6 +271,11 @@ fn describe() {
             Seconds,
             "Model forward time reported by each shard",
         ),
+        (
+            "tessera_grammar_check_seconds",
+            Seconds,
+            "Converting and checking a grammar not in the cache (structured output)",
+        ),
     ];
     for (name, unit, help) in histograms {
         describe_histogram!(*name, unit.clone(), *help);
@@ -292,6 +301,10 @@ fn describe() {
         (
             "tessera_prefix_cache_hit_tokens_total",
             "Prompt tokens served from the prefix cache",
+        ),
+        (
+            "tessera_grammar_requests_total",
+            "Requests with a grammar, by whether it was cached (hit) or checked (miss)",
         ),
     ];
     for (name, help) in counters {

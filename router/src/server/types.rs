@@ -43,6 +43,8 @@ pub struct GenerateParameters {
     pub seed: Option<u64>,
     #[serde(default)]
     pub top_n_tokens: Option<u32>,
+    /// Structured output: `{"type": "json" | "json_object" | "json_schema" | "regex", "value": ...}`
+    /// (a JSON schema, or a regex the whole output matches).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub grammar: Option<serde_json::Value>,
