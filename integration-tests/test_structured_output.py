@@ -109,10 +109,26 @@ REGEXES = [
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    s = start(TINY / "tiny-llama", "--dtype", "float32")
-    yield s
-    assert s.stop() == 0
+def servers():
+    """Tiny checkpoints started on first use, stopped at the end of the module."""
+    started = {}
+
+    def get(name):
+        if name not in started:
+            started[name] = start(TINY / name, "--dtype", "float32")
+        return started[name]
+
+    yield get
+    for s in started.values():
+        assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(servers):
+    return servers("tiny-llama")
+
+
+SWEEP_MODELS = ["tiny-llama", "tiny-gemma2"]
 
 
 def generate(server, grammar, seed, prompt="Answer:", max_new_tokens=200):
@@ -130,11 +146,12 @@ def sweep(server, grammars):
         return list(zip(jobs, pool.map(lambda j: generate(server, *j), jobs)))
 
 
-def test_every_schema_output_parses_and_validates(tiny):
+@pytest.mark.parametrize("model", SWEEP_MODELS)
+def test_every_schema_output_parses_and_validates(servers, model):
     assert len(SCHEMAS) >= 30
     for schema in SCHEMAS:
         jsonschema.Draft202012Validator.check_schema(schema)
-    for (grammar, seed), out in sweep(tiny, [{"type": "json", "value": s} for s in SCHEMAS]):
+    for (grammar, seed), out in sweep(servers(model), [{"type": "json", "value": s} for s in SCHEMAS]):
         text = out["generated_text"]
         try:
             jsonschema.validate(json.loads(text), grammar["value"])
@@ -143,8 +160,9 @@ def test_every_schema_output_parses_and_validates(tiny):
         assert out["details"]["finish_reason"] in ("eos_token", "length")
 
 
-def test_every_regex_output_matches(tiny):
-    for (grammar, seed), out in sweep(tiny, [{"type": "regex", "value": r} for r in REGEXES]):
+@pytest.mark.parametrize("model", SWEEP_MODELS)
+def test_every_regex_output_matches(servers, model):
+    for (grammar, seed), out in sweep(servers(model), [{"type": "regex", "value": r} for r in REGEXES]):
         assert re.fullmatch(grammar["value"], out["generated_text"]), (seed, grammar, out["generated_text"])
 
 
