@@ -9,6 +9,16 @@ fn vocab() -> Vocabulary {
     v
 }
 
+/// The shard's grammars over `vocab()`, with logits `width` wide.
+fn grammars(width: i64) -> Grammars {
+    Grammars {
+        vocab: Ok(Arc::new(vocab())),
+        compiled: Mutex::new(LruCache::new(nonzero(4))),
+        masks: LruCache::new(nonzero(4)),
+        mask_width: width,
+    }
+}
+
 #[test]
 fn byte_level_table_matches_gpt2() {
     let map = byte_level_chars();
@@ -64,12 +74,7 @@ fn a_tight_budget_keeps_an_end_within_reach() {
 
 #[test]
 fn constraint_walks_the_grammar_and_ends_on_eos() {
-    let mut grammars = Grammars {
-        vocab: Ok(Arc::new(vocab())),
-        compiled: Mutex::new(LruCache::new(nonzero(4))),
-        masks: LruCache::new(nonzero(4)),
-        mask_width: 6,
-    };
+    let mut grammars = grammars(6);
     let params = pb::NextTokenChooserParameters {
         grammar: "a{2,5}".into(),
         grammar_type: pb::GrammarType::Regex as i32,
@@ -93,12 +98,7 @@ fn constraint_walks_the_grammar_and_ends_on_eos() {
 
 #[test]
 fn bad_regex_fails_the_request_not_the_shard() {
-    let grammars = Grammars {
-        vocab: Ok(Arc::new(vocab())),
-        compiled: Mutex::new(LruCache::new(nonzero(4))),
-        masks: LruCache::new(nonzero(4)),
-        mask_width: 5,
-    };
+    let grammars = grammars(5);
     let params = pb::NextTokenChooserParameters {
         grammar: "(".into(),
         grammar_type: pb::GrammarType::Regex as i32,
