@@ -259,6 +259,8 @@ pub struct Constraint {
     state: StateId,
     /// Whether the token budget has removed choices the grammar allowed.
     pub forced: bool,
+    /// Set when the grammar could not be compiled: the sequence then ends at once.
+    failed: bool,
 }
 
 impl Constraint {
@@ -277,6 +279,9 @@ impl Constraint {
 
     /// Moves past `token`. True when the grammar is complete (the token was its EOS).
     pub fn advance(&mut self, token: u32) -> Result<bool> {
+        if self.failed {
+            return Ok(true);
+        }
         let g = self.grammar()?;
         if token == g.eos {
             return Ok(true);
@@ -356,7 +361,11 @@ impl Grammars {
                     .name("grammar-compile".into())
                     .spawn(move || {
                         let start = std::time::Instant::now();
-                        let result = Grammar::compile(&pattern, &vocab).map(Arc::new);
+                        // A panic must still wake the runner waiting for this grammar.
+                        let result =
+                            std::panic::catch_unwind(|| Grammar::compile(&pattern, &vocab))
+                                .unwrap_or_else(|_| Err("the grammar compiler panicked".into()))
+                                .map(Arc::new);
                         tracing::debug!(
                             "grammar compiled in {:.1} ms",
                             start.elapsed().as_secs_f64() * 1e3
@@ -375,12 +384,23 @@ impl Grammars {
             grammar: None,
             state: 0,
             forced: false,
+            failed: false,
         }))
     }
 
     /// The `[vocab]` "not allowed" mask of `c`'s state with `budget` tokens left.
     fn mask(&mut self, c: &mut Constraint, budget: u32, device: Device) -> Result<Tensor> {
-        let g = c.grammar()?;
+        let g = match c.grammar() {
+            Ok(g) => g,
+            Err(e) => {
+                // The router checks every grammar the way the index is built, so this is a
+                // vocabulary the regex cannot be spelled in. End this sequence, not the batch.
+                tracing::error!("{e}; the request ends without output");
+                c.failed = true;
+                let eos = self.vocab.as_ref().map_or(0, |v| v.eos_token_id());
+                return self.build(&[eos], device);
+            }
+        };
         if let Some(ids) = g.allowed_within(c.state, budget) {
             if ids.len() < g.allowed(c.state).len() {
                 c.forced = true;

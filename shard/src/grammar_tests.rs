@@ -97,13 +97,25 @@ fn constraint_walks_the_grammar_and_ends_on_eos() {
 }
 
 #[test]
-fn bad_regex_fails_the_request_not_the_shard() {
-    let grammars = grammars(5);
-    let params = pb::NextTokenChooserParameters {
-        grammar: "(".into(),
+fn a_grammar_that_cannot_compile_ends_its_sequence_only() {
+    let mut grammars = grammars(5);
+    let params = |regex: &str| pb::NextTokenChooserParameters {
+        grammar: regex.into(),
         grammar_type: pb::GrammarType::Regex as i32,
         ..Default::default()
     };
-    let mut c = grammars.constraint(&params).unwrap().unwrap();
-    assert!(c.advance(1).unwrap_err().to_string().contains("grammar"));
+    let mut bad = grammars.constraint(&params("(")).unwrap().unwrap();
+    let mut good = grammars.constraint(&params("a+")).unwrap().unwrap();
+    let mask = grammars
+        .batch_mask(
+            vec![(Some(&mut bad), 10), (Some(&mut good), 10)],
+            Device::Cpu,
+        )
+        .unwrap()
+        .unwrap();
+    let banned: Vec<bool> = Vec::try_from(mask.reshape([-1])).unwrap();
+    // Only EOS for the failed one; the other row is its grammar's.
+    assert_eq!(&banned[..5], &[false, true, true, true, true]);
+    assert_eq!(&banned[5..], &[true, false, false, false, true]);
+    assert!(bad.advance(0).unwrap());
 }

@@ -81,6 +81,14 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
+/// The id of tokenizer_config.json's `eos_token`.
+fn tokenizer_eos(dir: &Path, tokenizer: &Tokenizer) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let eos = config.get("eos_token")?;
+    tokenizer.token_to_id(eos.as_str().or_else(|| eos.get("content")?.as_str())?)
+}
+
 /// The EOS ids, the main one first: generation_config.json's list wins (as in transformers), then config.json, then
 /// the tokenizer's `eos_token`.
 fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> Vec<u32> {
@@ -94,12 +102,7 @@ fn eos_ids(dir: &Path, config: &ModelConfig, tokenizer: &Tokenizer) -> Vec<u32> 
         ids = config.eos_token_ids.clone();
     }
     if ids.is_empty() {
-        let tc = read("tokenizer_config.json");
-        let eos = tc
-            .as_ref()
-            .and_then(|t| t.get("eos_token"))
-            .and_then(|e| e.as_str().or_else(|| e.get("content")?.as_str()));
-        ids.extend(eos.and_then(|e| tokenizer.token_to_id(e)));
+        ids.extend(tokenizer_eos(dir, tokenizer));
     }
     let mut seen = HashSet::new();
     ids.retain(|id| seen.insert(*id));
@@ -143,8 +146,11 @@ impl Runner {
         let weights = crate::weights::Weights::open(dir, kind, device)?;
         let eos_list = eos_ids(dir, &config, &tokenizer);
         let eos: HashSet<u32> = eos_list.iter().copied().collect();
-        let grammars = match eos_list.first() {
-            Some(&main) => Grammars::new(&tokenizer, main, &eos, config.vocab_size as i64),
+        // A grammar ends on one EOS: the tokenizer's own (Llama 3 Instruct's `<|eot_id|>`, the
+        // token the model ends a turn with) when it stops generation, else the first listed.
+        let chat_eos = tokenizer_eos(dir, &tokenizer).filter(|id| eos.contains(id));
+        let grammars = match chat_eos.or(eos_list.first().copied()) {
+            Some(main) => Grammars::new(&tokenizer, main, &eos, config.vocab_size as i64),
             None => Grammars::unavailable("the model has no EOS token to end an output with"),
         };
         let special = tokenizer

@@ -18,7 +18,9 @@ use tokio_stream::StreamExt;
 use super::generate::timing_headers;
 use super::json::JsonBody;
 use super::openai::{choices, error_event, event, now, sampling};
-use super::openai_types::{Completion, CompletionChoice, CompletionRequest, Prompt, Stop, Usage};
+use super::openai_types::{
+    Completion, CompletionChoice, CompletionRequest, CompletionStreamEvent, Prompt, Stop, Usage,
+};
 use super::types::GenerateParameters;
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError};
@@ -40,7 +42,8 @@ fn error(status: StatusCode, error: &str, error_type: &str) -> Response {
 /// Text completion (OpenAI API): one or several prompts, each with `n` samples.
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
     responses(
-        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `Completion` events ending with `data: [DONE]`", body = Completion),
+        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `Completion` events ending with `data: [DONE]`",
+            content((Completion = "application/json"), (CompletionStreamEvent = "text/event-stream"))),
         (status = 422, description = "Invalid request", body = ErrorResponse),
         (status = 424, description = "Generation failed", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]

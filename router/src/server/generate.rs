@@ -18,7 +18,7 @@ use futures::future::join_all;
 use super::json::JsonBody;
 use super::types::{
     BestOfSequence, CompatGenerateRequest, Details, GenerateParameters, GenerateRequest,
-    GenerateResponse, StreamDetails, StreamResponse,
+    GenerateResponse, StreamDetails, StreamEvent, StreamResponse,
 };
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError, ValidationError};
@@ -156,7 +156,9 @@ async fn generate_inner(
 /// Generate text, one SSE event per token (TGI API). Errors, validation included, arrive as
 /// an `ErrorResponse` event with status 200, as in TGI.
 #[utoipa::path(post, path = "/generate_stream", tag = "Text Generation Inference", request_body = GenerateRequest,
-    responses((status = 200, description = "SSE stream of `StreamResponse` events", body = StreamResponse, content_type = "text/event-stream")))]
+    responses(
+        (status = 200, description = "SSE stream of `StreamResponse` events, or an `ErrorResponse` event", body = StreamEvent, content_type = "text/event-stream"),
+        (status = 422, description = "A body that is not a valid request (answered before the stream starts)", body = ErrorResponse)))]
 pub async fn generate_stream(
     State(state): State<SharedState>,
     JsonBody(req): JsonBody<GenerateRequest>,
@@ -168,7 +170,8 @@ pub async fn generate_stream(
 /// `return_full_text` to true here, and returns a JSON array when not streaming.
 #[utoipa::path(post, path = "/", tag = "Text Generation Inference", request_body = CompatGenerateRequest,
     responses(
-        (status = 200, description = "A one-element array of `GenerateResponse`, or an SSE stream with `stream: true`", body = [GenerateResponse]),
+        (status = 200, description = "A one-element array of `GenerateResponse`, or an SSE stream with `stream: true`",
+            content(([GenerateResponse] = "application/json"), (StreamEvent = "text/event-stream"))),
         (status = 422, description = "Invalid request", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]
 pub async fn compat_generate(

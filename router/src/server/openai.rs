@@ -25,7 +25,7 @@ use crate::chat_template::TemplateInputs;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::grammar::{from_response_format, Spec};
 use crate::infer::InferEvent;
-use serde_json::json;
+use serde_json::{json, Value};
 use tracing::Instrument;
 
 pub(crate) fn unsupported(what: &str) -> InferError {
@@ -93,23 +93,20 @@ pub(crate) fn prepare(
     state: &SharedState,
     mut req: ChatRequest,
 ) -> Result<(String, GenerateParameters, Option<ToolMode>), InferError> {
-    if req
-        .logit_bias
-        .as_ref()
-        .is_some_and(|b| b.as_object().is_some_and(|m| !m.is_empty()))
-    {
+    if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
         return Err(unsupported("`logit_bias`"));
     }
     // `tool_choice: "none"` leaves the tools out altogether, as in TGI.
     let (grammar, tool_mode) = match tool_grammar(&req)? {
-        Some((grammar, mode)) => (Some(grammar), Some(mode)),
+        Some((grammar, mode)) => (grammar.as_object().cloned(), Some(mode)),
         None => {
             let format = req.response_format.as_ref().map(from_response_format);
             let grammar = match format.transpose()?.flatten() {
-                Some(Spec::Schema(schema)) => Some(json!({"type": "json", "value": schema})),
-                Some(Spec::Regex(regex)) => Some(json!({"type": "regex", "value": regex})),
-                None => None,
+                Some(Spec::Schema(schema)) => json!({"type": "json", "value": schema}),
+                Some(Spec::Regex(regex)) => json!({"type": "regex", "value": regex}),
+                None => Value::Null,
             };
+            let grammar = grammar.as_object().cloned();
             (grammar, None)
         }
     };
@@ -218,7 +215,8 @@ pub(crate) fn error_event(e: &InferError) -> Event {
 /// Chat completion (OpenAI API): the messages are rendered with the model's chat template.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatRequest,
     responses(
-        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `ChatCompletionChunk`s ending with `data: [DONE]`", body = ChatCompletion),
+        (status = 200, description = "The completion, or with `stream: true` an SSE stream of `ChatCompletionChunk`s ending with `data: [DONE]`",
+            content((ChatCompletion = "application/json"), (ChatStreamEvent = "text/event-stream"))),
         (status = 422, description = "Invalid request or template error", body = ErrorResponse),
         (status = 424, description = "Generation failed", body = ErrorResponse),
         (status = 429, description = "Overloaded", body = ErrorResponse)))]

@@ -14,7 +14,7 @@ pub enum Content {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case", try_from = "RawPart")]
 pub enum ContentPart {
     Text {
         text: String,
@@ -25,6 +25,32 @@ pub enum ContentPart {
     },
 }
 
+/// A content part as sent. Read through this rather than serde's tagged enum, which would take a
+/// number as the tag (`"type": 0` meaning the first variant).
+#[derive(Deserialize)]
+struct RawPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+    image_url: Option<Value>,
+}
+
+impl TryFrom<RawPart> for ContentPart {
+    type Error = String;
+
+    fn try_from(p: RawPart) -> Result<Self, String> {
+        match (p.kind.as_str(), p.text, p.image_url) {
+            ("text", Some(text), _) => Ok(ContentPart::Text { text }),
+            ("image_url", _, Some(image_url)) => Ok(ContentPart::ImageUrl { image_url }),
+            ("text", None, _) => Err("a `text` part needs `text`".into()),
+            ("image_url", _, None) => Err("an `image_url` part needs `image_url`".into()),
+            (other, _, _) => Err(format!(
+                "unknown content part type `{other}`: expected text or image_url"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct Message {
     pub role: String,
@@ -33,7 +59,7 @@ pub struct Message {
     /// An assistant's earlier tool calls (`[{id?, type: "function", function: {name, arguments}}]`).
     #[serde(default)]
     #[schema(value_type = Option<Vec<Object>>)]
-    pub tool_calls: Option<Vec<Value>>,
+    pub tool_calls: Option<Vec<serde_json::Map<String, Value>>>,
     /// For `role: tool`: the call this message answers.
     #[serde(default)]
     pub tool_call_id: Option<String>,
@@ -79,7 +105,7 @@ pub struct ChatRequest {
     /// Token id → bias. Not supported yet: a non-empty map is refused rather than ignored.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub logit_bias: Option<Value>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
     #[serde(default)]
     pub logprobs: Option<bool>,
     #[serde(default)]
@@ -384,6 +410,22 @@ pub struct ModelCard {
 pub struct ModelList {
     pub object: &'static str,
     pub data: Vec<ModelCard>,
+}
+
+/// One event of a streamed chat completion (besides the final `[DONE]`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum ChatStreamEvent {
+    Chunk(ChatCompletionChunk),
+    Error(StreamError),
+}
+
+/// One event of a streamed completion (besides the final `[DONE]`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum CompletionStreamEvent {
+    Chunk(Completion),
+    Error(StreamError),
 }
 
 /// A mid-stream failure on the OpenAI routes.

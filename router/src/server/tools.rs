@@ -117,8 +117,12 @@ fn head(text: &str) -> Option<(String, usize)> {
         let at = skip(s, at);
         s[at..].starts_with(lit).then_some(at + lit.len())
     };
-    let at = expect(text, 0, "{")?;
-    let at = expect(text, at, r#""name""#)?;
+    // A call starts at the very first character, as its grammar has it; `auto`'s free-text
+    // branch may start with a space and then a brace, and that is an answer.
+    if !text.starts_with('{') {
+        return None;
+    }
+    let at = expect(text, 1, r#""name""#)?;
     let at = expect(text, at, ":")?;
     let start = skip(text, at);
     let rest = text.get(start..)?;
@@ -193,9 +197,13 @@ impl ToolStream {
         }
     }
 
-    /// Whether the output turned out to be a call.
+    /// Whether the output turned out to be a complete call (one cut short by a stop sequence
+    /// is not: its finish reason stays the real one).
     pub fn is_call(&self) -> bool {
         self.calling == Some(true)
+            && self
+                .args_from
+                .is_some_and(|from| arguments(&self.text, from).is_some())
     }
 
     pub fn push(&mut self, piece: &str) -> Vec<Piece> {

@@ -47,6 +47,7 @@ fn tool_choice_decides_the_grammar() {
 
 #[test]
 fn a_whole_call_is_read_back() {
+    assert!(parse_call(r#" {"name": "now", "parameters": {}}"#).is_none());
     let call = parse_call(r#"{ "name": "get_weather", "parameters": {"city": "Paris"} }"#).unwrap();
     assert_eq!(call.function.name, "get_weather");
     assert_eq!(call.function.arguments, r#"{"city": "Paris"}"#);

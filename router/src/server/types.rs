@@ -47,7 +47,7 @@ pub struct GenerateParameters {
     /// (a JSON schema, or a regex the whole output matches).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    pub grammar: Option<serde_json::Value>,
+    pub grammar: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub adapter_id: Option<String>,
     /// Beyond TGI: scheduling priority. Higher is served first; equal priorities are FIFO.
@@ -169,6 +169,14 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+}
+
+/// One event of `/generate_stream`: a token, or (status still 200, as in TGI) an error.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StreamEvent {
+    Token(StreamResponse),
+    Error(crate::error::ErrorResponse),
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -1,179 +1,15 @@
-//! JSON-schema keywords that outlines-core's regex conversion skips without a word, dealt with
-//! before it runs, so that "the output validates against the schema" holds for every schema we
-//! accept.
-//!
-//! Numeric bounds (`minimum`, `maximum` and their exclusive forms, as Pydantic's `ge`/`lt`
-//! produce) are enforced: the bounded node is swapped for a unique placeholder constant, and the
-//! placeholder in the converted regex for a regex of exactly the allowed numbers. Keywords no
-//! regex over the output can honour, or that we do not translate (`multipleOf`, `uniqueItems`,
-//! `not`, conditionals...), are refused with a message naming them, rather than accepted and
-//! then violated.
+//! Numeric bounds as regexes: the exact set of integers, or of decimal numbers, between two
+//! bounds, written without leading zeros or exponents. Built digit by digit (the classic
+//! range-to-regex construction), so a bound like `maximum: 120` costs a handful of automaton
+//! states rather than an alternation of 121 numbers.
 
 use serde_json::{Map, Value};
 
-/// Keywords whose constraint would be silently dropped.
-const REFUSED: &[&str] = &[
-    "multipleOf",
-    "not",
-    "if",
-    "then",
-    "else",
-    "patternProperties",
-    "dependentRequired",
-    "dependentSchemas",
-    "dependencies",
-    "contains",
-    "propertyNames",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-];
-
-const BOUNDS: &[&str] = &["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
-
-/// Subschemas under these keys are schemas themselves.
-const CHILD_MAPS: &[&str] = &["properties", "$defs", "definitions"];
-const CHILD_LISTS: &[&str] = &["anyOf", "oneOf", "allOf", "prefixItems"];
-const CHILD_ONES: &[&str] = &["items", "additionalProperties"];
-
-/// A schema made safe to convert, and the placeholders to fill in afterwards.
-pub struct Prepared {
-    pub schema: Value,
-    placeholders: Vec<(String, String)>,
-}
-
-impl Prepared {
-    /// The converted regex with every placeholder constant replaced by its number regex.
-    pub fn finish(&self, mut regex: String) -> String {
-        for (name, number) in &self.placeholders {
-            regex = regex.replace(&format!("\"{name}\""), &format!("(?:{number})"));
-        }
-        regex
-    }
-}
-
-pub fn prepare(schema: &Value) -> Result<Prepared, String> {
-    let mut p = Prepared {
-        schema: schema.clone(),
-        placeholders: Vec::new(),
-    };
-    let nonce = format!("{:016x}", rand::random::<u64>());
-    let mut node = std::mem::take(&mut p.schema);
-    walk(&mut node, &nonce, &mut p.placeholders)?;
-    p.schema = node;
-    Ok(p)
-}
-
-/// Any scalar.
-fn scalar() -> Value {
-    serde_json::json!({"anyOf": [
-        {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]})
-}
-
-/// Any JSON value nested at most two levels: what "any value" means here. outlines-core's own
-/// unconstrained values nest deeper and make automata of a hundred megabytes.
-fn any_value() -> Value {
-    let mut v = scalar();
-    if let Some(list) = v["anyOf"].as_array_mut() {
-        list.push(serde_json::json!({"type": "array", "items": scalar()}));
-        list.push(serde_json::json!({"type": "object", "additionalProperties": scalar()}));
-    }
-    v
-}
-
-fn walk(node: &mut Value, nonce: &str, out: &mut Vec<(String, String)>) -> Result<(), String> {
-    if node == &Value::Bool(true) {
-        *node = any_value();
-        return Ok(());
-    }
-    let Value::Object(obj) = node else {
-        return Ok(());
-    };
-    if let Some(k) = REFUSED.iter().find(|k| obj.contains_key(**k)) {
-        return Err(format!("`{k}` cannot be enforced by structured output"));
-    }
-    if obj.get("uniqueItems") == Some(&Value::Bool(true)) {
-        return Err("`uniqueItems` cannot be enforced by structured output".into());
-    }
-    const VALUE_KEYS: &[&str] = &[
-        "type",
-        "enum",
-        "const",
-        "anyOf",
-        "oneOf",
-        "allOf",
-        "$ref",
-        "properties",
-        "items",
-        "prefixItems",
-    ];
-    if !VALUE_KEYS.iter().any(|k| obj.contains_key(*k)) {
-        // `{}` (perhaps with a title or description): any value. A constraint without a type
-        // (`{"minimum": 3}` allows any string) is refused rather than dropped.
-        const NOTES: &[&str] = &[
-            "title",
-            "description",
-            "default",
-            "examples",
-            "$schema",
-            "$id",
-            "$comment",
-            "deprecated",
-            "readOnly",
-            "writeOnly",
-            "$defs",
-            "definitions",
-        ];
-        if let Some(k) = obj.keys().find(|k| !NOTES.contains(&k.as_str())) {
-            return Err(format!("a schema with `{k}` needs a `type`"));
-        }
-        obj.extend(any_value().as_object().cloned().unwrap_or_default());
-        return Ok(());
-    }
-    let typed = |t: &str| obj.get("type").and_then(Value::as_str) == Some(t);
-    if typed("object")
-        && !obj.contains_key("properties")
-        && !obj.contains_key("additionalProperties")
-    {
-        obj.insert("additionalProperties".into(), any_value());
-        return Ok(());
-    }
-    if typed("array") && !obj.contains_key("items") && !obj.contains_key("prefixItems") {
-        obj.insert("items".into(), any_value());
-    }
-    if BOUNDS.iter().any(|k| obj.contains_key(*k)) {
-        let number = bounded_number(obj)?;
-        let name = format!("tessera{nonce}n{}", out.len());
-        out.push((name.clone(), number));
-        *node = serde_json::json!({ "const": name });
-        return Ok(());
-    }
-    for key in CHILD_MAPS {
-        if let Some(Value::Object(children)) = obj.get_mut(*key) {
-            for child in children.values_mut() {
-                walk(child, nonce, out)?;
-            }
-        }
-    }
-    for key in CHILD_LISTS {
-        if let Some(Value::Array(children)) = obj.get_mut(*key) {
-            for child in children {
-                walk(child, nonce, out)?;
-            }
-        }
-    }
-    for key in CHILD_ONES {
-        if let Some(child) = obj.get_mut(*key) {
-            walk(child, nonce, out)?;
-        }
-    }
-    Ok(())
-}
-
 /// One end of a range: the bound and whether it is itself allowed.
 #[derive(Clone, Copy)]
-struct End {
-    at: i64,
-    inclusive: bool,
+pub(super) struct End {
+    pub(super) at: i64,
+    pub(super) inclusive: bool,
 }
 
 fn bound(
@@ -207,7 +43,7 @@ fn bound(
 }
 
 /// The regex of the numbers a bounded `integer` or `number` node allows.
-fn bounded_number(obj: &Map<String, Value>) -> Result<String, String> {
+pub(super) fn bounded_number(obj: &Map<String, Value>) -> Result<String, String> {
     let integer = match obj.get("type") {
         Some(Value::String(t)) if t == "integer" => true,
         Some(Value::String(t)) if t == "number" => false,
@@ -260,7 +96,7 @@ fn bounded_number(obj: &Map<String, Value>) -> Result<String, String> {
 }
 
 /// Integers in `[lo, hi]` (either end open when `None`), without leading zeros.
-fn integer_regex(lo: Option<i64>, hi: Option<i64>) -> String {
+pub(super) fn integer_regex(lo: Option<i64>, hi: Option<i64>) -> String {
     let mut alts = Vec::new();
     // Zero and up.
     if hi.is_none_or(|h| h >= 0) {
@@ -279,7 +115,7 @@ fn integer_regex(lo: Option<i64>, hi: Option<i64>) -> String {
 }
 
 /// Numbers (fractions allowed, no exponent) between `lo` and `hi`.
-fn number_regex(lo: Option<End>, hi: Option<End>) -> String {
+pub(super) fn number_regex(lo: Option<End>, hi: Option<End>) -> String {
     const FRACTION: &str = r"(\.[0-9]+)?";
     const ZERO_FRACTION: &str = r"(\.0+)?";
     const NONZERO_FRACTION: &str = r"\.[0-9]*[1-9][0-9]*";
@@ -332,7 +168,7 @@ fn number_regex(lo: Option<End>, hi: Option<End>) -> String {
 }
 
 /// Non-negative integers from `a` to `b` (no upper end when `None`) as regex alternatives.
-fn naturals(a: u64, b: Option<u64>) -> Vec<String> {
+pub(super) fn naturals(a: u64, b: Option<u64>) -> Vec<String> {
     let digits = |n: u64| n.to_string().len();
     let mut out = Vec::new();
     let top = b.map_or(digits(a), digits);
@@ -402,7 +238,3 @@ fn same_length(lo: &str, hi: &str) -> Vec<String> {
     out.extend(tail);
     out
 }
-
-#[cfg(test)]
-#[path = "json_schema_tests.rs"]
-mod tests;

@@ -1,3 +1,4 @@
+use super::numbers::{integer_regex, naturals, number_regex, End};
 use super::*;
 use regex_automata::{meta::Regex, Anchored, Input};
 use serde_json::json;
@@ -151,4 +152,58 @@ fn keywords_we_cannot_enforce_are_refused_by_name() {
     assert!(p.schema["properties"]["b"]["anyOf"].is_array());
     let p = prepare(&json!({"type": "object"})).unwrap();
     assert!(p.schema["additionalProperties"]["anyOf"].is_array());
+}
+
+#[test]
+fn schemas_outlines_would_mistranslate_are_refused() {
+    for (schema, word) in [
+        (
+            json!({"allOf": [{"type": "object"}, {"type": "object"}]}),
+            "allOf",
+        ),
+        (
+            json!({"type": "object", "required": ["a"]}),
+            "required property `a`",
+        ),
+        (
+            json!({"type": "object", "properties": {"a": {"type": "null"}}, "minProperties": 1}),
+            "minProperties",
+        ),
+        (
+            json!({"type": "object", "properties": {"a\"b": {"type": "null"}}}),
+            "escaping",
+        ),
+        (
+            json!({"type": "string", "pattern": "[a-z]+", "maxLength": 3}),
+            "put the length in the pattern",
+        ),
+        (
+            json!({"properties": {"a": {"$ref": "#/x"}}, "x": {"type": "integer"}}),
+            "only `#/$defs/...`",
+        ),
+        (
+            json!({"$defs": {"Node": {"type": "object", "properties": {
+            "next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}}}},
+            "$ref": "#/$defs/Node"}),
+            "recursive",
+        ),
+        (
+            json!({"type": "integer", "minimum": 5, "enum": [1, 2]}),
+            "no value of the `enum`",
+        ),
+    ] {
+        let e = prepare(&schema).err().expect("refused");
+        assert!(e.contains(word), "{e}");
+    }
+}
+
+#[test]
+fn listed_values_are_filtered_by_bounds() {
+    let p = prepare(&json!({"type": "integer", "minimum": 2, "enum": [1, 2, 4]})).unwrap();
+    assert_eq!(p.schema["enum"], json!([2, 4]));
+    assert!(p.schema.get("minimum").is_none());
+    // Shared, non-recursive definitions are fine.
+    let shared = json!({"$defs": {"P": {"type": "integer"}}, "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/P"}, "b": {"$ref": "#/$defs/P"}}});
+    assert!(prepare(&shared).is_ok());
 }
