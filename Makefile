@@ -15,7 +15,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models prometheus node-clients chromium docker-context run test test-rust test-integration bench bench-load docs clean
+.PHONY: install venv build model test-models prometheus node-clients chromium docker-context run test test-rust test-integration bench bench-load fuzz docs clean
 
 install: venv build
 
@@ -100,6 +100,10 @@ bench: install model
 	cargo run --release -p tessera-benchmark --example grammar
 	$(PY) benchmark/scheduler.py all
 	$(PY) benchmark/startup.py 3
+
+# API fuzzing beyond the fixed-seed run of `make test`: a random seed and 20x the examples.
+fuzz: install test-models
+	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-1000} TESSERA_FUZZ_SEED= $(PY) -m pytest -q -s integration-tests/test_fuzz_api.py
 
 # HTTP load: concurrency and Poisson sweeps, latency percentiles, plot, router overhead.
 bench-load: install model

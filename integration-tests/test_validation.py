@@ -125,9 +125,12 @@ def test_chat_n_and_completions_n(server):
 def test_bad_json_names_the_field(server):
     r = requests.post(server.url + "/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": "ten"}})
     assert r.status_code == 422
-    assert "parameters.max_new_tokens" in r.json()["error"] and r.json()["error_type"] == "validation"
+    assert "parameters: max_new_tokens" in r.json()["error"] and r.json()["error_type"] == "validation"
     r = requests.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "video"}]}]})
-    assert r.status_code == 422 and "messages[0].content" in r.json()["error"]
+    assert r.status_code == 422 and "messages: [0].content" in r.json()["error"]
+    # Objects must be objects: serde would take an array for a struct, field by field.
+    r = requests.post(server.url + "/generate", json={"inputs": "Hi", "parameters": [None, None]})
+    assert r.status_code == 422 and "expected a map" in r.json()["error"], r.text
     r = requests.post(server.url + "/generate", json={"parameters": {}})
     assert r.status_code == 422 and "inputs" in r.json()["error"]
     r = requests.post(server.url + "/generate", data='{"inputs": "Hi",}', headers={"Content-Type": "application/json"})

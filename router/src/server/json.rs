@@ -47,3 +47,54 @@ where
         }
     }
 }
+
+/// Fields that hold a JSON object must be given one. serde's derived structs also take an array
+/// (`"parameters": [null, null]` as the first fields in order), which the API documents nowhere;
+/// these `deserialize_with` helpers refuse it, and keep the inner field's path in the message.
+pub fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error;
+    use serde::Deserialize;
+    let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+    serde_path_to_error::deserialize(serde_json::Value::Object(map))
+        .map_err(|e| D::Error::custom(format!("{}: {}", e.path(), e.inner())))
+}
+
+pub fn optional_object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::Deserialize;
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => object(v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+pub fn objects<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::Deserialize;
+    Vec::<serde_json::Value>::deserialize(d)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| object(v).map_err(|e| serde::de::Error::custom(format!("[{i}].{e}"))))
+        .collect()
+}
+
+/// An optional array of objects, kept as JSON (OpenAI's `tools`).
+pub fn optional_objects<'de, D>(d: D) -> Result<Option<serde_json::Value>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::Deserialize;
+    let list = Option::<Vec<serde_json::Map<String, serde_json::Value>>>::deserialize(d)?;
+    Ok(list
+        .map(|l| serde_json::Value::Array(l.into_iter().map(serde_json::Value::Object).collect())))
+}

@@ -14,7 +14,11 @@ pub enum Content {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(tag = "type", rename_all = "snake_case", try_from = "RawPart")]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    try_from = "serde_json::Map<String, Value>"
+)]
 pub enum ContentPart {
     Text {
         text: String,
@@ -25,21 +29,23 @@ pub enum ContentPart {
     },
 }
 
-/// A content part as sent. Read through this rather than serde's tagged enum, which would take a
-/// number as the tag (`"type": 0` meaning the first variant).
-#[derive(Deserialize)]
-struct RawPart {
-    #[serde(rename = "type")]
-    kind: String,
-    text: Option<String>,
-    image_url: Option<Value>,
-}
-
-impl TryFrom<RawPart> for ContentPart {
+/// A content part is read from its JSON object by hand: serde's tagged enum would take a number
+/// as the tag (`"type": 0` meaning the first variant), and its structs an array for an object.
+impl TryFrom<serde_json::Map<String, Value>> for ContentPart {
     type Error = String;
 
-    fn try_from(p: RawPart) -> Result<Self, String> {
-        match (p.kind.as_str(), p.text, p.image_url) {
+    fn try_from(mut p: serde_json::Map<String, Value>) -> Result<Self, String> {
+        let kind = match p.get("type") {
+            Some(Value::String(k)) => k.clone(),
+            _ => return Err("a content part needs a string `type`".into()),
+        };
+        let text = match p.remove("text") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(t),
+            Some(_) => return Err("`text` must be a string".into()),
+        };
+        let image_url = p.remove("image_url").filter(|v| !v.is_null());
+        match (kind.as_str(), text, image_url) {
             ("text", Some(text), _) => Ok(ContentPart::Text { text }),
             ("image_url", _, Some(image_url)) => Ok(ContentPart::ImageUrl { image_url }),
             ("text", None, _) => Err("a `text` part needs `text`".into()),
@@ -94,6 +100,7 @@ pub struct StreamOptions {
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
+    #[serde(deserialize_with = "super::json::objects")]
     pub messages: Vec<Message>,
     /// Scheduling priority (as vLLM): higher is served first.
     #[serde(default)]
@@ -118,7 +125,7 @@ pub struct ChatRequest {
     pub stop: Option<Stop>,
     #[serde(default)]
     pub stream: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::optional_object")]
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub seed: Option<u64>,
@@ -128,7 +135,7 @@ pub struct ChatRequest {
     pub top_p: Option<f32>,
     /// Functions the model may call: `[{"type": "function", "function": {"name", "description",
     /// "parameters"}}]`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::optional_objects")]
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Value>,
     /// `{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
@@ -313,12 +320,18 @@ impl From<super::tools::Piece> for Delta {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TopLogprob {
     pub token: String,
+    /// Null when not finite.
+    #[serde(serialize_with = "super::types::nan_as_null")]
+    #[schema(nullable)]
     pub logprob: f32,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ChatLogprob {
     pub token: String,
+    /// Null when not finite.
+    #[serde(serialize_with = "super::types::nan_as_null")]
+    #[schema(nullable)]
     pub logprob: f32,
     pub top_logprobs: Vec<TopLogprob>,
 }

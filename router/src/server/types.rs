@@ -63,7 +63,7 @@ pub struct GenerateRequest {
     pub inputs: String,
     /// Omitted parameters mean the defaults, greedy included (TGI samples when the whole object
     /// is missing but not when it is `{}`; see docs/compatibility.md).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::object")]
     pub parameters: GenerateParameters,
 }
 
@@ -71,7 +71,7 @@ pub struct GenerateRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct CompatGenerateRequest {
     pub inputs: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::json::object")]
     pub parameters: GenerateParameters,
     #[serde(default)]
     pub stream: bool,
@@ -81,6 +81,10 @@ pub struct CompatGenerateRequest {
 pub struct Token {
     pub id: u32,
     pub text: String,
+    /// Null when not finite (a token the processed distribution gave no mass, e.g. under an
+    /// extreme temperature).
+    #[serde(serialize_with = "nan_as_null")]
+    #[schema(nullable)]
     pub logprob: f32,
     pub special: bool,
 }
@@ -95,8 +99,9 @@ pub struct PrefillToken {
     pub logprob: f32,
 }
 
-fn nan_as_null<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
-    if v.is_nan() {
+/// Non-finite logprobs as null (what serde_json writes for them anyway, stated in the schema).
+pub(crate) fn nan_as_null<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    if !v.is_finite() {
         s.serialize_none()
     } else {
         s.serialize_f32(*v)
