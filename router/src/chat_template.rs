@@ -13,6 +13,9 @@ use crate::error::InferError;
 /// TGI's instruction appended after the tools when a template cannot show tools itself.
 pub const DEFAULT_TOOL_PROMPT: &str = "Given the functions available, please respond with a JSON for a function call with its proper arguments that best answers the given prompt. Respond in the format {name: function name, parameters: dictionary of argument name and its value}.Do not use variables.";
 
+/// Instructions one rendering may execute.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// What a template is rendered with besides the messages.
 #[derive(Debug, Default)]
 pub struct TemplateInputs<'a> {
@@ -137,6 +140,10 @@ impl ChatTemplate {
             .replace("{%- endgeneration %}", "");
         let renders_tool_calls = source.contains("tool_calls");
         let mut env = Environment::new();
+        // A template comes with the model, and a model can come from anyone: a loop that never
+        // ends runs out of fuel instead of holding a validation worker forever. Real templates
+        // spend a few thousand units per message. (minijinja also caps recursion depth.)
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -285,5 +292,33 @@ mod tests {
         let e = t.apply(&[msg("user", " xy")], &no_tools()).unwrap_err();
         assert!(e.to_string().contains("no x"), "{e}");
         assert!(ChatTemplate::new("{% for %}", None, None).is_err());
+    }
+}
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+
+    fn render(source: &str) -> Result<String, InferError> {
+        let t = ChatTemplate::new(source, None, None)?;
+        t.apply(
+            &[serde_json::json!({"role": "user", "content": "hi"})],
+            &TemplateInputs::default(),
+        )
+    }
+
+    #[test]
+    fn runaway_templates_fail_fast() {
+        let start = std::time::Instant::now();
+        for source in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{{ 'a' * 1000000000 }}",
+            "{{ range(1000000000)|list|length }}",
+        ] {
+            let e = render(source).unwrap_err();
+            assert!(e.to_string().starts_with("Template error"), "{e}");
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30));
     }
 }
