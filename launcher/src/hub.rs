@@ -117,6 +117,16 @@ fn fetch(api: &ApiRepo, cached: &CacheRepo, file: &str, model_id: &str) -> anyho
         .map_err(|e| describe(e, model_id))
 }
 
+/// One part of a Hub id or revision: what the Hub allows, which can never name a parent folder.
+fn hub_name(part: &str) -> bool {
+    !part.is_empty()
+        && part != "."
+        && part != ".."
+        && part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// A local folder for `model_id`: the folder itself when it exists, else the Hub snapshot.
 pub fn resolve(
     model_id: &str,
@@ -140,6 +150,13 @@ pub fn resolve(
         || parent_exists
     {
         bail!("model `{model_id}` not found: it is neither a local folder nor a Hub id like `org/name`");
+    }
+    // Both go into cache paths: nothing that could climb out of the cache.
+    if !model_id.split('/').all(hub_name) {
+        bail!("`{model_id}` is not a valid Hub id: each part must be letters, digits, `-`, `_` or `.`, and not `.` or `..`");
+    }
+    if let Some(rev) = revision.filter(|r| !r.split('/').all(hub_name)) {
+        bail!("`{rev}` is not a valid revision");
     }
     let cached = cache(cache_dir).repo(repo(model_id, revision));
     if offline() {
@@ -193,6 +210,12 @@ pub fn resolve(
         .map(|f| f.to_string());
     for file in wanted.chain(weights.into_iter().cloned()) {
         let path = fetch(&api, &cached, &file, model_id)?;
+        // The snapshot folder is named by the commit the server reports: make sure a hostile
+        // mirror could not have placed a file outside the cache.
+        let root = cache(cache_dir).path().canonicalize().context("the Hub cache")?;
+        if !path.canonicalize().is_ok_and(|p| p.starts_with(&root)) {
+            bail!("`{file}` of `{model_id}` landed outside the Hub cache ({}): refusing it", path.display());
+        }
         dir = dir.or_else(|| path.parent().map(Path::to_path_buf));
     }
     let dir = dir.context("nothing downloaded")?;

@@ -178,6 +178,12 @@ impl Validation {
         if inputs.is_empty() {
             return Err(ValidationError::EmptyInput);
         }
+        // No LoRA adapters are served; an adapter id is never used as a path either.
+        if let Some(a) = p.adapter_id.as_deref().filter(|a| !a.is_empty()) {
+            return Err(ValidationError::Other(format!(
+                "adapter `{a}` is not loaded: this server runs no LoRA adapters"
+            )));
+        }
         if let Some(t) = p.truncate {
             if t == 0 || t > l.max_input_tokens {
                 return Err(ValidationError::Truncate(l.max_input_tokens, t));

@@ -199,6 +199,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", path.display()))?;
+    // Only this user may talk to the shard: the socket accepts unauthenticated model calls.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| anyhow::anyhow!("cannot restrict {}: {e}", path.display()))?;
+    }
     tracing::info!("serving on unix://{}", path.display());
     let service = ShardService::new(
         runner,
