@@ -212,9 +212,15 @@ pub fn resolve(
         let path = fetch(&api, &cached, &file, model_id)?;
         // The snapshot folder is named by the commit the server reports: make sure a hostile
         // mirror could not have placed a file outside the cache.
-        let root = cache(cache_dir).path().canonicalize().context("the Hub cache")?;
+        let root = cache(cache_dir)
+            .path()
+            .canonicalize()
+            .context("the Hub cache")?;
         if !path.canonicalize().is_ok_and(|p| p.starts_with(&root)) {
-            bail!("`{file}` of `{model_id}` landed outside the Hub cache ({}): refusing it", path.display());
+            bail!(
+                "`{file}` of `{model_id}` landed outside the Hub cache ({}): refusing it",
+                path.display()
+            );
         }
         dir = dir.or_else(|| path.parent().map(Path::to_path_buf));
     }

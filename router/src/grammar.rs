@@ -122,12 +122,7 @@ pub fn schema_regex(schema: &Value) -> Result<String, ValidationError> {
 pub fn check_regex(regex: &str) -> Result<(), ValidationError> {
     // The parser's own message names the mistake; the DFA builder's only says it failed.
     if let Err(e) = regex_automata::util::syntax::parse(regex) {
-        let text = e.to_string();
-        let why = text
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim_start_matches("error: ");
+        let why = crate::json_schema::syntax_error(&e);
         return Err(invalid(format!("invalid regex: {why}")));
     }
     let dfa = dense::Builder::new()

@@ -200,6 +200,16 @@ fn walk(node: &mut Value, nonce: &str, out: &mut Vec<(String, String)>) -> Resul
     Ok(())
 }
 
+/// The one-line reason of a regex syntax error (its display is a multi-line picture with a caret).
+pub(crate) fn syntax_error(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    text.lines()
+        .last()
+        .unwrap_or("")
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
 /// Swaps `node` for a constant that `Prepared::finish` replaces with `regex`.
 fn placeholder(
     node: &mut Value,

@@ -72,15 +72,9 @@ fn rewrite(h: Hir) -> Result<Hir, String> {
 
 /// The regex for the inside of the quotes of a string matching `pattern`.
 pub fn json_safe(pattern: &str) -> Result<String, String> {
-    let hir = regex_syntax::Parser::new().parse(pattern).map_err(|e| {
-        let text = e.to_string();
-        let why = text
-            .lines()
-            .last()
-            .unwrap_or("")
-            .trim_start_matches("error: ");
-        format!("invalid `pattern` {pattern:?}: {why}")
-    })?;
+    let hir = regex_syntax::Parser::new()
+        .parse(pattern)
+        .map_err(|e| format!("invalid `pattern` {pattern:?}: {}", super::syntax_error(&e)))?;
     // Drop the anchors at the ends.
     let hir = match hir.kind() {
         HirKind::Concat(parts) => {
