@@ -70,3 +70,43 @@ def test_model_ids_cannot_name_paths(tmp_path, model_id, extra, message):
                        env=env, cwd=tmp_path)
     assert r.returncode != 0 and message in r.stdout + r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("config.json"))
+
+
+def launch(tmp_path, *extra):
+    from conftest import free_port
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    cmd = [str(BIN / "tessera-launcher"), "--model-id", str(TINY / "tiny-llama"), "--dtype", "float32",
+           "--port", str(port), "--hostname", "127.0.0.1", *extra]
+    return port, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_default_socket_folder_is_private(tmp_path):
+    """Without --shard-uds-path the sockets go to `$TMPDIR/tessera-<uid>/`, made 0700."""
+    import signal
+    import time
+    port, proc = launch(tmp_path)
+    folder = tmp_path / f"tessera-{os.geteuid()}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(folder / "server-0").st_mode) == 0o600
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_a_shared_default_socket_folder_is_refused(tmp_path):
+    folder = tmp_path / f"tessera-{os.geteuid()}"
+    folder.mkdir()
+    folder.chmod(0o777)
+    _, proc = launch(tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "is not private" in out, out

@@ -96,8 +96,10 @@ pub struct Args {
     #[arg(long, env, default_value = "0.0.0.0")]
     pub hostname: String,
     /// Base path of the shards' Unix sockets (`{path}-{rank}`); make it unique to run
-    /// several instances side by side.
-    #[arg(long, env, default_value = "/tmp/tessera-server")]
+    /// several instances side by side. By default `tessera-<uid>/server` in the temporary
+    /// folder, a folder only this user may enter (created with mode 0700, refused if anyone
+    /// else could write to it).
+    #[arg(long, env, default_value = "", hide_default_value = true)]
     pub shard_uds_path: String,
     /// Requests in flight at once; more get 429 at once (each `n` / `best_of` sequence counts).
     #[arg(long, env, default_value_t = 128)]

@@ -257,8 +257,54 @@ fn remove_pool_records(args: &Args) {
     }
 }
 
-fn run(args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// The shard sockets take unauthenticated model calls, so they live in a folder only this user
+/// may enter. The default folder is made private (and refused when someone else owns it or may
+/// write to it: in `/tmp` anyone could have made it first); a folder given by the user is
+/// created private, and only warned about when it is shared.
+fn socket_folder(args: &mut Args) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let uid = nix::unistd::geteuid().as_raw();
+    let default = args.shard_uds_path.is_empty();
+    if default {
+        let dir = std::env::temp_dir().join(format!("tessera-{uid}"));
+        args.shard_uds_path = dir.join("server").display().to_string();
+    }
+    let path = PathBuf::from(&args.shard_uds_path);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create the socket folder {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir)?;
+    let shared = meta.mode() & 0o022 != 0;
+    if default && (meta.uid() != uid || shared) {
+        bail!(
+            "the socket folder {} is not private (owner uid {}, mode {:o}): remove it, or pass --shard-uds-path inside a folder only you can write to",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o777
+        );
+    }
+    if shared {
+        tracing::warn!(
+            "the shard sockets are in {}, which others may write to; a private folder is safer",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn run(mut args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     args.validate()?;
+    socket_folder(&mut args)?;
     if args.env {
         print_env();
     }
