@@ -1,5 +1,5 @@
 """Faults while streams are live (part of the reliability issue). So far: clients that hang up
-mid-stream, a thousand times over.
+mid-stream, a thousand times over, and the shard killed under eight streams.
 
 Each test records what the clients saw, how long the server took to recover, and whether
 anything leaked (KV blocks, router memory, connections); the figures go in docs/reliability.md.
@@ -53,5 +53,45 @@ def test_a_thousand_clients_hang_up_mid_stream():
         print(f"1000 hang-ups in {elapsed:.1f} s; every KV block back {recovered:.2f} s after the last; "
               f"router RSS {rss_before} -> {rss_after} KiB")
         assert rss_after - rss_before < 20_000, f"router RSS grew by {rss_after - rss_before} KiB"
+    finally:
+        assert server.stop() == 0
+
+
+def test_shard_killed_with_eight_live_streams():
+    """SIGKILL of the shard while 8 streams run: each ends with an error event (none silently),
+    the launcher restarts the shard, and afterwards every KV block is free and the text is the
+    quiet server's."""
+    import os
+    import signal
+
+    from test_launcher import shard_pid, stream_events
+
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false")
+    try:
+        total = gauge(server, "tessera_kv_free_blocks")
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
+        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
+        streams = [requests.post(server.url + "/generate_stream", stream=True, timeout=60, json={
+            "inputs": f"Story {i}:", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}) for i in range(8)]
+        events = [stream_events(r) for r in streams]
+        for e in events:
+            assert "token" in next(e)
+        killed = time.time()
+        os.kill(shard_pid(server), signal.SIGKILL)
+        endings = [list(e)[-1:] for e in events]
+        errors = sum(1 for end in endings if end and end[0].get("error_type") == "generation")
+        finished = sum(1 for end in endings if end and end[0].get("generated_text") is not None)
+        # A stream may have finished in the instant before the kill; none may end without a word.
+        assert errors + finished == 8 and errors >= 1, endings
+        while time.time() - killed < 60:
+            if requests.get(server.url + "/health", timeout=10).status_code == 200:
+                break
+            time.sleep(0.1)
+        healed = time.time() - killed
+        r = requests.post(server.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"] == reference
+        assert gauge(server, "tessera_kv_free_blocks") == total, "KV blocks leaked"
+        print(f"shard SIGKILL with 8 live streams: {errors} ended with an error event, {finished} had "
+              f"finished; healthy again {healed:.1f} s after the kill")
     finally:
         assert server.stop() == 0
