@@ -39,6 +39,9 @@ const MAX_STATES: usize = 4_000;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Spec {
     Schema(Value),
+    /// JSON of the schema, or text that does not start with `{` (tool calling's `auto`: the
+    /// first character decides between a call and an answer).
+    SchemaOrText(Value),
     Regex(String),
 }
 
@@ -219,6 +222,7 @@ fn walk_states(dfa: &dense::DFA<Vec<u32>>, start: StateID) -> Result<(), Validat
 fn compile(spec: &Spec) -> Result<Arc<str>, ValidationError> {
     let regex = match spec {
         Spec::Schema(schema) => schema_regex(schema)?,
+        Spec::SchemaOrText(schema) => format!(r"(?:{})|(?:[^{{][\s\S]*)", schema_regex(schema)?),
         Spec::Regex(r) => r.clone(),
     };
     check_regex(&regex)?;
@@ -252,6 +256,7 @@ impl Grammars {
         }
         let key = match &spec {
             Spec::Schema(s) => format!("schema:{s}"),
+            Spec::SchemaOrText(s) => format!("schema-or-text:{s}"),
             Spec::Regex(r) => format!("regex:{r}"),
         };
         if let Some(hit) = self.lock().get(&key) {

@@ -102,16 +102,11 @@ pub fn vocabulary(
     stop_tokens: &HashSet<u32>,
 ) -> Result<Vocabulary> {
     let spelling = Spelling::of(tokenizer)?;
-    let special: HashSet<u32> = tokenizer
-        .get_added_tokens_decoder()
-        .into_iter()
-        .filter(|(_, t)| t.special)
-        .map(|(id, _)| id)
-        .collect();
-    let mut vocab = Vocabulary::new(eos);
     let added = tokenizer.get_added_tokens_decoder();
+    let mut vocab = Vocabulary::new(eos);
     for (token, id) in tokenizer.get_vocab(true) {
-        if id == eos || stop_tokens.contains(&id) || special.contains(&id) {
+        let special = added.get(&id).is_some_and(|t| t.special);
+        if id == eos || stop_tokens.contains(&id) || special {
             continue;
         }
         let bytes = match added.get(&id) {
@@ -402,7 +397,7 @@ impl Grammars {
             }
         };
         if let Some(ids) = g.allowed_within(c.state, budget) {
-            if ids.len() < g.allowed(c.state).len() {
+            if ids.len() < g.index.transitions().get(&c.state).map_or(0, |t| t.len()) {
                 c.forced = true;
             }
             return self.build(&ids, device);

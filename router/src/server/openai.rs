@@ -25,7 +25,7 @@ use crate::chat_template::TemplateInputs;
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::grammar::{from_response_format, Spec};
 use crate::infer::InferEvent;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::Instrument;
 
 pub(crate) fn unsupported(what: &str) -> InferError {
@@ -87,27 +87,21 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
     template.apply(&messages, &inputs)
 }
 
-/// The rendered prompt and the generation parameters of a chat request (TGI's mapping), and
-/// how to read tool calls out of the output when the request has tools.
+/// The rendered prompt and the generation parameters of a chat request (TGI's mapping), the
+/// grammar its tools or `response_format` ask for, and how to read tool calls out of the output.
 pub(crate) fn prepare(
     state: &SharedState,
     mut req: ChatRequest,
-) -> Result<(String, GenerateParameters, Option<ToolMode>), InferError> {
+) -> Result<(String, GenerateParameters, Option<Spec>, Option<ToolMode>), InferError> {
     if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
         return Err(unsupported("`logit_bias`"));
     }
     // `tool_choice: "none"` leaves the tools out altogether, as in TGI.
     let (grammar, tool_mode) = match tool_grammar(&req)? {
-        Some((grammar, mode)) => (grammar.as_object().cloned(), Some(mode)),
+        Some((spec, mode)) => (Some(spec), Some(mode)),
         None => {
             let format = req.response_format.as_ref().map(from_response_format);
-            let grammar = match format.transpose()?.flatten() {
-                Some(Spec::Schema(schema)) => json!({"type": "json", "value": schema}),
-                Some(Spec::Regex(regex)) => json!({"type": "regex", "value": regex}),
-                None => Value::Null,
-            };
-            let grammar = grammar.as_object().cloned();
-            (grammar, None)
+            (format.transpose()?.flatten(), None)
         }
     };
     let prompt = render(state, &mut req)?;
@@ -132,9 +126,9 @@ pub(crate) fn prepare(
             top_n_tokens,
             details: true,
             priority: req.priority,
-            grammar,
             ..Default::default()
         },
+        grammar,
         tool_mode,
     ))
 }
@@ -235,7 +229,14 @@ pub async fn chat_completions(
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let logprobs = req.logprobs.unwrap_or(false);
-    let (prompt, params, tool_mode) = prepare(&state, req)?;
+    let (prompt, mut params, grammar, tool_mode) = prepare(&state, req)?;
+    if let Some(spec) = grammar {
+        // Converted once per distinct grammar (cached); validation then finds the regex cached.
+        let regex = state.infer.validation.grammars.regex(spec).await?;
+        params.grammar = json!({"type": "regex", "value": &*regex})
+            .as_object()
+            .cloned();
+    }
     let chars = prompt.chars().count();
     let valid = state
         .infer

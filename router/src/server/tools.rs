@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::openai_types::{ChatRequest, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta};
 use crate::error::InferError;
-use crate::grammar::schema_regex;
+use crate::grammar::Spec;
 
 fn tool_error(msg: impl Into<String>) -> InferError {
     InferError::ToolError(msg.into())
@@ -66,9 +66,9 @@ fn call_schema(name: &str, params: &Value) -> Value {
     })
 }
 
-/// The grammar (TGI's `{"type": "regex", ...}` form) of a request's tools and how to read its
-/// output, or `None` when the request has no active tools.
-pub fn tool_grammar(req: &ChatRequest) -> Result<Option<(Value, ToolMode)>, InferError> {
+/// The grammar of a request's tools and how to read its output, or `None` when the request has
+/// no active tools. Converting it to a regex is left to the router's cached `Grammars`.
+pub fn tool_grammar(req: &ChatRequest) -> Result<Option<(Spec, ToolMode)>, InferError> {
     let Some(tools) = req.active_tools() else {
         return Ok(None);
     };
@@ -99,15 +99,13 @@ pub fn tool_grammar(req: &ChatRequest) -> Result<Option<(Value, ToolMode)>, Infe
         }
         None => json!({"anyOf": tools.iter().map(|(n, p)| call_schema(n, p)).collect::<Vec<_>>()}),
     };
-    let call = schema_regex(&schema).map_err(|e| tool_error(e.to_string()))?;
     let auto =
         named.is_none() && req.tool_choice.as_ref().and_then(Value::as_str) != Some("required");
-    let (regex, mode) = if auto {
-        (format!(r"(?:{call})|(?:[^{{][\s\S]*)"), ToolMode::Auto)
+    Ok(Some(if auto {
+        (Spec::SchemaOrText(schema), ToolMode::Auto)
     } else {
-        (call, ToolMode::Call)
-    };
-    Ok(Some((json!({"type": "regex", "value": regex}), mode)))
+        (Spec::Schema(schema), ToolMode::Call)
+    }))
 }
 
 /// Splits a call's text into its tool name and where its parameters start, once both are there.

@@ -17,8 +17,16 @@ fn chat(extra: Value) -> ChatRequest {
     serde_json::from_value(req).expect("chat request")
 }
 
-fn regex_of(grammar: &Value) -> &str {
-    grammar["value"].as_str().expect("regex")
+/// The regex a spec compiles to, as the router's cache would make it.
+fn regex_of(spec: &Spec) -> String {
+    let g = crate::grammar::Grammars::new(true);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(g.regex(spec.clone()))
+        .expect("regex")
+        .to_string()
 }
 
 #[test]
