@@ -95,3 +95,109 @@ def test_shard_killed_with_eight_live_streams():
               f"finished; healthy again {healed:.1f} s after the kill")
     finally:
         assert server.stop() == 0
+
+
+def live_streams(server, n=8):
+    streams = [requests.post(server.url + "/generate_stream", stream=True, timeout=60, json={
+        "inputs": f"Story {i}:", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}) for i in range(n)]
+    from test_launcher import stream_events
+    events = [stream_events(r) for r in streams]
+    for e in events:
+        assert "token" in next(e)
+    return events
+
+
+def wait_healthy(server, since, limit=60):
+    while time.time() - since < limit:
+        try:
+            if requests.get(server.url + "/health", timeout=10).status_code == 200:
+                return time.time() - since
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not healthy {limit} s after the fault")
+
+
+def test_shard_stopped_with_eight_live_streams():
+    """SIGSTOP of the shard (a hang, not a crash: the process never exits) while 8 streams run.
+    The launcher's liveness probe finds it silent after --shard-hang-timeout, kills it and
+    restarts the group; every stream ends with an error event, and nothing leaks."""
+    import os
+    import signal
+
+    from test_launcher import shard_pid
+
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false",
+                   "--shard-hang-timeout", "3")
+    try:
+        total = gauge(server, "tessera_kv_free_blocks")
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
+        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
+        events = live_streams(server)
+        hung = shard_pid(server)
+        stopped = time.time()
+        os.kill(hung, signal.SIGSTOP)
+        endings = [list(e)[-1:] for e in events]
+        detected = time.time() - stopped
+        errors = sum(1 for end in endings if end and end[0].get("error_type") == "generation")
+        finished = sum(1 for end in endings if end and end[0].get("generated_text") is not None)
+        assert errors + finished == 8 and errors >= 1, endings
+        # Not before the timeout (the probe must not fire early), not long after it.
+        assert 3 <= detected < 15, detected
+        healed = wait_healthy(server, stopped)
+        assert not os.path.exists(f"/proc/{hung}"), "the hung shard was left behind"
+        r = requests.post(server.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"] == reference
+        assert gauge(server, "tessera_kv_free_blocks") == total, "KV blocks leaked"
+        out = server.output()
+        assert "shard 0 did not answer for" in out and "(hung; --shard-hang-timeout): killed it" in out
+        print(f"shard SIGSTOP with 8 live streams: {errors} ended with an error event {detected:.1f} s "
+              f"after the stop, {finished} had finished; healthy again {healed:.1f} s after the stop")
+    finally:
+        assert server.stop() == 0
+
+
+def test_router_killed_with_eight_live_streams():
+    """SIGKILL of the router while 8 streams run: the clients see their connections close (a
+    broken chunked body, never a silent success), the launcher starts a new router against the
+    running shard, which clears the shard's batches on connect, so no KV block or shard memory
+    is left behind."""
+    import os
+    import signal
+
+    from test_launcher import shard_pid
+
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false")
+    try:
+        total = gauge(server, "tessera_kv_free_blocks")
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
+        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
+        shard = shard_pid(server)
+        shard_rss = rss_kib(shard)
+        events = live_streams(server)
+        killed = time.time()
+        os.kill(router_pid(server), signal.SIGKILL)
+        broken = 0
+        for e in events:
+            try:
+                rest = list(e)
+            except requests.exceptions.ChunkedEncodingError:
+                broken += 1
+            else:
+                raise AssertionError(f"a stream ended as if complete: {rest[-1:]}")
+        assert broken == 8
+        healed = wait_healthy(server, killed)
+        assert shard_pid(server) == shard, "the shard kept running"
+        r = requests.post(server.url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"] == reference
+        # The new router's warmup sizes the pool afresh from the memory available now.
+        pool = gauge(server, "tessera_kv_total_blocks")
+        assert gauge(server, "tessera_kv_free_blocks") == pool, "KV blocks leaked"
+        shard_rss_after = rss_kib(shard)
+        assert "restarting the router in 1.0s (restart 1 of 3)" in server.output()
+        print(f"router SIGKILL with 8 live streams: {broken} saw the connection break; healthy again "
+              f"{healed:.1f} s after the kill; every KV block free (pool {total:.0f} blocks before, {pool:.0f} after); shard RSS "
+              f"{shard_rss} -> {shard_rss_after} KiB")
+        assert shard_rss_after - shard_rss < 50_000, "shard memory grew across the router restart"
+    finally:
+        assert server.stop() == 0

@@ -159,6 +159,11 @@ pub struct Args {
     /// twice as long (at most 32 times this).
     #[arg(long, env, default_value_t = 1.0)]
     pub restart_backoff: f64,
+    /// Seconds a running shard may go without answering a liveness probe (an Info call, which
+    /// does not wait for the model) before it is taken for hung, killed and restarted like a
+    /// crashed one (beyond TGI, where a hung shard hangs the service). 0 disables the probe.
+    #[arg(long, env, default_value_t = 30.0)]
+    pub shard_hang_timeout: f64,
     /// Log as JSON lines (passed on to the router and shards).
     #[arg(long, env)]
     pub json_output: bool,

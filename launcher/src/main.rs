@@ -1,25 +1,28 @@
 //! `tessera-launcher`: checks the model and the flags, starts the shard and waits until its
 //! socket is up, starts the router, and supervises both. Ctrl-C / SIGTERM stop everything in
-//! order (router first, so no request reaches a stopped shard) and exit 0; if a child dies, the
-//! rest are stopped and the launcher exits non-zero, naming the child and its last words.
+//! order (router first, so no request reaches a stopped shard) and exit 0. A child that dies or
+//! hangs is restarted (`supervise`); when restarts cannot mend it, the rest are stopped and the
+//! launcher exits non-zero, naming the child and its last words.
 
 mod args;
 mod health;
 mod hub;
 mod process;
+mod supervise;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 
 use args::Args;
-use process::{describe, Supervised};
+use process::Supervised;
+use supervise::{start_shards, supervise};
 
 fn init_logging(json: bool) {
     // As the router and shards (tessera_proto::telemetry): LOG_LEVEL, else RUST_LOG, else info.
@@ -354,147 +357,16 @@ fn run(mut args: Args, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             return Err(e);
         }
     };
-    let result = supervise(&args, &model_dir, &stop, shards, router);
+    let result = supervise(
+        &args,
+        &model_dir,
+        max_batch_prefill_tokens,
+        &stop,
+        shards,
+        router,
+    );
     remove_pool_records(&args);
     result
-}
-
-/// Starts every shard (one per tensor-parallel rank) and waits until all answer Health.
-/// `None` when a signal arrived meanwhile. If one fails to start, the others are stopped.
-fn start_shards(
-    args: &Args,
-    model_dir: &Path,
-    stop: &AtomicBool,
-) -> anyhow::Result<Option<Vec<Supervised>>> {
-    let timeout = Duration::from_secs(args.graceful_termination_timeout);
-    let world = args.world_size();
-    let sockets: Vec<PathBuf> = (0..world)
-        .map(|r| PathBuf::from(format!("{}-{r}", args.shard_uds_path)))
-        .collect();
-    for socket in &sockets {
-        if socket.exists() {
-            std::fs::remove_file(socket)
-                .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
-        }
-    }
-    let mut shards = Vec::with_capacity(world);
-    for rank in 0..world {
-        tracing::info!("Starting shard {rank}");
-        match Supervised::spawn(
-            &format!("shard {rank}"),
-            shard_command(args, model_dir, rank),
-            args.json_output,
-        ) {
-            Ok(s) => shards.push(s),
-            Err(e) => {
-                stop_all(&mut shards, timeout);
-                return Err(e);
-            }
-        }
-    }
-    let start = Instant::now();
-    let mut last_note = Instant::now();
-    while !sockets.iter().all(|s| health::shard_ready(s)) {
-        if stop.load(Ordering::SeqCst) {
-            stop_all(&mut shards, timeout);
-            return Ok(None);
-        }
-        if let Some(rank) = shards.iter_mut().position(|s| s.exited().is_some()) {
-            let status = shards[rank].exited().map(describe).unwrap_or_default();
-            let why = shards[rank].last_words();
-            stop_all(&mut shards, timeout);
-            bail!("shard {rank} failed to start ({status}): {why}");
-        }
-        if last_note.elapsed() > Duration::from_secs(10) {
-            tracing::info!("Waiting for shards to be ready...");
-            last_note = Instant::now();
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    tracing::info!(
-        "{} ready in {:.2}s",
-        if world == 1 {
-            "Shard".to_string()
-        } else {
-            format!("{world} shards")
-        },
-        start.elapsed().as_secs_f64()
-    );
-    Ok(Some(shards))
-}
-
-/// Watches the children until a signal (stop all, Ok) or a death. When a shard dies, every
-/// shard is restarted (tensor-parallel ranks only work as a group), with exponential backoff,
-/// at most `--max-restarts` times in a row (shards that then stay up for ten minutes earn the
-/// budget back); the router reconnects by itself, and requests caught in the crash fail with
-/// 424. A dead router stops everything.
-fn supervise(
-    args: &Args,
-    model_dir: &Path,
-    stop: &AtomicBool,
-    mut shards: Vec<Supervised>,
-    router: Supervised,
-) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(args.graceful_termination_timeout);
-    let mut restarts = 0u32;
-    let mut up_since = Instant::now();
-    let mut router = vec![router];
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            tracing::info!("Shutting down");
-            shards.append(&mut router); // stop_all stops the router (last) first
-            stop_all(&mut shards, timeout);
-            return Ok(());
-        }
-        if let Some(status) = router[0].exited() {
-            let why = router[0].last_words();
-            stop_all(&mut shards, timeout);
-            bail!("router exited unexpectedly ({}): {why}", describe(status));
-        }
-        if let Some(rank) = shards.iter_mut().position(|s| s.exited().is_some()) {
-            let status = shards[rank].exited().map(describe).unwrap_or_default();
-            let why = format!(
-                "shard {rank} exited unexpectedly ({status}): {}",
-                shards[rank].last_words()
-            );
-            stop_all(&mut shards, timeout);
-            if up_since.elapsed() > Duration::from_secs(600) {
-                restarts = 0;
-            }
-            if restarts >= args.max_restarts {
-                stop_all(&mut router, timeout);
-                bail!("{why}; giving up after {restarts} restarts (--max-restarts)");
-            }
-            restarts += 1;
-            let doubling = f64::from(1u32 << (restarts - 1).min(5));
-            let backoff = Duration::from_secs_f64(args.restart_backoff.max(0.0) * doubling);
-            tracing::error!(
-                "{why}; restarting the shards in {:.1}s (restart {restarts} of {})",
-                backoff.as_secs_f64(),
-                args.max_restarts
-            );
-            let resume = Instant::now() + backoff;
-            while Instant::now() < resume && !stop.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(50));
-            }
-            match start_shards(args, model_dir, stop) {
-                Ok(Some(new)) => {
-                    shards = new;
-                    up_since = Instant::now();
-                }
-                Ok(None) => {
-                    stop_all(&mut router, timeout);
-                    return Ok(());
-                }
-                Err(e) => {
-                    stop_all(&mut router, timeout);
-                    return Err(e.context(why));
-                }
-            }
-            continue;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn main() -> ExitCode {

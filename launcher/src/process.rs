@@ -106,6 +106,12 @@ impl Supervised {
             .unwrap_or_else(|| "no output".into())
     }
 
+    /// SIGKILL at once: for a child that no longer answers (SIGKILL also ends a stopped one).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, wait up to `timeout`, then SIGKILL. Returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Some(status) = self.exited() {
