@@ -15,7 +15,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models prometheus node-clients chromium docker-context run test test-rust test-integration bench bench-load fuzz docs clean
+.PHONY: install venv build model test-models prometheus node-clients chromium docker-context audit run test test-rust test-integration bench bench-load fuzz docs clean
 
 install: venv build
 
@@ -81,8 +81,13 @@ run: install model
 
 test: install model test-models prometheus node-clients chromium
 	$(MAKE) docker-context
+	$(MAKE) audit
 	$(MAKE) test-rust
 	$(MAKE) test-integration
+
+# Cargo.lock against the RustSec advisories (an offline snapshot in scripts/audit).
+audit:
+	bash scripts/audit.sh
 
 test-rust:
 	cargo test --release --workspace
