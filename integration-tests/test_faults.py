@@ -201,3 +201,74 @@ def test_router_killed_with_eight_live_streams():
         assert shard_rss_after - shard_rss < 50_000, "shard memory grew across the router restart"
     finally:
         assert server.stop() == 0
+
+
+def test_disk_full_while_downloading(tmp_path):
+    """The Hub cache on a 1 MiB filesystem (a tmpfs in a private mount namespace): the weights
+    do not fit. The launcher must stop with one clear line, keep what it downloaded, and, once
+    the disk has room, resume from there and serve the same text as the local checkpoint. (No
+    stream can be live here: the download happens before anything serves.)"""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import BIN, free_port
+    from test_hub import REPO, Mirror, generate, serve_mirror
+
+    mirror = serve_mirror()
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    port = free_port()
+    launcher = [str(BIN / "tessera-launcher"), "--model-id", REPO, "--dtype", "float32",
+                "--hostname", "127.0.0.1", "--shard-uds-path", str(tmp_path / "shard")]
+    first = " ".join(launcher + ["--port", str(free_port())])
+    second = " ".join(launcher + ["--port", str(port)])
+    script = (f"mount -t tmpfs -o size=1m tmpfs {cache} || exit 90\n"
+              f"{first} > {tmp_path}/full.log 2>&1; echo $? > {tmp_path}/full.rc\n"
+              f"mount -o remount,size=64m {cache}\n"
+              f"exec {second}")
+    env = {**os.environ, "HF_HOME": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{mirror.server_address[1]}"}
+    log = open(tmp_path / "launcher.log", "wb")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        started = time.time()
+        while not (tmp_path / "full.rc").exists():
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
+            assert time.time() - started < 60
+            time.sleep(0.1)
+        failed = time.time() - started
+        while (tmp_path / "full.rc").read_text().strip() == "":
+            time.sleep(0.05)
+        assert (tmp_path / "full.rc").read_text().strip() == "1"
+        last = (tmp_path / "full.log").read_text().strip().splitlines()[-1]
+        assert last.startswith("Error: the disk holding the Hub cache") and "No space left on device" in last, last
+        assert "what was downloaded is kept" in last
+        kept = next(start for name, start in Mirror.ranges if name == "model.safetensors")
+        assert kept == 0
+        while time.time() - started < 120:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.2)
+        served = time.time() - started
+        resumed = [start for name, start in Mirror.ranges if name == "model.safetensors"][1:]
+        assert len(resumed) == 1 and resumed[0] > 0, Mirror.ranges
+        text = generate(type("S", (), {"url": f"http://127.0.0.1:{port}"}))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        mirror.shutdown()
+    assert code == 0
+    local = start(TINY / "tiny-llama", "--dtype", "float32")
+    try:
+        assert generate(local) == text
+    finally:
+        assert local.stop() == 0
+    size = (TINY / "tiny-llama" / "model.safetensors").stat().st_size
+    print(f"disk full while downloading: the launcher stopped with one clear line after {failed:.1f} s; "
+          f"the second start resumed the weights at byte {resumed[0]:,} of {size:,} and served "
+          f"{served:.1f} s after the first began; text identical to the local checkpoint")

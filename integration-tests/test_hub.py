@@ -18,6 +18,7 @@ COMMIT = "1" * 40
 class Mirror(BaseHTTPRequestHandler):
     files = {}  # repo -> {name: bytes}
     downloads = []
+    ranges = []  # (name, first byte asked for)
 
     def log_message(self, *args):
         pass
@@ -45,6 +46,7 @@ class Mirror(BaseHTTPRequestHandler):
             end = int(r.group(2)) if r.group(2) else len(data) - 1
         if end > 0 or start > 0 or len(data) == 1:
             Mirror.downloads.append(m.group(3))
+            Mirror.ranges.append((m.group(3), start))
         chunk = data[start:end + 1]
         self.send_response(206)
         self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
@@ -58,6 +60,7 @@ class Mirror(BaseHTTPRequestHandler):
 def serve_mirror():
     Mirror.files = {REPO: {p.name: p.read_bytes() for p in (TINY / "tiny-llama").iterdir() if p.is_file()}}
     Mirror.downloads = []
+    Mirror.ranges = []
     server = ThreadingHTTPServer(("127.0.0.1", free_port()), Mirror)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

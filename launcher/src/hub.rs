@@ -102,7 +102,13 @@ fn describe(e: hf_hub::api::sync::ApiError, model_id: &str) -> anyhow::Error {
 }
 
 /// The cached copy of `file` for this revision, or a fresh download of it.
-fn fetch(api: &ApiRepo, cached: &CacheRepo, file: &str, model_id: &str) -> anyhow::Result<PathBuf> {
+fn fetch(
+    api: &ApiRepo,
+    cached: &CacheRepo,
+    cache_root: &Path,
+    file: &str,
+    model_id: &str,
+) -> anyhow::Result<PathBuf> {
     if let Some(path) = cached.get(file) {
         return Ok(path);
     }
@@ -114,7 +120,17 @@ fn fetch(api: &ApiRepo, cached: &CacheRepo, file: &str, model_id: &str) -> anyho
         start: Instant::now(),
     };
     api.download_with_progress(file, progress)
-        .map_err(|e| describe(e, model_id))
+        .map_err(|e| match e {
+            hf_hub::api::sync::ApiError::IoError(io)
+                if io.kind() == std::io::ErrorKind::StorageFull =>
+            {
+                anyhow!(
+                    "the disk holding the Hub cache ({}) is full ({io}) while downloading `{file}` of `{model_id}`: free some space or set --huggingface-hub-cache to a larger disk; what was downloaded is kept, and the next start resumes from there",
+                    cache_root.display()
+                )
+            }
+            e => describe(e, model_id),
+        })
 }
 
 /// One part of a Hub id or revision: what the Hub allows, which can never name a parent folder.
@@ -209,7 +225,7 @@ pub fn resolve(
         .filter(|f| files.iter().any(|x| x == *f))
         .map(|f| f.to_string());
     for file in wanted.chain(weights.into_iter().cloned()) {
-        let path = fetch(&api, &cached, &file, model_id)?;
+        let path = fetch(&api, &cached, cache(cache_dir).path(), &file, model_id)?;
         // The snapshot folder is named by the commit the server reports: make sure a hostile
         // mirror could not have placed a file outside the cache.
         let root = cache(cache_dir)
