@@ -39,6 +39,7 @@ pub struct BuildInfo<'a> {
 }
 
 /// Installs the global recorder: Prometheus's, and the dashboard's live statistics beside it.
+/// Must be called within the tokio runtime (it starts the recorder's upkeep task).
 pub fn install(
     max_input_tokens: usize,
     max_total_tokens: usize,
@@ -68,6 +69,16 @@ pub fn install(
         )?
         .build_recorder();
     let handle = prometheus.handle();
+    // Histogram samples wait in a buffer until a scrape (or upkeep) folds them into buckets;
+    // with nobody scraping, that buffer grows by every request. Fold them regularly.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let live = LiveStats::default();
     let fanout = FanoutBuilder::default()
         .add_recorder(prometheus)

@@ -17,7 +17,8 @@ use tokio_stream::StreamExt;
 
 use super::generate::timing_headers;
 use super::json::JsonBody;
-use super::openai::{choices, error_event, event, now, sampling};
+use super::openai::{choices, error_event, now, sampling};
+use super::sse::event;
 use super::openai_types::{
     Completion, CompletionChoice, CompletionRequest, CompletionStreamEvent, Prompt, Stop, Usage,
 };
@@ -178,7 +179,7 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
                         return;
                     }
                 }
-                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                let _ = tx.send(Ok(super::sse::done())).await;
             }
             .in_current_span(),
         );

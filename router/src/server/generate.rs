@@ -198,9 +198,7 @@ pub async fn compat_generate(
 
 fn error_event(e: &InferError) -> Event {
     e.record();
-    Event::default()
-        .json_data(e.body())
-        .unwrap_or_else(|_| Event::default().data("{}"))
+    super::sse::event(&e.body())
 }
 
 async fn stream_inner(
@@ -295,8 +293,8 @@ async fn run_stream(
             }
         };
         let done = response.generated_text.is_some();
-        let event = Event::default()
-            .json_data(&response)
+        let event = super::sse::json_line(&response)
+            .map(|line| Event::default().data(line))
             .map_err(|_| InferError::IncompleteGeneration)?;
         if tx.send(Ok(event)).await.is_err() {
             return Ok(()); // client disconnected; dropping the stream cancels the request

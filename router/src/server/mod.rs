@@ -11,6 +11,7 @@ pub mod generate;
 pub mod json;
 pub mod openai;
 pub mod openai_types;
+pub mod sse;
 pub mod tokenize;
 pub mod tools;
 pub mod trace;

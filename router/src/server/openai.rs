@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use super::generate::timing_headers;
 use super::json::JsonBody;
 use super::openai_types::*;
+use super::sse::event;
 use super::tools::{tool_grammar, ToolMode, ToolStream};
 use super::types::{GenerateParameters, Token};
 use super::SharedState;
@@ -186,13 +187,6 @@ fn usage(prompt_tokens: u32, completion_tokens: u32) -> Usage {
         completion_tokens,
         total_tokens: prompt_tokens + completion_tokens,
     }
-}
-
-/// Serialises an SSE event; our types always serialise, the fallback keeps the stream alive.
-pub(crate) fn event(data: &impl serde::Serialize) -> Event {
-    Event::default()
-        .json_data(data)
-        .unwrap_or_else(|_| Event::default().data("{}"))
 }
 
 /// An SSE event for a mid-stream failure (always reported as 422, as TGI does).
@@ -375,7 +369,7 @@ pub async fn chat_completions(
                     )))
                     .await;
             }
-            let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+            let _ = tx.send(Ok(super::sse::done())).await;
         }
         .in_current_span(),
     );
