@@ -15,7 +15,7 @@ PORT ?= 8080
 BIN := target/release
 
 
-.PHONY: install venv build model test-models prometheus node-clients chromium docker-context audit run test test-rust test-integration bench bench-load fuzz docs clean
+.PHONY: install venv build model test-models prometheus node-clients chromium docker-context audit run test test-rust test-integration bench bench-load fuzz soak docs clean
 
 install: venv build
 
@@ -106,9 +106,16 @@ bench: install model
 	$(PY) benchmark/scheduler.py all
 	$(PY) benchmark/startup.py 3
 
-# API fuzzing beyond the fixed-seed run of `make test`: a random seed and 20x the examples.
+# Fuzzing beyond `make test` (which replays the seeds): the API with a random seed and 20x the
+# examples, then every cargo-fuzz target for FUZZ_SECONDS each.
+FUZZ_SECONDS ?= 60
 fuzz: install test-models
 	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-1000} TESSERA_FUZZ_SEED= $(PY) -m pytest -q -s integration-tests/test_fuzz_api.py
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# The load and soak test for ten minutes (`make test` runs it for one).
+soak: install test-models
+	TESSERA_SOAK_SECONDS=$${TESSERA_SOAK_SECONDS:-600} $(PY) -m pytest -q -s integration-tests/test_soak.py
 
 # HTTP load: concurrency and Poisson sweeps, latency percentiles, plot, router overhead.
 bench-load: install model

@@ -18,10 +18,10 @@ use tokio_stream::StreamExt;
 use super::generate::timing_headers;
 use super::json::JsonBody;
 use super::openai::{choices, error_event, now, sampling};
-use super::sse::event;
 use super::openai_types::{
     Completion, CompletionChoice, CompletionRequest, CompletionStreamEvent, Prompt, Stop, Usage,
 };
+use super::sse::event;
 use super::types::GenerateParameters;
 use super::SharedState;
 use crate::error::{ErrorResponse, InferError};

@@ -22,7 +22,7 @@ use super::sse::event;
 use super::tools::{tool_grammar, ToolMode, ToolStream};
 use super::types::{GenerateParameters, Token};
 use super::SharedState;
-use crate::chat_template::TemplateInputs;
+use crate::chat_template::{ChatTemplate, TemplateInputs};
 use crate::error::{ErrorResponse, InferError, ValidationError};
 use crate::grammar::{from_response_format, Spec};
 use crate::infer::InferEvent;
@@ -70,14 +70,15 @@ fn template_messages(messages: Vec<Message>) -> Result<Vec<serde_json::Value>, I
         .collect()
 }
 
-/// The rendered prompt of a chat request.
-pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<String, InferError> {
+/// The rendered prompt of a chat request, with the model's template if it has one.
+pub fn render(
+    template: Option<&ChatTemplate>,
+    req: &mut ChatRequest,
+) -> Result<String, InferError> {
     if req.messages.is_empty() {
         return Err(ValidationError::Other("`messages` cannot be empty".into()).into());
     }
-    let template = state
-        .chat_template
-        .as_ref()
+    let template = template
         .ok_or_else(|| InferError::TemplateError("this model has no chat template".into()))?;
     let messages = template_messages(std::mem::take(&mut req.messages))?;
     let inputs = TemplateInputs {
@@ -90,8 +91,8 @@ pub(crate) fn render(state: &SharedState, req: &mut ChatRequest) -> Result<Strin
 
 /// The rendered prompt and the generation parameters of a chat request (TGI's mapping), the
 /// grammar its tools or `response_format` ask for, and how to read tool calls out of the output.
-pub(crate) fn prepare(
-    state: &SharedState,
+pub fn prepare(
+    template: Option<&ChatTemplate>,
     mut req: ChatRequest,
 ) -> Result<(String, GenerateParameters, Option<Spec>, Option<ToolMode>), InferError> {
     if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
@@ -105,7 +106,7 @@ pub(crate) fn prepare(
             (format.transpose()?.flatten(), None)
         }
     };
-    let prompt = render(state, &mut req)?;
+    let prompt = render(template, &mut req)?;
     let (do_sample, temperature) = sampling(req.temperature);
     let top_n_tokens = if req.logprobs.unwrap_or(false) {
         req.top_logprobs.or(Some(0))
@@ -223,7 +224,7 @@ pub async fn chat_completions(
     let stream = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let logprobs = req.logprobs.unwrap_or(false);
-    let (prompt, mut params, grammar, tool_mode) = prepare(&state, req)?;
+    let (prompt, mut params, grammar, tool_mode) = prepare(state.chat_template.as_ref(), req)?;
     if let Some(spec) = grammar {
         // Converted once per distinct grammar (cached); validation then finds the regex cached.
         let regex = state.infer.validation.grammars.regex(spec).await?;

@@ -69,7 +69,7 @@ pub async fn chat_tokenize(
     State(state): State<SharedState>,
     JsonBody(mut req): JsonBody<ChatRequest>,
 ) -> Result<Json<ChatTokenizeResponse>, InferError> {
-    let templated_text = render(&state, &mut req)?;
+    let templated_text = render(state.chat_template.as_ref(), &mut req)?;
     let tokenize_response = simple_tokens(&state, &templated_text, false).await?;
     Ok(Json(ChatTokenizeResponse {
         tokenize_response,
