@@ -1,5 +1,6 @@
-"""Faults while streams are live (part of the reliability issue). So far: clients that hang up
-mid-stream, a thousand times over, and the shard killed under eight streams.
+"""Faults while streams are live (part of the reliability issue): clients that hang up
+mid-stream, a thousand times over; the shard killed, and the shard stopped (a hang), under eight
+streams; the router killed under eight streams; and the disk filling up during a model download.
 
 Each test records what the clients saw, how long the server took to recover, and whether
 anything leaked (KV blocks, router memory, connections); the figures go in docs/reliability.md.
@@ -57,46 +58,6 @@ def test_a_thousand_clients_hang_up_mid_stream():
         assert server.stop() == 0
 
 
-def test_shard_killed_with_eight_live_streams():
-    """SIGKILL of the shard while 8 streams run: each ends with an error event (none silently),
-    the launcher restarts the shard, and afterwards every KV block is free and the text is the
-    quiet server's."""
-    import os
-    import signal
-
-    from test_launcher import shard_pid, stream_events
-
-    server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false")
-    try:
-        total = gauge(server, "tessera_kv_free_blocks")
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
-        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
-        streams = [requests.post(server.url + "/generate_stream", stream=True, timeout=60, json={
-            "inputs": f"Story {i}:", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}) for i in range(8)]
-        events = [stream_events(r) for r in streams]
-        for e in events:
-            assert "token" in next(e)
-        killed = time.time()
-        os.kill(shard_pid(server), signal.SIGKILL)
-        endings = [list(e)[-1:] for e in events]
-        errors = sum(1 for end in endings if end and end[0].get("error_type") == "generation")
-        finished = sum(1 for end in endings if end and end[0].get("generated_text") is not None)
-        # A stream may have finished in the instant before the kill; none may end without a word.
-        assert errors + finished == 8 and errors >= 1, endings
-        while time.time() - killed < 60:
-            if requests.get(server.url + "/health", timeout=10).status_code == 200:
-                break
-            time.sleep(0.1)
-        healed = time.time() - killed
-        r = requests.post(server.url + "/generate", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["generated_text"] == reference
-        assert gauge(server, "tessera_kv_free_blocks") == total, "KV blocks leaked"
-        print(f"shard SIGKILL with 8 live streams: {errors} ended with an error event, {finished} had "
-              f"finished; healthy again {healed:.1f} s after the kill")
-    finally:
-        assert server.stop() == 0
-
-
 def live_streams(server, n=8):
     streams = [requests.post(server.url + "/generate_stream", stream=True, timeout=60, json={
         "inputs": f"Story {i}:", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}) for i in range(n)]
@@ -118,6 +79,52 @@ def wait_healthy(server, since, limit=60):
     raise AssertionError(f"not healthy {limit} s after the fault")
 
 
+QUIET = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
+
+
+def quiet_text(server):
+    """A greedy answer, to compare with the same request's answer after a fault."""
+    r = requests.post(server.url + "/generate", json=QUIET, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["generated_text"]
+
+
+def endings(events):
+    """How the streams ended: (with an error event, with their final event). A stream may have
+    finished in the instant before the fault; none may end without a word."""
+    ends = [list(e)[-1:] for e in events]
+    errors = sum(1 for end in ends if end and end[0].get("error_type") == "generation")
+    finished = sum(1 for end in ends if end and end[0].get("generated_text") is not None)
+    assert errors + finished == len(ends) and errors >= 1, ends
+    return errors, finished
+
+
+def test_shard_killed_with_eight_live_streams():
+    """SIGKILL of the shard while 8 streams run: each ends with an error event (none silently),
+    the launcher restarts the shard, and afterwards every KV block is free and the text is the
+    quiet server's."""
+    import os
+    import signal
+
+    from test_launcher import shard_pid
+
+    server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false")
+    try:
+        total = gauge(server, "tessera_kv_free_blocks")
+        reference = quiet_text(server)
+        events = live_streams(server)
+        killed = time.time()
+        os.kill(shard_pid(server), signal.SIGKILL)
+        errors, finished = endings(events)
+        healed = wait_healthy(server, killed)
+        assert quiet_text(server) == reference
+        assert gauge(server, "tessera_kv_free_blocks") == total, "KV blocks leaked"
+        print(f"shard SIGKILL with 8 live streams: {errors} ended with an error event, {finished} had "
+              f"finished; healthy again {healed:.1f} s after the kill")
+    finally:
+        assert server.stop() == 0
+
+
 def test_shard_stopped_with_eight_live_streams():
     """SIGSTOP of the shard (a hang, not a crash: the process never exits) while 8 streams run.
     The launcher's liveness probe finds it silent after --shard-hang-timeout, kills it and
@@ -131,23 +138,18 @@ def test_shard_stopped_with_eight_live_streams():
                    "--shard-hang-timeout", "3")
     try:
         total = gauge(server, "tessera_kv_free_blocks")
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
-        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
+        reference = quiet_text(server)
         events = live_streams(server)
         hung = shard_pid(server)
         stopped = time.time()
         os.kill(hung, signal.SIGSTOP)
-        endings = [list(e)[-1:] for e in events]
+        errors, finished = endings(events)
         detected = time.time() - stopped
-        errors = sum(1 for end in endings if end and end[0].get("error_type") == "generation")
-        finished = sum(1 for end in endings if end and end[0].get("generated_text") is not None)
-        assert errors + finished == 8 and errors >= 1, endings
         # Not before the timeout (the probe must not fire early), not long after it.
         assert 3 <= detected < 15, detected
         healed = wait_healthy(server, stopped)
         assert not os.path.exists(f"/proc/{hung}"), "the hung shard was left behind"
-        r = requests.post(server.url + "/generate", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["generated_text"] == reference
+        assert quiet_text(server) == reference
         assert gauge(server, "tessera_kv_free_blocks") == total, "KV blocks leaked"
         out = server.output()
         assert "shard 0 did not answer for" in out and "(hung; --shard-hang-timeout): killed it" in out
@@ -170,8 +172,7 @@ def test_router_killed_with_eight_live_streams():
     server = start(TINY / "tiny-llama", "--dtype", "float32", "--prefix-caching", "false")
     try:
         total = gauge(server, "tessera_kv_free_blocks")
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 32}}
-        reference = requests.post(server.url + "/generate", json=body, timeout=60).json()["generated_text"]
+        reference = quiet_text(server)
         shard = shard_pid(server)
         shard_rss = rss_kib(shard)
         events = live_streams(server)
@@ -188,8 +189,7 @@ def test_router_killed_with_eight_live_streams():
         assert broken == 8
         healed = wait_healthy(server, killed)
         assert shard_pid(server) == shard, "the shard kept running"
-        r = requests.post(server.url + "/generate", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["generated_text"] == reference
+        assert quiet_text(server) == reference
         # The new router's warmup sizes the pool afresh from the memory available now.
         pool = gauge(server, "tessera_kv_total_blocks")
         assert gauge(server, "tessera_kv_free_blocks") == pool, "KV blocks leaked"
