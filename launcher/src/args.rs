@@ -85,7 +85,8 @@ pub struct Args {
     #[arg(long, env, default_value = "auto")]
     pub device: String,
     /// Number of tensor-parallel shards: one process per rank, each holding a slice of the
-    /// model. On CPU they talk through shared memory; across GPUs this version has no NCCL yet.
+    /// model. On CPU they talk through shared memory; on GPUs through NCCL, rank r on the r-th
+    /// GPU from `--device`.
     /// Head counts must divide by it (SmolLM2's 9 heads: 1, 3 or 9).
     #[arg(long, env)]
     pub num_shard: Option<usize>,

@@ -140,6 +140,8 @@ pub fn start_shards(
             })?;
         }
     }
+    // The NCCL group id of a previous start must not be read by this one's ranks (GPU groups).
+    let _ = std::fs::remove_file(format!("{}-nccl-id", args.shard_uds_path));
     let mut shards = Vec::with_capacity(world);
     for rank in 0..world {
         tracing::info!("Starting shard {rank}");

@@ -98,6 +98,24 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The device of `rank`: on GPUs, each rank of a group takes its own, counting from the one
+/// asked for (`cuda` is `cuda:0`), as TGI's ranks do.
+fn rank_device(device: Device, rank: usize, world_size: usize) -> anyhow::Result<Device> {
+    match device {
+        Device::Cuda(base) if world_size > 1 => {
+            let count = tch::Cuda::device_count().max(0) as usize;
+            if base + world_size > count {
+                anyhow::bail!(
+                    "--num-shard {world_size} from cuda:{base} needs GPUs {base} to {}, and libtorch sees {count}",
+                    base + world_size - 1
+                );
+            }
+            Ok(Device::Cuda(base + rank))
+        }
+        other => Ok(other),
+    }
+}
+
 /// Pins the process to cores `first-last`; a bad range is an error, a refusal by the kernel
 /// only a warning.
 fn pin(cores: &str) -> anyhow::Result<()> {
@@ -112,20 +130,32 @@ fn pin(cores: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The collectives of a tensor-parallel group: shared memory between the CPU shard processes
-/// of this host. GPU ranks would need NCCL, which this version does not have.
+/// The collectives of a tensor-parallel group: NCCL between GPU ranks, shared memory between
+/// the CPU shard processes of this host.
 fn communicator(
     args: &ServeArgs,
     device: Device,
 ) -> anyhow::Result<Option<Box<dyn tessera_shard::comm::Communicator>>> {
+    use tessera_shard::comm::nccl;
     if args.world_size <= 1 {
         return Ok(None);
     }
-    if device != Device::Cpu {
-        anyhow::bail!(
-            "tensor parallelism across GPUs needs NCCL, which this version of Tessera does not have: \
-             use --num-shard 1, or --device cpu"
+    if device.is_cuda() {
+        let id = nccl::id_path(&args.uds_path);
+        let comm = nccl::NcclComm::new(
+            &id,
+            args.rank,
+            args.world_size,
+            device,
+            std::time::Duration::from_secs(300),
+        )?;
+        tracing::info!(
+            "rank {} of {} joined the NCCL group on {device:?} (NCCL {})",
+            args.rank,
+            args.world_size,
+            nccl::version()?
         );
+        return Ok(Some(Box::new(comm)));
     }
     let port: u16 = std::env::var("MASTER_PORT")
         .ok()
@@ -164,7 +194,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.memory_fraction
         );
     }
-    let device = parse_device(args.device.as_deref())?;
+    let device = rank_device(
+        parse_device(args.device.as_deref())?,
+        args.rank,
+        args.world_size,
+    )?;
     let start = std::time::Instant::now();
     let dir = args.model_dir.clone();
     let dtype = args.dtype.clone();

@@ -3,14 +3,15 @@
 //! A rank holds a slice of every sharded weight; after a row-parallel matmul the partial sums
 //! are added up across ranks (all-reduce), and the vocabulary-parallel logits are put back
 //! together (all-gather). `Communicator` is that contract. `shm::ShmComm` implements it
-//! between processes on one host through a POSIX shared-memory segment, for CPU shards; a
-//! single rank needs no communication at all.
+//! between processes on one host through a POSIX shared-memory segment, for CPU shards;
+//! `nccl::NcclComm` between GPU ranks; a single rank needs no communication at all.
 //!
 //! Every rank must call the same collectives in the same order with tensors of the same shape
 //! and dtype, as the router drives all ranks through the same batches. Results are identical
 //! on every rank, bit for bit: each rank adds the contributions in rank order, so sampling on
 //! every rank picks the same tokens.
 
+pub mod nccl;
 pub mod shm;
 
 use tch::Tensor;
@@ -36,6 +37,12 @@ pub enum CommError {
     Setup { path: String, reason: String },
     #[error("unsupported tensor for a collective: {0}")]
     Tensor(String),
+    #[error("{op} failed: {message} (NCCL error {code})")]
+    Nccl {
+        op: &'static str,
+        code: i32,
+        message: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, CommError>;
