@@ -77,7 +77,9 @@ pub struct Args {
     /// The Hub revision (branch, tag or commit) of `--model-id`.
     #[arg(long, env)]
     pub revision: Option<String>,
-    /// Run dtype. Defaults to the checkpoint's own dtype (float16 runs as bfloat16 on CPU).
+    /// Run dtype. Defaults to the checkpoint's own dtype, except on a CPU without native bf16
+    /// arithmetic (AVX-512 BF16), where 16-bit checkpoints run as float32 (the faster there).
+    /// float16 runs as bfloat16 on CPU.
     #[arg(long, env, value_enum)]
     pub dtype: Option<Dtype>,
     /// Where the shards run: `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.

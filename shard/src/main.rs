@@ -37,7 +37,8 @@ struct ServeArgs {
     /// Base path of the sockets; this rank listens on `{uds_path}-{rank}`.
     #[arg(long, default_value = "/tmp/tessera-server")]
     uds_path: String,
-    /// Run dtype (float32, bfloat16, float16). Defaults to the checkpoint's dtype.
+    /// Run dtype (float32, bfloat16, float16). Defaults to the checkpoint's dtype (float32 on
+    /// a CPU without native bf16).
     #[arg(long)]
     dtype: Option<String>,
     /// auto, cpu, cuda or cuda:N. Defaults to CUDA when available.

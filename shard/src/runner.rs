@@ -81,6 +81,35 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
+/// The run dtype when `--dtype` is not given, from the checkpoint's. On a CPU without native
+/// bf16 arithmetic (AVX-512 BF16 on x86), a 16-bit checkpoint runs in f32: libtorch emulates
+/// bf16 matmuls there by widening, which makes them several times slower than f32 (a 4096-token
+/// prefill of SmolLM2-135M on a Zen 3 core pair: 70 s in bf16), and less exact.
+pub fn default_kind(checkpoint: Kind, device: Device) -> Kind {
+    let reduced = matches!(checkpoint, Kind::BFloat16 | Kind::Half);
+    if device == Device::Cpu && reduced && !cpu_has_native_bf16() {
+        tracing::info!(
+            "this CPU has no native bf16 arithmetic: running the {} checkpoint in float32 \
+             (--dtype bfloat16 forces bf16)",
+            kind_name(checkpoint)
+        );
+        return Kind::Float;
+    }
+    checkpoint
+}
+
+/// Whether this CPU computes bf16 natively. Outside x86 the checkpoint's dtype is trusted.
+pub fn cpu_has_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
+    }
+}
+
 /// The id of tokenizer_config.json's `eos_token`.
 fn tokenizer_eos(dir: &Path, tokenizer: &Tokenizer) -> Option<u32> {
     let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
@@ -128,11 +157,14 @@ impl Runner {
             Some(d) => {
                 parse_kind(d).ok_or_else(|| ShardError::Request(format!("unknown dtype `{d}`")))?
             }
-            None => config
-                .torch_dtype
-                .as_deref()
-                .and_then(parse_kind)
-                .unwrap_or(Kind::Float),
+            None => default_kind(
+                config
+                    .torch_dtype
+                    .as_deref()
+                    .and_then(parse_kind)
+                    .unwrap_or(Kind::Float),
+                device,
+            ),
         };
         // f16 matmuls are unusably slow on CPU; bf16 has the same size and range enough.
         let kind = if kind == Kind::Half && device == Device::Cpu {

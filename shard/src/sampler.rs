@@ -321,11 +321,7 @@ pub fn choose_batch(
         .unwrap_or(0)
         .min(vocab as usize);
     let top = if max_n > 0 {
-        let (v, i) = logprobs.topk(max_n as i64, -1, true, true);
-        Some((
-            Vec::<f32>::try_from(v.to_device(Device::Cpu).reshape([-1]))?,
-            Vec::<i64>::try_from(i.to_device(Device::Cpu).reshape([-1]))?,
-        ))
+        Some(top_n(&logprobs, max_n)?)
     } else {
         None
     };
@@ -343,6 +339,40 @@ pub fn choose_batch(
             },
         })
         .collect())
+}
+
+/// The `n` best `(logprob, id)` of each row, flattened row by row, best first and, among equal
+/// logprobs, lowest id first. That is the order `argmax` breaks ties in, so a greedy token is
+/// always its row's first alternative; `topk` alone orders ties arbitrarily, and bf16 logits
+/// tie often.
+fn top_n(logprobs: &Tensor, n: usize) -> Result<(Vec<f32>, Vec<i64>)> {
+    let (v, i) = logprobs.topk(n as i64, -1, true, true);
+    let mut values = Vec::<f32>::try_from(v.to_device(Device::Cpu).reshape([-1]))?;
+    let mut ids = Vec::<i64>::try_from(i.to_device(Device::Cpu).reshape([-1]))?;
+    // Every entry tied with a row's n-th value competes for the last places, including those
+    // `topk` left out. A huge tie (a grammar mask leaves -inf everywhere) keeps `topk`'s pick.
+    let last = v.narrow(1, n as i64 - 1, 1);
+    let tied = logprobs.eq_tensor(&last);
+    let rows = values.len() / n;
+    if tied.sum(Kind::Int64).int64_value(&[]) > (rows * (n + 64)) as i64 {
+        return Ok((values, ids));
+    }
+    let mask = logprobs.ge_tensor(&last);
+    // `masked_select` lists values in the row-major order `nonzero` lists positions in.
+    let at = Vec::<i64>::try_from(mask.nonzero().to_device(Device::Cpu).reshape([-1]))?;
+    let picked = Vec::<f32>::try_from(logprobs.masked_select(&mask).to_device(Device::Cpu))?;
+    let mut row_entries: Vec<Vec<(f32, i64)>> = vec![Vec::new(); rows];
+    for (pair, &value) in at.chunks_exact(2).zip(&picked) {
+        row_entries[pair[0] as usize].push((value, pair[1]));
+    }
+    for (r, mut entries) in row_entries.into_iter().enumerate() {
+        entries.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (j, (value, id)) in entries.into_iter().take(n).enumerate() {
+            values[r * n + j] = value;
+            ids[r * n + j] = id;
+        }
+    }
+    Ok((values, ids))
 }
 
 #[cfg(test)]

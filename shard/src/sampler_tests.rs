@@ -161,3 +161,15 @@ fn watermark_greenlist_is_torchs_permutation() {
     let c = &choose(&vec![0.0; 4096], &mut [seq(&[7], 1, p, 0)])[0];
     assert_eq!(mask.int64_value(&[c.token as i64]), 1);
 }
+
+#[test]
+fn ties_order_top_n_by_id_so_greedy_comes_first() {
+    // Tokens 1 and 3 tie for best, 0 and 2 tie for next: ordered by id, as argmax breaks ties.
+    for n in [1, 2, 3, 4] {
+        let mut s = [seq(&[0], 1, SamplingParams::default(), n)];
+        let c = &choose(&[0.5, 2.0, 0.5, 2.0], &mut s)[0];
+        assert_eq!(c.token, 1);
+        let ids: Vec<u32> = c.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0, 2][..n].to_vec(), "top {n}");
+    }
+}
