@@ -5,14 +5,15 @@
 //! dot product of `head_dim` lanes), take a softmax in f32 (with Gemma-style soft-capping and
 //! a sliding window when the layer has one), and accumulate the values in f32 registers. The
 //! libtorch alternative spends most of its time on the gathers and on per-op overhead, which
-//! at one token per sequence is most of the work.
+//! at one token per sequence is most of the work. The loop is written once over a small
+//! vector interface (`Lanes`) and built for AVX-512 and for AVX2 + FMA.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
 use tch::{Kind, Tensor};
 
-use super::supported;
+use super::{isa, Isa};
 
 /// Shape and score shaping of one layer's attention.
 #[derive(Clone, Copy, Debug)]
@@ -25,13 +26,27 @@ pub struct DecodeShape {
     pub window: Option<usize>,
 }
 
-/// The most `head_dim / 16` accumulators the value sum keeps in registers.
-const MAX_CHUNKS: usize = 16;
+/// The largest head the kernel takes: its value accumulators live in a fixed array.
+const MAX_HEAD_DIM: usize = 256;
+/// Accumulators for `MAX_HEAD_DIM` lanes at the narrowest width (AVX2's 8).
+const MAX_CHUNKS: usize = MAX_HEAD_DIM / 8;
 
 /// Attention of `q` (`[B, heads, head_dim]`) over the pool tensors `keys`/`values`
 /// (`[slots, kv_heads, head_dim]`), sequence `b` seeing the slots `context[b]` in position
 /// order. Returns `[B, heads * head_dim]` in the pool's dtype, or `None` when no kernel applies.
 pub fn decode_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    context: &[&[i64]],
+    shape: DecodeShape,
+) -> Option<Tensor> {
+    decode_attention_on(isa(keys.kind())?, q, keys, values, context, shape)
+}
+
+/// `decode_attention` with a chosen instruction set, which the caller has checked the CPU has.
+fn decode_attention_on(
+    isa: Isa,
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
@@ -54,14 +69,14 @@ pub fn decode_attention(
         || h as usize != num_heads
         || d as usize != head_dim
         || head_dim % 16 != 0
-        || head_dim / 16 > MAX_CHUNKS
+        || head_dim > MAX_HEAD_DIM
         || num_heads % num_kv_heads != 0
         || !keys.is_contiguous()
         || !values.is_contiguous()
         || context
             .iter()
             .any(|c| c.is_empty() || c.iter().any(|&s| s < 0 || s as usize >= slots))
-        || !supported(kind)
+        || !matches!(kind, Kind::Float | Kind::BFloat16)
     {
         return None;
     }
@@ -69,7 +84,7 @@ pub fn decode_attention(
     let out = Tensor::empty([b, h * d], (kind, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `q`, `keys`, `values` and `out` are contiguous CPU tensors of `kind` with the
-    // shapes checked above, every slot is inside the pool, and `supported` checked the CPU.
+    // shapes checked above, every slot is inside the pool, and `isa` checked the CPU.
     unsafe {
         let (qp, kp, vp, op) = (
             q.data_ptr(),
@@ -92,9 +107,12 @@ pub fn decode_attention(
                     vp as *const u8,
                     op as *mut u8,
                 );
-                match kind {
-                    Kind::Float => job.run::<false>(ptrs, &mut scores),
-                    _ => job.run::<true>(ptrs, &mut scores),
+                let bf16 = kind == Kind::BFloat16;
+                match (isa, bf16) {
+                    (Isa::Avx512, false) => job.run_avx512::<false>(ptrs, &mut scores),
+                    (Isa::Avx512, true) => job.run_avx512::<true>(ptrs, &mut scores),
+                    (Isa::Avx2, false) => job.run_avx2::<false>(ptrs, &mut scores),
+                    (Isa::Avx2, true) => job.run_avx2::<true>(ptrs, &mut scores),
                 }
             }
         }
@@ -102,33 +120,124 @@ pub fn decode_attention(
     Some(out)
 }
 
-/// Loads 16 elements (f32, or bf16 carried as `u16` when `BF16`) as f32 lanes.
+/// The vector operations the kernel needs. Elements are f32, or bf16 carried as `u16` when
+/// `BF16` (a bf16 is the top half of an f32); lanes are always f32. Every method is
+/// `inline(always)` and is only called from a function built with its instruction set.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn load16<const BF16: bool>(p: *const u8) -> __m512 {
-    if BF16 {
-        // A bf16 is the top half of an f32.
-        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
-        _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
-    } else {
-        _mm512_loadu_ps(p as *const f32)
+trait Lanes {
+    type V: Copy;
+    const WIDTH: usize;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load<const BF16: bool>(p: *const u8) -> Self::V;
+    /// bf16 rounds to nearest even, as libtorch converts.
+    unsafe fn store<const BF16: bool>(p: *mut u8, v: Self::V);
+    unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sum(v: Self::V) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    type V = __m512;
+    const WIDTH: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load<const BF16: bool>(p: *const u8) -> __m512 {
+        if BF16 {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
+        } else {
+            _mm512_loadu_ps(p as *const f32)
+        }
+    }
+    #[inline(always)]
+    unsafe fn store<const BF16: bool>(p: *mut u8, v: __m512) {
+        if BF16 {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            let rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+            let narrow = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+            _mm256_storeu_si256(p as *mut __m256i, narrow);
+        } else {
+            _mm512_storeu_ps(p as *mut f32, v)
+        }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
     }
 }
 
-/// Stores 16 f32 lanes as elements; bf16 rounds to nearest even, as libtorch converts.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn store16<const BF16: bool>(p: *mut u8, v: __m512) {
-    if BF16 {
-        let bits = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        let rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
-        let narrow = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-        _mm256_storeu_si256(p as *mut __m256i, narrow);
-    } else {
-        _mm512_storeu_ps(p as *mut f32, v)
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    type V = __m256;
+    const WIDTH: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load<const BF16: bool>(p: *const u8) -> __m256 {
+        if BF16 {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+    #[inline(always)]
+    unsafe fn store<const BF16: bool>(p: *mut u8, v: __m256) {
+        if BF16 {
+            let bits = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+            let rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb);
+            let high = _mm256_srli_epi32(rounded, 16);
+            // packus works within 128-bit halves: the 8 results land in 64-bit blocks 0 and 2.
+            let packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0b1000);
+            _mm_storeu_si128(p as *mut __m128i, _mm256_castsi256_si128(packed));
+        } else {
+            _mm256_storeu_ps(p as *mut f32, v)
+        }
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 }
 
@@ -140,17 +249,28 @@ struct Job<'a> {
     first_head: usize,
 }
 
+/// `q`, the pool's keys and values, and the output, as raw element pointers.
+#[cfg(target_arch = "x86_64")]
+type Ptrs = (*const u8, *const u8, *const u8, *mut u8);
+
 #[cfg(target_arch = "x86_64")]
 impl Job<'_> {
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn run<const BF16: bool>(
-        &self,
-        (q, k, v, out): (*const u8, *const u8, *const u8, *mut u8),
-        scores: &mut Vec<f32>,
-    ) {
+    unsafe fn run_avx512<const BF16: bool>(&self, ptrs: Ptrs, scores: &mut Vec<f32>) {
+        self.run::<Avx512, BF16>(ptrs, scores)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2<const BF16: bool>(&self, ptrs: Ptrs, scores: &mut Vec<f32>) {
+        self.run::<Avx2, BF16>(ptrs, scores)
+    }
+
+    #[inline(always)]
+    unsafe fn run<L: Lanes, const BF16: bool>(&self, (q, k, v, out): Ptrs, scores: &mut Vec<f32>) {
         let elt = if BF16 { 2 } else { 4 };
         let s = self.shape;
-        let (hd, chunks) = (s.head_dim, s.head_dim / 16);
+        let (hd, width) = (s.head_dim, L::WIDTH);
+        let chunks = hd / width;
         let group = s.num_heads / s.num_kv_heads;
         let row = s.num_kv_heads * hd;
         let len = self.ctx.len();
@@ -161,18 +281,18 @@ impl Job<'_> {
         for g in 0..group {
             let head = self.first_head + g;
             let qh = q.add(head * hd * elt);
-            let mut qv = [_mm512_setzero_ps(); MAX_CHUNKS];
+            let mut qv = [L::zero(); MAX_CHUNKS];
             for (c, lane) in qv.iter_mut().enumerate().take(chunks) {
-                *lane = load16::<BF16>(qh.add(c * 16 * elt));
+                *lane = L::load::<BF16>(qh.add(c * width * elt));
             }
             let mut max = f32::NEG_INFINITY;
             for (j, &slot) in seen.iter().enumerate() {
                 let kr = k.add((slot as usize * row + self.kv_head * hd) * elt);
-                let mut acc = _mm512_setzero_ps();
+                let mut acc = L::zero();
                 for (c, lane) in qv.iter().enumerate().take(chunks) {
-                    acc = _mm512_fmadd_ps(*lane, load16::<BF16>(kr.add(c * 16 * elt)), acc);
+                    acc = L::fmadd(*lane, L::load::<BF16>(kr.add(c * width * elt)), acc);
                 }
-                let mut score = _mm512_reduce_add_ps(acc) * s.scale;
+                let mut score = L::sum(acc) * s.scale;
                 if let Some(cap) = s.softcap {
                     score = (score / cap).tanh() * cap;
                 }
@@ -184,18 +304,18 @@ impl Job<'_> {
                 *x = (*x - max).exp();
                 sum += *x;
             }
-            let mut acc = [_mm512_setzero_ps(); MAX_CHUNKS];
+            let mut acc = [L::zero(); MAX_CHUNKS];
             for (j, &slot) in seen.iter().enumerate() {
                 let vr = v.add((slot as usize * row + self.kv_head * hd) * elt);
-                let p = _mm512_set1_ps(scores[j]);
+                let p = L::splat(scores[j]);
                 for (c, lane) in acc.iter_mut().enumerate().take(chunks) {
-                    *lane = _mm512_fmadd_ps(p, load16::<BF16>(vr.add(c * 16 * elt)), *lane);
+                    *lane = L::fmadd(p, L::load::<BF16>(vr.add(c * width * elt)), *lane);
                 }
             }
-            let norm = _mm512_set1_ps(1.0 / sum);
+            let norm = L::splat(1.0 / sum);
             let oh = out.add(head * hd * elt);
             for (c, lane) in acc.iter().enumerate().take(chunks) {
-                store16::<BF16>(oh.add(c * 16 * elt), _mm512_mul_ps(*lane, norm));
+                L::store::<BF16>(oh.add(c * width * elt), L::mul(*lane, norm));
             }
         }
     }
@@ -243,40 +363,43 @@ mod tests {
     #[test]
     fn matches_libtorch_with_gqa_windows_and_softcap() {
         for kind in [Kind::Float, Kind::BFloat16] {
-            if !supported(kind) {
+            let Some(best) = isa(kind) else {
                 eprintln!("skipping {kind:?}: no kernel for this CPU");
                 continue;
-            }
-            for (nh, nkv, hd, softcap, window) in [
-                (9, 3, 64, None, None),
-                (4, 4, 32, Some(50.0), None),
-                (8, 2, 16, None, Some(5)),
-                (2, 1, 128, Some(3.0), Some(40)),
-            ] {
-                let slots = 64;
-                let k = wave(&[slots, nkv, hd], 0.31).to_kind(kind);
-                let v = wave(&[slots, nkv, hd], 0.17).to_kind(kind);
-                let q = wave(&[3, nh, hd], 0.23).to_kind(kind);
-                let a: Vec<i64> = (0..17).map(|i| (i * 7) % slots).collect();
-                let b: Vec<i64> = vec![63];
-                let c: Vec<i64> = (10..60).collect();
-                let ctx: Vec<&[i64]> = vec![&a, &b, &c];
-                let shape = DecodeShape {
-                    num_heads: nh as usize,
-                    num_kv_heads: nkv as usize,
-                    head_dim: hd as usize,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                    softcap,
-                    window,
-                };
-                let got = decode_attention(&q, &k, &v, &ctx, shape).expect("kernel");
-                let want = reference(&q, &k, &v, &ctx, shape);
-                let err = (got.to_kind(Kind::Double) - want)
-                    .abs()
-                    .max()
-                    .double_value(&[]);
-                let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
-                assert!(err < tol, "{kind:?} {nh}/{nkv}x{hd}: error {err}");
+            };
+            // The AVX2 build is checked on AVX-512 machines too.
+            for isa in [best, Isa::Avx2] {
+                for (nh, nkv, hd, softcap, window) in [
+                    (9, 3, 64, None, None),
+                    (4, 4, 32, Some(50.0), None),
+                    (8, 2, 16, None, Some(5)),
+                    (2, 1, 128, Some(3.0), Some(40)),
+                ] {
+                    let slots = 64;
+                    let k = wave(&[slots, nkv, hd], 0.31).to_kind(kind);
+                    let v = wave(&[slots, nkv, hd], 0.17).to_kind(kind);
+                    let q = wave(&[3, nh, hd], 0.23).to_kind(kind);
+                    let a: Vec<i64> = (0..17).map(|i| (i * 7) % slots).collect();
+                    let b: Vec<i64> = vec![63];
+                    let c: Vec<i64> = (10..60).collect();
+                    let ctx: Vec<&[i64]> = vec![&a, &b, &c];
+                    let shape = DecodeShape {
+                        num_heads: nh as usize,
+                        num_kv_heads: nkv as usize,
+                        head_dim: hd as usize,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        softcap,
+                        window,
+                    };
+                    let got = decode_attention_on(isa, &q, &k, &v, &ctx, shape).expect("kernel");
+                    let want = reference(&q, &k, &v, &ctx, shape);
+                    let err = (got.to_kind(Kind::Double) - want)
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let tol = if kind == Kind::Float { 1e-5 } else { 2e-2 };
+                    assert!(err < tol, "{kind:?} {isa:?} {nh}/{nkv}x{hd}: error {err}");
+                }
             }
         }
     }

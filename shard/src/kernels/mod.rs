@@ -5,36 +5,60 @@
 //! read bandwidth on these shapes and pay fixed costs per op that dominate tiny tensors, so the
 //! two hot spots have hand-written AVX-512 versions here: `matvec` (weights times a few rows)
 //! and `attention` (one query token per sequence against its paged context). They run on the
-//! calling thread, need AVX-512 (and AVX-512 BF16 for bf16), and every caller falls back to
-//! libtorch when `supported` says no. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
+//! calling thread. `attention` needs AVX-512 (and AVX-512 BF16 for bf16); `matvec` also has
+//! an AVX2 + FMA version for the many CPUs without AVX-512 (Zen 2 and 3, most client Intel).
+//! Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns
+//! them off, for comparison.
 
 pub mod attention;
 mod matvec;
+mod threads;
 
 pub use attention::decode_attention;
 pub use matvec::{matvec, MAX_ROWS};
 
 use tch::Kind;
 
-pub(crate) fn supported(kind: Kind) -> bool {
+/// The instruction sets a kernel can be built on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    /// AVX2 and FMA: half the vector width, and bf16 widened to f32 by shifts.
+    Avx2,
+}
+
+/// The best kernel instruction set for `kind` on this CPU, or `None` (libtorch only).
+pub(crate) fn isa(kind: Kind) -> Option<Isa> {
     #[cfg(target_arch = "x86_64")]
     {
-        static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let f32_ok = *F32.get_or_init(|| {
-            std::env::var_os("TESSERA_NO_KERNELS").is_none() && is_x86_feature_detected!("avx512f")
+        use std::sync::OnceLock;
+        static F32: OnceLock<Option<Isa>> = OnceLock::new();
+        static BF16: OnceLock<Option<Isa>> = OnceLock::new();
+        let f32_isa = *F32.get_or_init(|| {
+            if std::env::var_os("TESSERA_NO_KERNELS").is_some() {
+                None
+            } else if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                Some(Isa::Avx512)
+            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
         });
         match kind {
-            Kind::Float => f32_ok,
-            Kind::BFloat16 => {
-                *BF16.get_or_init(|| f32_ok && is_x86_feature_detected!("avx512bf16"))
-            }
-            _ => false,
+            Kind::Float => f32_isa,
+            Kind::BFloat16 => *BF16.get_or_init(|| match f32_isa {
+                Some(Isa::Avx512) if is_x86_feature_detected!("avx512bf16") => Some(Isa::Avx512),
+                // bf16 is widened to f32 on AVX2, which any AVX-512 CPU also has.
+                Some(_) => Some(Isa::Avx2),
+                None => None,
+            }),
+            _ => None,
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = kind;
-        false
+        None
     }
 }
