@@ -83,21 +83,23 @@ fn decode_attention_on(
     let q = q.contiguous();
     let out = Tensor::empty([b, h * d], (kind, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `q`, `keys`, `values` and `out` are contiguous CPU tensors of `kind` with the
-    // shapes checked above, every slot is inside the pool, and `isa` checked the CPU.
-    unsafe {
+    {
+        // Addresses, so that parts of the work can run on libtorch's other threads.
         let (qp, kp, vp, op) = (
-            q.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            out.data_ptr(),
+            q.data_ptr() as usize,
+            keys.data_ptr() as usize,
+            values.data_ptr() as usize,
+            out.data_ptr() as usize,
         );
-        let mut scores = Vec::new();
-        for (seq, ctx) in context.iter().enumerate() {
-            for kvh in 0..num_kv_heads {
+        let bf16 = kind == Kind::BFloat16;
+        // One job per sequence and KV head; a part is a range of jobs.
+        let run = |jobs: std::ops::Range<usize>| {
+            let mut scores = Vec::new();
+            for index in jobs {
+                let (seq, kvh) = (index / num_kv_heads, index % num_kv_heads);
                 let job = Job {
                     shape,
-                    ctx,
+                    ctx: context[seq],
                     kv_head: kvh,
                     first_head: seq * num_heads + kvh * (num_heads / num_kv_heads),
                 };
@@ -107,15 +109,23 @@ fn decode_attention_on(
                     vp as *const u8,
                     op as *mut u8,
                 );
-                let bf16 = kind == Kind::BFloat16;
-                match (isa, bf16) {
-                    (Isa::Avx512, false) => job.run_avx512::<false>(ptrs, &mut scores),
-                    (Isa::Avx512, true) => job.run_avx512::<true>(ptrs, &mut scores),
-                    (Isa::Avx2, false) => job.run_avx2::<false>(ptrs, &mut scores),
-                    (Isa::Avx2, true) => job.run_avx2::<true>(ptrs, &mut scores),
+                // SAFETY: `q`, `keys`, `values` and `out` are contiguous CPU tensors of `kind`
+                // with the shapes checked above, alive until `split` returns; every slot is
+                // inside the pool; jobs write disjoint heads of `out`; the caller checked the
+                // CPU features.
+                unsafe {
+                    match (isa, bf16) {
+                        (Isa::Avx512, false) => job.run_avx512::<false>(ptrs, &mut scores),
+                        (Isa::Avx512, true) => job.run_avx512::<true>(ptrs, &mut scores),
+                        (Isa::Avx2, false) => job.run_avx2::<false>(ptrs, &mut scores),
+                        (Isa::Avx2, true) => job.run_avx2::<true>(ptrs, &mut scores),
+                    }
                 }
             }
-        }
+        };
+        // Below ~64K multiply-adds the hand-off to other threads costs more than it saves.
+        let work: usize = context.iter().map(|c| c.len()).sum::<usize>() * num_heads * head_dim;
+        super::threads::split(context.len() * num_kv_heads, 1, work >= 1 << 16, &run);
     }
     Some(out)
 }
@@ -401,6 +411,37 @@ mod tests {
                     assert!(err < tol, "{kind:?} {isa:?} {nh}/{nkv}x{hd}: error {err}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn many_sequences_split_across_threads_equal_each_alone() {
+        let Some(isa) = isa(Kind::Float) else {
+            eprintln!("skipping: no kernel for this CPU");
+            return;
+        };
+        let (slots, nh, nkv, hd) = (512, 9, 3, 64);
+        let k = wave(&[slots, nkv, hd], 0.31);
+        let v = wave(&[slots, nkv, hd], 0.17);
+        let q = wave(&[40, nh, hd], 0.23);
+        // 40 sequences of 20 to 137 positions: enough work to be split across threads.
+        let ctx: Vec<Vec<i64>> = (0..40)
+            .map(|b| (0..20 + 3 * b).map(|i| (i * 11 + b * 5) % slots).collect())
+            .collect();
+        let refs: Vec<&[i64]> = ctx.iter().map(|c| c.as_slice()).collect();
+        let shape = DecodeShape {
+            num_heads: nh as usize,
+            num_kv_heads: nkv as usize,
+            head_dim: hd as usize,
+            scale: 0.125,
+            softcap: None,
+            window: None,
+        };
+        let all = decode_attention_on(isa, &q, &k, &v, &refs, shape).expect("kernel");
+        for (b, c) in refs.iter().enumerate() {
+            let one = decode_attention_on(isa, &q.narrow(0, b as i64, 1), &k, &v, &[*c], shape)
+                .expect("kernel");
+            assert!(all.get(b as i64).equal(&one.get(0)), "sequence {b}");
         }
     }
 

@@ -188,11 +188,11 @@ pub fn attend(
     }
     if let Some(d) = &input.decode {
         let b = d.lens.len() as i64;
-        // CPU, few sequences: the AVX-512 kernel reads the pool through the slot table and
-        // skips libtorch's gathers and per-op costs. Its softmax is scalar, so from 9
-        // sequences on the fused libtorch paths below win (docs/benchmarks.md).
-        let few = d.lens.len() <= crate::kernels::MAX_ROWS;
-        let contexts: Vec<&[i64]> = if few {
+        // CPU: the kernel reads the pool through the slot table, on libtorch's threads, and
+        // skips the gathers and per-op costs of the libtorch paths below (which CUDA and CPUs
+        // without AVX2 take).
+        let cpu = q.device() == tch::Device::Cpu;
+        let contexts: Vec<&[i64]> = if cpu {
             (0..d.lens.len()).map(|i| d.slots(i)).collect()
         } else {
             Vec::new()
@@ -206,7 +206,7 @@ pub fn attend(
             window,
         };
         let (keys, values) = pool.layer(layer);
-        let kernel = few
+        let kernel = cpu
             .then(|| {
                 crate::kernels::decode_attention(
                     &q.narrow(0, d.start, b),
