@@ -6,8 +6,8 @@
 //! the very cores another pool's threads would wake on, and each hand-off would pay a futex
 //! wake-up. So the parts run on libtorch's OpenMP team itself, through libgomp's entry point
 //! for `#pragma omp parallel` (`GOMP_parallel`), found with `dlsym` in the libgomp that
-//! libtorch_cpu loads. The team is as large as `at::set_num_threads` made it (the launcher's
-//! per-shard thread budget). Without libgomp (another OpenMP runtime, another platform) the
+//! libtorch_cpu loads. The team is as large as libtorch's intra-op thread count (the
+//! launcher's per-shard thread budget). Without libgomp (another OpenMP runtime, another platform) the
 //! work runs on the calling thread.
 
 use std::ffi::{c_int, c_uint, c_void, CStr};
@@ -21,7 +21,6 @@ struct Gomp {
     parallel: Parallel,
     thread_num: Query,
     num_threads: Query,
-    max_threads: Query,
 }
 
 fn gomp() -> Option<&'static Gomp> {
@@ -35,14 +34,12 @@ fn gomp() -> Option<&'static Gomp> {
         let parallel = find(c"GOMP_parallel")?;
         let thread_num = find(c"omp_get_thread_num")?;
         let num_threads = find(c"omp_get_num_threads")?;
-        let max_threads = find(c"omp_get_max_threads")?;
         // SAFETY: these are libgomp's exported functions, whose C signatures the types spell.
         unsafe {
             Some(Gomp {
                 parallel: std::mem::transmute::<*mut c_void, Parallel>(parallel),
                 thread_num: std::mem::transmute::<*mut c_void, Query>(thread_num),
                 num_threads: std::mem::transmute::<*mut c_void, Query>(num_threads),
-                max_threads: std::mem::transmute::<*mut c_void, Query>(max_threads),
             })
         }
     })
@@ -86,9 +83,9 @@ pub fn split(n: usize, align: usize, split: bool, run: &(dyn Fn(Range<usize>) + 
     let Some(gomp) = gomp().filter(|_| split) else {
         return run(0..n);
     };
-    // SAFETY: a plain query of the OpenMP runtime.
-    let threads = unsafe { (gomp.max_threads)() }.max(1) as usize;
-    // A region nested in another (a caller already inside libtorch's team) gets one thread.
+    // libtorch's count, which also sets this thread's OpenMP count on its first use here
+    // (OpenMP keeps one per thread, and a new thread would otherwise get the default).
+    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
     if threads == 1 || n < 2 * align.max(1) {
         return run(0..n);
     }
@@ -98,9 +95,16 @@ pub fn split(n: usize, align: usize, split: bool, run: &(dyn Fn(Range<usize>) + 
         align,
         gomp,
     };
-    // SAFETY: `member` only reads `team`, which outlives the region; 0 threads means the
-    // default team size, which is `threads`.
-    unsafe { (gomp.parallel)(member, &team as *const Team as *mut c_void, 0, 0) };
+    // SAFETY: `member` only reads `team`, which outlives the region. (A region nested in
+    // another, should a caller already be on the team, gets one thread: still correct.)
+    unsafe {
+        (gomp.parallel)(
+            member,
+            &team as *const Team as *mut c_void,
+            threads as c_uint,
+            0,
+        )
+    };
 }
 
 #[cfg(test)]
