@@ -4,6 +4,7 @@ answers 200, median of N runs, split into shard load + warmup as the launcher lo
 
 Run: `make bench` (or `.venv/bin/python benchmark/startup.py [N]`).
 """
+import json
 import os
 import re
 import signal
@@ -44,11 +45,13 @@ def one_run():
             raise SystemExit("server did not start")
         time.sleep(0.05)
     total = time.perf_counter() - start
+    # The run dtype depends on the CPU (f32 where it has no native bf16).
+    dtype = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=5))["dtype"]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     log.seek(0)
     shard = float(re.search(r"Shard ready in ([0-9.]+)s", log.read()).group(1))
-    return total, shard
+    return total, shard, dtype
 
 
 def main():
@@ -56,7 +59,7 @@ def main():
     runs = [one_run() for _ in range(n)]
     total = statistics.median(r[0] for r in runs)
     shard = statistics.median(r[1] for r in runs)
-    print(f"startup of SmolLM2-135M-Instruct (bf16), median of {n}: {total:.2f} s to /health 200 "
+    print(f"startup of SmolLM2-135M-Instruct ({runs[0][2]}), median of {n}: {total:.2f} s to /health 200 "
           f"(shard load {shard:.2f} s, router warmup and the rest {total - shard:.2f} s)")
 
 
