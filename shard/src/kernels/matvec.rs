@@ -4,8 +4,9 @@
 //! memory. libtorch's CPU kernels reach about half of the machine's read bandwidth on these
 //! shapes (11-17 GB/s against 32 GB/s on the development VM, docs/benchmarks.md), while one
 //! core streaming rows with AVX-512 reaches close to all of it. So rows of `x` are multiplied
-//! here, on the calling thread, with AVX-512 (and AVX-512 BF16 for bf16 weights) where the CPU
-//! has it and AVX2 + FMA otherwise; without either, everything goes to libtorch. Each weight
+//! here, with AVX-512 (and AVX-512 BF16 for bf16 weights) where the CPU has it and AVX2 + FMA
+//! otherwise, the output columns split across libtorch's threads for the CPUs where one core
+//! cannot read as fast as the memory; without either, everything goes to libtorch. Each weight
 //! row is read once for all rows of `x`, with enough accumulators per row to hide FMA latency;
 //! the counts are const generics so the accumulators stay in registers. Past 8 rows the work
 //! is compute-bound and libtorch's blocked GEMM is the better tool.

@@ -3,12 +3,12 @@
 //! A decode step at small batch reads every weight once and a little KV cache per sequence:
 //! it can only be as fast as memory. libtorch's CPU kernels reach about half of the machine's
 //! read bandwidth on these shapes and pay fixed costs per op that dominate tiny tensors, so the
-//! two hot spots have hand-written AVX-512 versions here: `matvec` (weights times a few rows)
-//! and `attention` (one query token per sequence against its paged context). They run on the
-//! calling thread. `attention` needs AVX-512 (and AVX-512 BF16 for bf16); `matvec` also has
-//! an AVX2 + FMA version for the many CPUs without AVX-512 (Zen 2 and 3, most client Intel).
-//! Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns
-//! them off, for comparison.
+//! two hot spots are hand-written here: `matvec` (weights times a few rows) and `attention`
+//! (one query token per sequence against its paged context). Each is built for AVX-512 (with
+//! AVX-512 BF16 for bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most
+//! client Intel), and runs its parts on libtorch's own threads (`threads`). Every caller falls
+//! back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for
+//! comparison.
 
 pub mod attention;
 mod matvec;
