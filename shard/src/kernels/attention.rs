@@ -145,6 +145,7 @@ trait Lanes {
     unsafe fn store<const BF16: bool>(p: *mut u8, v: Self::V);
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
 }
 
@@ -191,6 +192,10 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
         _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
     }
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
@@ -245,6 +250,10 @@ impl Lanes for Avx2 {
         _mm256_mul_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
     unsafe fn sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -296,40 +305,99 @@ impl Job<'_> {
             for (c, lane) in qv.iter_mut().enumerate().take(chunks) {
                 *lane = L::load::<BF16>(qh.add(c * width * elt));
             }
-            let mut max = f32::NEG_INFINITY;
-            for (j, &slot) in seen.iter().enumerate() {
-                let kr = k.add((slot as usize * row + self.kv_head * hd) * elt);
+            // Keys four at a time, two accumulators each: a single key's dot product is one
+            // chain of dependent FMAs, which would leave the FMA units waiting on latency.
+            let key = |j: usize| k.add((seen[j] as usize * row + self.kv_head * hd) * elt);
+            let mut j = 0;
+            while j + 4 <= seen.len() {
+                let kr = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+                let mut even = [L::zero(); 4];
+                let mut odd = [L::zero(); 4];
+                let mut c = 0;
+                while c + 2 <= chunks {
+                    for t in 0..4 {
+                        let at = kr[t].add(c * width * elt);
+                        even[t] = L::fmadd(qv[c], L::load::<BF16>(at), even[t]);
+                        odd[t] = L::fmadd(qv[c + 1], L::load::<BF16>(at.add(width * elt)), odd[t]);
+                    }
+                    c += 2;
+                }
+                if c < chunks {
+                    for t in 0..4 {
+                        let at = kr[t].add(c * width * elt);
+                        even[t] = L::fmadd(qv[c], L::load::<BF16>(at), even[t]);
+                    }
+                }
+                for t in 0..4 {
+                    scores[j + t] = L::sum(L::add(even[t], odd[t]));
+                }
+                j += 4;
+            }
+            for (j, score) in scores.iter_mut().enumerate().skip(j) {
+                let kr = key(j);
                 let mut acc = L::zero();
                 for (c, lane) in qv.iter().enumerate().take(chunks) {
                     acc = L::fmadd(*lane, L::load::<BF16>(kr.add(c * width * elt)), acc);
                 }
-                let mut score = L::sum(acc) * s.scale;
+                *score = L::sum(acc);
+            }
+            let mut max = f32::NEG_INFINITY;
+            for score in scores.iter_mut() {
+                *score *= s.scale;
                 if let Some(cap) = s.softcap {
-                    score = (score / cap).tanh() * cap;
+                    *score = (*score / cap).tanh() * cap;
                 }
-                max = max.max(score);
-                scores[j] = score;
+                max = max.max(*score);
             }
             let mut sum = 0.0f32;
             for x in scores.iter_mut() {
                 *x = (*x - max).exp();
                 sum += *x;
             }
-            let mut acc = [L::zero(); MAX_CHUNKS];
-            for (j, &slot) in seen.iter().enumerate() {
-                let vr = v.add((slot as usize * row + self.kv_head * hd) * elt);
-                let p = L::splat(scores[j]);
-                for (c, lane) in acc.iter_mut().enumerate().take(chunks) {
-                    *lane = L::fmadd(p, L::load::<BF16>(vr.add(c * width * elt)), *lane);
-                }
-            }
-            let norm = L::splat(1.0 / sum);
+            // The values in blocks of up to 8 vectors of lanes, so that each block's
+            // accumulators have a size known at compile time and stay in registers.
             let oh = out.add(head * hd * elt);
-            for (c, lane) in acc.iter().enumerate().take(chunks) {
-                L::store::<BF16>(oh.add(c * width * elt), L::mul(*lane, norm));
+            let norm = 1.0 / sum;
+            let value = |j: usize| v.add((seen[j] as usize * row + self.kv_head * hd) * elt);
+            let mut c = 0;
+            while c < chunks {
+                let at = c * width * elt;
+                let (vs, scores, o) = (&value, &scores[..], oh.add(at));
+                c += match chunks - c {
+                    8.. => weigh::<L, BF16, 8>(vs, scores, at, norm, o),
+                    4..=7 => weigh::<L, BF16, 4>(vs, scores, at, norm, o),
+                    2 | 3 => weigh::<L, BF16, 2>(vs, scores, at, norm, o),
+                    _ => weigh::<L, BF16, 1>(vs, scores, at, norm, o),
+                };
             }
         }
     }
+}
+
+/// `out[..N vectors] = norm × Σ_j scores[j] × value(j)[at..]`; returns `N`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn weigh<L: Lanes, const BF16: bool, const N: usize>(
+    value: &impl Fn(usize) -> *const u8,
+    scores: &[f32],
+    at: usize,
+    norm: f32,
+    out: *mut u8,
+) -> usize {
+    let step = L::WIDTH * if BF16 { 2 } else { 4 };
+    let mut acc = [L::zero(); N];
+    for (j, &score) in scores.iter().enumerate() {
+        let row = value(j).add(at);
+        let p = L::splat(score);
+        for (c, lane) in acc.iter_mut().enumerate() {
+            *lane = L::fmadd(p, L::load::<BF16>(row.add(c * step)), *lane);
+        }
+    }
+    let norm = L::splat(norm);
+    for (c, lane) in acc.iter().enumerate() {
+        L::store::<BF16>(out.add(c * step), L::mul(*lane, norm));
+    }
+    N
 }
 
 #[cfg(test)]

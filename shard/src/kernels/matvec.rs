@@ -223,7 +223,7 @@ mod avx512 {
 
 /// The same products with AVX2 and FMA (8 lanes, 16 vector registers).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -258,7 +258,7 @@ mod avx2 {
     /// 8 weights as f32 lanes: f32 as is, or bf16 (the top half of an f32) widened by a shift.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn load8<const BF16: bool>(w: *const u8, i: usize) -> __m256 {
+    pub(in crate::kernels) unsafe fn load8<const BF16: bool>(w: *const u8, i: usize) -> __m256 {
         if BF16 {
             let half = _mm_loadu_si128((w as *const u16).add(i) as *const __m128i);
             _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16))
@@ -269,7 +269,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn weight<const BF16: bool>(w: *const u8, i: usize) -> f32 {
+    pub(in crate::kernels) unsafe fn weight<const BF16: bool>(w: *const u8, i: usize) -> f32 {
         if BF16 {
             f32::from_bits((*(w as *const u16).add(i) as u32) << 16)
         } else {
@@ -279,7 +279,7 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn sum8(v: __m256) -> f32 {
+    pub(in crate::kernels) unsafe fn sum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))

@@ -11,11 +11,26 @@
 //! comparison.
 
 pub mod attention;
+mod gemm;
 mod matvec;
 mod threads;
 
 pub use attention::decode_attention;
+pub use gemm::gemm;
 pub use matvec::{matvec, MAX_ROWS};
+
+/// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows, the GEMM for
+/// a few dozen, or `None` where neither applies and the caller should use libtorch.
+pub fn decode_product(x: &tch::Tensor, w: &tch::Tensor) -> Option<tch::Tensor> {
+    let rows = usize::try_from(x.size().first().copied()?).ok()?;
+    if rows <= MAX_ROWS {
+        matvec(x, w)
+    } else if gemm::ROWS.contains(&rows) {
+        gemm(x, w)
+    } else {
+        None
+    }
+}
 
 use tch::Kind;
 

@@ -26,13 +26,13 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// `stream`: the rows are decode tokens; a few of them go to the streaming CPU kernels.
+    /// `stream`: the rows are decode tokens, which go to the CPU kernels where one applies.
     /// Prompt rows always take libtorch, whose per-row results do not depend on how many rows
     /// there are: a prompt computed whole or after a cached prefix then gets the same K/V,
     /// which in bf16 decides near-ties (the kernels accumulate in a different order).
     pub fn forward(&self, x: &Tensor, stream: bool) -> Tensor {
-        if stream && x.size()[0] as usize <= crate::kernels::MAX_ROWS {
-            if let Some(y) = crate::kernels::matvec(x, &self.weight) {
+        if stream {
+            if let Some(y) = crate::kernels::decode_product(x, &self.weight) {
                 return match &self.bias {
                     Some(b) => y + b,
                     None => y,
