@@ -310,6 +310,13 @@ impl Job<'_> {
             let key = |j: usize| k.add((seen[j] as usize * row + self.kv_head * hd) * elt);
             let mut j = 0;
             while j + 4 <= seen.len() {
+                // Slots are scattered over the pool (one block of 16 at a time), so the
+                // hardware prefetcher cannot guess the next keys; these are 8 ahead.
+                if j + 12 <= seen.len() {
+                    for t in 8..12 {
+                        prefetch(key(j + t), hd * elt);
+                    }
+                }
                 let kr = [key(j), key(j + 1), key(j + 2), key(j + 3)];
                 let mut even = [L::zero(); 4];
                 let mut odd = [L::zero(); 4];
@@ -374,6 +381,17 @@ impl Job<'_> {
     }
 }
 
+/// Asks for the cache lines of `bytes` from `p` (a hint: it cannot fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, bytes: usize) {
+    let mut line = 0;
+    while line < bytes {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line) as *const i8);
+        line += 64;
+    }
+}
+
 /// `out[..N vectors] = norm × Σ_j scores[j] × value(j)[at..]`; returns `N`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -387,6 +405,9 @@ unsafe fn weigh<L: Lanes, const BF16: bool, const N: usize>(
     let step = L::WIDTH * if BF16 { 2 } else { 4 };
     let mut acc = [L::zero(); N];
     for (j, &score) in scores.iter().enumerate() {
+        if j + 4 < scores.len() {
+            prefetch(value(j + 4).add(at), N * step);
+        }
         let row = value(j).add(at);
         let p = L::splat(score);
         for (c, lane) in acc.iter_mut().enumerate() {
