@@ -9,7 +9,7 @@
 //! cannot read as fast as the memory; without either, everything goes to libtorch. Each weight
 //! row is read once for all rows of `x`, with enough accumulators per row to hide FMA latency;
 //! the counts are const generics so the accumulators stay in registers. Past 8 rows the work
-//! is compute-bound and libtorch's blocked GEMM is the better tool.
+//! is compute-bound and a register-blocked GEMM is the better tool (`gemm`).
 
 use std::ops::Range;
 

@@ -6,9 +6,10 @@
 //! two hot spots are hand-written here: `matvec` (weights times a few rows) and `attention`
 //! (one query token per sequence against its paged context). Each is built for AVX-512 (with
 //! AVX-512 BF16 for bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most
-//! client Intel), and runs its parts on libtorch's own threads (`threads`). Every caller falls
-//! back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for
-//! comparison.
+//! client Intel), and runs its parts on libtorch's own threads (`threads`). A decode step of a
+//! few dozen sequences is bound by FMAs instead, and there `gemm` (AVX2 only) beats MKL, which
+//! packs the weights on every call. Every caller falls back to libtorch when no kernel
+//! applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
 
 pub mod attention;
 mod gemm;
