@@ -48,6 +48,33 @@ fn f32_greedy_batch_matches_transformers_token_for_token() {
     }
 }
 
+/// The same prompts, each several times in one batch of at least 12: decode steps of 9 rows
+/// or more take other CPU kernels (`kernels::gemm`) than small batches do.
+#[test]
+fn f32_greedy_matches_transformers_in_a_batch_of_many() {
+    for model in MODELS {
+        let r = refs(model);
+        let cases = cases(&r);
+        let copies = 12usize.div_ceil(cases.len()).max(2);
+        let mut runner = load(model, "float32", 256);
+        let mut blocks = Blocks::default();
+        let requests = (0..cases.len() * copies)
+            .map(|i| request(i as u64, &cases[i % cases.len()], 20, &mut blocks))
+            .collect();
+        let out = generate(&mut runner, requests);
+        for i in 0..cases.len() * copies {
+            let c = &cases[i % cases.len()];
+            assert_eq!(
+                out.get(i as u64),
+                ids(&c["greedy"]["ids"]).as_slice(),
+                "{model}: greedy tokens for {:?} (copy {})",
+                c["prompt"],
+                i / cases.len()
+            );
+        }
+    }
+}
+
 #[test]
 fn f32_last_logits_within_1e_4() {
     for model in MODELS {

@@ -14,11 +14,13 @@
 pub mod attention;
 mod gemm;
 mod matvec;
+mod norm;
 mod threads;
 
 pub use attention::decode_attention;
 pub use gemm::gemm;
 pub use matvec::{matvec, MAX_ROWS};
+pub use norm::{rms_norm, rope};
 
 /// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows, the GEMM for
 /// a few dozen, or `None` where neither applies and the caller should use libtorch.

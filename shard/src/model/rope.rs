@@ -106,8 +106,14 @@ impl Rope {
         (gather(&self.cos), signed)
     }
 
-    /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`; `stream` (decode rows)
+    /// takes the CPU kernel where it applies.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, stream: bool) -> Tensor {
+        if stream && crate::kernels::isa(x.kind()).is_some() {
+            if let Some(y) = crate::kernels::rope(x, cos, sin) {
+                return y;
+            }
+        }
         let d = x.size()[2];
         if self.rotary_dim < d {
             let rot = x.narrow(2, 0, self.rotary_dim);

@@ -103,17 +103,24 @@ impl Norm {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// `stream`: decode rows, which take the CPU kernel where it applies (see `Linear`).
+    pub fn forward(&self, x: &Tensor, stream: bool) -> Tensor {
         match self {
             Norm::Rms {
                 weight,
                 eps,
                 unit_offset,
             } => {
+                if stream && crate::kernels::isa(x.kind()).is_some() {
+                    if let Some(y) = crate::kernels::rms_norm(x, weight, *eps, *unit_offset) {
+                        return y;
+                    }
+                }
                 let kind = x.kind();
                 if !*unit_offset {
-                    // libtorch's rms_norm does Llama's arithmetic (f32, cast, then weight) in
-                    // one call instead of eight.
+                    // libtorch's rms_norm does Llama's arithmetic in one call instead of
+                    // eight, though in bf16 it can land one ulp from transformers, which casts
+                    // before the weight (the decode kernel casts where transformers does).
                     return x.rms_norm([weight.size()[0]], Some(weight), Some(*eps));
                 }
                 let h = x.to_kind(Kind::Float);
@@ -310,7 +317,7 @@ impl Transformer {
             }
         };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x);
+            let h = layer.input_norm.forward(&x, stream);
             let qkv = layer.qkv.forward(&h, stream);
             let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
             // Queries and keys side by side as `[T, heads + kv_heads, hd]`, so RoPE is one
@@ -319,14 +326,14 @@ impl Transformer {
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 qk = Tensor::cat(
                     &[
-                        qn.forward(&qk.narrow(1, 0, nh)),
-                        kn.forward(&qk.narrow(1, nh, nkv)),
+                        qn.forward(&qk.narrow(1, 0, nh), stream),
+                        kn.forward(&qk.narrow(1, nh, nkv), stream),
                     ],
                     1,
                 );
             }
             if let Some((rope, (cos, sin))) = &rope {
-                qk = rope.apply(&qk, cos, sin);
+                qk = rope.apply(&qk, cos, sin, stream);
             }
             let (q, k) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv));
             pool.write(li, &input.slots, &k, &v);
@@ -343,18 +350,18 @@ impl Transformer {
             );
             let mut a = self.reduce(layer.o.forward(&attn, stream));
             if let Some(n) = &layer.post_attention_norm {
-                a = n.forward(&a);
+                a = n.forward(&a, stream);
             }
             x = x + a;
-            let h = layer.pre_mlp_norm.forward(&x);
+            let h = layer.pre_mlp_norm.forward(&x, stream);
             let mut m = self.reduce(layer.mlp.forward(self.config.activation, &h, stream));
             if let Some(n) = &layer.post_mlp_norm {
-                m = n.forward(&m);
+                m = n.forward(&m, stream);
             }
             x = x + m;
         }
         let rows = x.index_select(0, &input.logit_rows);
-        let rows = self.final_norm.forward(&rows);
+        let rows = self.final_norm.forward(&rows, stream);
         let logits = self.lm_head.forward(&rows, stream);
         let logits = match &self.parallel {
             Some(p) => p
