@@ -1,9 +1,10 @@
 //! Decode attention straight from the paged KV pool: one query token per sequence against its
 //! context, read through the slot table without gathering K/V into new tensors.
 //!
-//! For every sequence and KV head, the query heads of its group score each context key (one
-//! dot product of `head_dim` lanes), take a softmax in f32 (with Gemma-style soft-capping and
-//! a sliding window when the layer has one), and accumulate the values in f32 registers. The
+//! For every sequence and KV head, the query heads of its group (up to three at a time, each
+//! K and V row read once for all of them) score each context key (a dot product of `head_dim`
+//! lanes), take a softmax in f32 (with Gemma-style soft-capping and a sliding window when the
+//! layer has one), and accumulate the values in f32 registers. The
 //! libtorch alternative spends most of its time on the gathers and on per-op overhead, which
 //! at one token per sequence is most of the work. The loop is written once over a small
 //! vector interface (`Lanes`) and built for AVX-512 and for AVX2 + FMA.
@@ -25,11 +26,6 @@ pub struct DecodeShape {
     pub softcap: Option<f32>,
     pub window: Option<usize>,
 }
-
-/// The largest head the kernel takes: its value accumulators live in a fixed array.
-const MAX_HEAD_DIM: usize = 256;
-/// Accumulators for `MAX_HEAD_DIM` lanes at the narrowest width (AVX2's 8).
-const MAX_CHUNKS: usize = MAX_HEAD_DIM / 8;
 
 /// Attention of `q` (`[B, heads, head_dim]`) over the pool tensors `keys`/`values`
 /// (`[slots, kv_heads, head_dim]`), sequence `b` seeing the slots `context[b]` in position
@@ -69,7 +65,6 @@ fn decode_attention_on(
         || h as usize != num_heads
         || d as usize != head_dim
         || head_dim % 16 != 0
-        || head_dim > MAX_HEAD_DIM
         || num_heads % num_kv_heads != 0
         || !keys.is_contiguous()
         || !values.is_contiguous()
@@ -145,7 +140,6 @@ trait Lanes {
     unsafe fn store<const BF16: bool>(p: *mut u8, v: Self::V);
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
-    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
 }
 
@@ -192,10 +186,6 @@ impl Lanes for Avx512 {
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
         _mm512_mul_ps(a, b)
-    }
-    #[inline(always)]
-    unsafe fn add(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
     }
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
@@ -250,10 +240,6 @@ impl Lanes for Avx2 {
         _mm256_mul_ps(a, b)
     }
     #[inline(always)]
-    unsafe fn add(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
-    }
-    #[inline(always)]
     unsafe fn sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -285,71 +271,98 @@ impl Job<'_> {
         self.run::<Avx2, BF16>(ptrs, scores)
     }
 
+    /// The group's query heads up to three at a time, so that each K and V row read from the
+    /// pool serves all of them (SmolLM2's groups are three heads).
     #[inline(always)]
-    unsafe fn run<L: Lanes, const BF16: bool>(&self, (q, k, v, out): Ptrs, scores: &mut Vec<f32>) {
+    unsafe fn run<L: Lanes, const BF16: bool>(&self, ptrs: Ptrs, scores: &mut Vec<f32>) {
+        let group = self.shape.num_heads / self.shape.num_kv_heads;
+        let mut g = 0;
+        while g < group {
+            let head = self.first_head + g;
+            g += match group - g {
+                3.. => self.heads::<L, BF16, 3>(ptrs, head, scores),
+                2 => self.heads::<L, BF16, 2>(ptrs, head, scores),
+                _ => self.heads::<L, BF16, 1>(ptrs, head, scores),
+            };
+        }
+    }
+
+    /// Query heads `first..first + G` of the group; returns `G`.
+    // Indexes keep the register arrays' roles (head `h`, key `t`) readable.
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn heads<L: Lanes, const BF16: bool, const G: usize>(
+        &self,
+        (q, k, v, out): Ptrs,
+        first: usize,
+        scores: &mut Vec<f32>,
+    ) -> usize {
         let elt = if BF16 { 2 } else { 4 };
         let s = self.shape;
         let (hd, width) = (s.head_dim, L::WIDTH);
         let chunks = hd / width;
-        let group = s.num_heads / s.num_kv_heads;
         let row = s.num_kv_heads * hd;
         let len = self.ctx.len();
         let start = s.window.map_or(0, |w| len.saturating_sub(w));
         let seen = &self.ctx[start..];
+        let n = seen.len();
+        // Head `h`'s scores are `scores[h * n..(h + 1) * n]`.
         scores.clear();
-        scores.resize(seen.len(), 0.0);
-        for g in 0..group {
-            let head = self.first_head + g;
-            let qh = q.add(head * hd * elt);
-            let mut qv = [L::zero(); MAX_CHUNKS];
-            for (c, lane) in qv.iter_mut().enumerate().take(chunks) {
-                *lane = L::load::<BF16>(qh.add(c * width * elt));
+        scores.resize(G * n, 0.0);
+        let qh = |h: usize, c: usize| q.add(((first + h) * hd + c * width) * elt);
+        let key = |j: usize| k.add((seen[j] as usize * row + self.kv_head * hd) * elt);
+        // Keys four at a time: 4 × G independent accumulators keep the FMA units busy (one
+        // key's dot product alone is a chain of dependent FMAs).
+        let mut j = 0;
+        while j + 4 <= n {
+            // Slots are scattered over the pool (one block of 16 at a time), so the hardware
+            // prefetcher cannot guess the next keys. A few hundred cycles (a memory latency)
+            // ahead is about 32 keys.
+            if j + AHEAD + 4 <= n {
+                for t in AHEAD..AHEAD + 4 {
+                    prefetch(key(j + t), hd * elt);
+                }
             }
-            // Keys four at a time, two accumulators each: a single key's dot product is one
-            // chain of dependent FMAs, which would leave the FMA units waiting on latency.
-            let key = |j: usize| k.add((seen[j] as usize * row + self.kv_head * hd) * elt);
-            let mut j = 0;
-            while j + 4 <= seen.len() {
-                // Slots are scattered over the pool (one block of 16 at a time), so the
-                // hardware prefetcher cannot guess the next keys; these are 8 ahead.
-                if j + 12 <= seen.len() {
-                    for t in 8..12 {
-                        prefetch(key(j + t), hd * elt);
-                    }
-                }
-                let kr = [key(j), key(j + 1), key(j + 2), key(j + 3)];
-                let mut even = [L::zero(); 4];
-                let mut odd = [L::zero(); 4];
-                let mut c = 0;
-                while c + 2 <= chunks {
-                    for t in 0..4 {
-                        let at = kr[t].add(c * width * elt);
-                        even[t] = L::fmadd(qv[c], L::load::<BF16>(at), even[t]);
-                        odd[t] = L::fmadd(qv[c + 1], L::load::<BF16>(at.add(width * elt)), odd[t]);
-                    }
-                    c += 2;
-                }
-                if c < chunks {
-                    for t in 0..4 {
-                        let at = kr[t].add(c * width * elt);
-                        even[t] = L::fmadd(qv[c], L::load::<BF16>(at), even[t]);
-                    }
+            let kr = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+            let mut acc = [[L::zero(); 4]; G];
+            for c in 0..chunks {
+                let mut qv = [L::zero(); G];
+                for h in 0..G {
+                    qv[h] = L::load::<BF16>(qh(h, c));
                 }
                 for t in 0..4 {
-                    scores[j + t] = L::sum(L::add(even[t], odd[t]));
+                    let kv = L::load::<BF16>(kr[t].add(c * width * elt));
+                    for h in 0..G {
+                        acc[h][t] = L::fmadd(qv[h], kv, acc[h][t]);
+                    }
                 }
-                j += 4;
             }
-            for (j, score) in scores.iter_mut().enumerate().skip(j) {
-                let kr = key(j);
-                let mut acc = L::zero();
-                for (c, lane) in qv.iter().enumerate().take(chunks) {
-                    acc = L::fmadd(*lane, L::load::<BF16>(kr.add(c * width * elt)), acc);
+            for h in 0..G {
+                for t in 0..4 {
+                    scores[h * n + j + t] = L::sum(acc[h][t]);
                 }
-                *score = L::sum(acc);
             }
+            j += 4;
+        }
+        while j < n {
+            let kr = key(j);
+            let mut acc = [L::zero(); G];
+            for c in 0..chunks {
+                let kv = L::load::<BF16>(kr.add(c * width * elt));
+                for h in 0..G {
+                    acc[h] = L::fmadd(L::load::<BF16>(qh(h, c)), kv, acc[h]);
+                }
+            }
+            for h in 0..G {
+                scores[h * n + j] = L::sum(acc[h]);
+            }
+            j += 1;
+        }
+        let mut norms = [0f32; G];
+        for h in 0..G {
+            let mine = &mut scores[h * n..(h + 1) * n];
             let mut max = f32::NEG_INFINITY;
-            for score in scores.iter_mut() {
+            for score in mine.iter_mut() {
                 *score *= s.scale;
                 if let Some(cap) = s.softcap {
                     *score = (*score / cap).tanh() * cap;
@@ -357,29 +370,32 @@ impl Job<'_> {
                 max = max.max(*score);
             }
             let mut sum = 0.0f32;
-            for x in scores.iter_mut() {
+            for x in mine.iter_mut() {
                 *x = (*x - max).exp();
                 sum += *x;
             }
-            // The values in blocks of up to 8 vectors of lanes, so that each block's
-            // accumulators have a size known at compile time and stay in registers.
-            let oh = out.add(head * hd * elt);
-            let norm = 1.0 / sum;
-            let value = |j: usize| v.add((seen[j] as usize * row + self.kv_head * hd) * elt);
-            let mut c = 0;
-            while c < chunks {
-                let at = c * width * elt;
-                let (vs, scores, o) = (&value, &scores[..], oh.add(at));
-                c += match chunks - c {
-                    8.. => weigh::<L, BF16, 8>(vs, scores, at, norm, o),
-                    4..=7 => weigh::<L, BF16, 4>(vs, scores, at, norm, o),
-                    2 | 3 => weigh::<L, BF16, 2>(vs, scores, at, norm, o),
-                    _ => weigh::<L, BF16, 1>(vs, scores, at, norm, o),
-                };
-            }
+            norms[h] = 1.0 / sum;
         }
+        // The values in blocks of up to 4 vectors of lanes per head, so that a block's G × 4
+        // accumulators have a size known at compile time and stay in registers.
+        let value = |j: usize| v.add((seen[j] as usize * row + self.kv_head * hd) * elt);
+        let outs = |h: usize| out.add((first + h) * hd * elt);
+        let mut c = 0;
+        while c < chunks {
+            let at = c * width * elt;
+            let block = (&value, &scores[..], n, at, &norms[..], &outs);
+            c += match chunks - c {
+                4.. => weigh::<L, BF16, G, 4>(block),
+                2 | 3 => weigh::<L, BF16, G, 2>(block),
+                _ => weigh::<L, BF16, G, 1>(block),
+            };
+        }
+        G
     }
 }
+
+/// How many keys ahead K and V rows are prefetched.
+const AHEAD: usize = 32;
 
 /// Asks for the cache lines of `bytes` from `p` (a hint: it cannot fault).
 #[cfg(target_arch = "x86_64")]
@@ -392,31 +408,45 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
     }
 }
 
-/// `out[..N vectors] = norm × Σ_j scores[j] × value(j)[at..]`; returns `N`.
+/// What `weigh` reads: the value rows by key, the G heads' scores (`n` each), the byte offset
+/// of the block within a head, each head's softmax normaliser and output head.
+type Block<'a, V, O> = (&'a V, &'a [f32], usize, usize, &'a [f32], &'a O);
+
+/// `out(h)[at..N vectors] = norms[h] × Σ_j scores[h][j] × value(j)[at..]` for the G heads;
+/// returns `N`.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn weigh<L: Lanes, const BF16: bool, const N: usize>(
-    value: &impl Fn(usize) -> *const u8,
-    scores: &[f32],
-    at: usize,
-    norm: f32,
-    out: *mut u8,
+unsafe fn weigh<L: Lanes, const BF16: bool, const G: usize, const N: usize>(
+    (value, scores, n, at, norms, out): Block<
+        '_,
+        impl Fn(usize) -> *const u8,
+        impl Fn(usize) -> *mut u8,
+    >,
 ) -> usize {
     let step = L::WIDTH * if BF16 { 2 } else { 4 };
-    let mut acc = [L::zero(); N];
-    for (j, &score) in scores.iter().enumerate() {
-        if j + 4 < scores.len() {
-            prefetch(value(j + 4).add(at), N * step);
+    let mut acc = [[L::zero(); N]; G];
+    for j in 0..n {
+        if j + AHEAD < n {
+            prefetch(value(j + AHEAD).add(at), N * step);
         }
         let row = value(j).add(at);
-        let p = L::splat(score);
-        for (c, lane) in acc.iter_mut().enumerate() {
-            *lane = L::fmadd(p, L::load::<BF16>(row.add(c * step)), *lane);
+        let mut p = [L::zero(); G];
+        for h in 0..G {
+            p[h] = L::splat(scores[h * n + j]);
+        }
+        for c in 0..N {
+            let vv = L::load::<BF16>(row.add(c * step));
+            for h in 0..G {
+                acc[h][c] = L::fmadd(p[h], vv, acc[h][c]);
+            }
         }
     }
-    let norm = L::splat(norm);
-    for (c, lane) in acc.iter().enumerate() {
-        L::store::<BF16>(out.add(c * step), L::mul(*lane, norm));
+    for h in 0..G {
+        let norm = L::splat(norms[h]);
+        for c in 0..N {
+            L::store::<BF16>(out(h).add(at + c * step), L::mul(acc[h][c], norm));
+        }
     }
     N
 }
