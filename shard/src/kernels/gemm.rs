@@ -231,11 +231,8 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{check_product, wave};
     use super::*;
-
-    fn wave(len: i64, step: f64) -> Tensor {
-        (Tensor::arange(len, (Kind::Float, tch::Device::Cpu)) * step).sin()
-    }
 
     #[test]
     fn matches_libtorch_for_edge_tiles_and_odd_widths() {
@@ -249,7 +246,7 @@ mod tests {
         for kind in [Kind::Float, Kind::BFloat16] {
             // Every remainder of rows (mod 3) and of columns (mod 4), `k` with and without a
             // tail, one column part per thread and a part that ends inside a tile.
-            for (m, n, k) in [
+            for shape in [
                 (9, 4, 8),
                 (10, 7, 576),
                 (11, 33, 100),
@@ -258,17 +255,7 @@ mod tests {
                 (13, 50, 3),
                 (17, 962, 64),
             ] {
-                let x = wave(m * k, 0.37).view([m, k]).to_kind(kind);
-                let w = wave(n * k, 0.11).view([n, k]).to_kind(kind);
-                let want = x.to_kind(Kind::Float).matmul(&w.to_kind(Kind::Float).tr());
-                let got = gemm_avx2(&x, &w).expect("kernel").to_kind(Kind::Float);
-                let err = (got - &want).abs().max().double_value(&[]);
-                let scale = want.abs().max().double_value(&[]).max(1.0);
-                let tol = if kind == Kind::Float { 1e-5 } else { 1e-2 };
-                assert!(
-                    err / scale < tol,
-                    "{kind:?} {m}x{n}x{k}: error {err} (scale {scale})"
-                );
+                check_product(kind, shape, "gemm", gemm_avx2);
             }
         }
     }

@@ -336,11 +336,8 @@ pub(super) mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{check_product, wave};
     use super::*;
-
-    fn wave(len: i64, step: f64) -> Tensor {
-        (Tensor::arange(len, (Kind::Float, tch::Device::Cpu)) * step).sin()
-    }
 
     #[test]
     fn matches_libtorch_for_every_row_count_and_odd_widths() {
@@ -352,7 +349,7 @@ mod tests {
             // The best kernel, and the AVX2 one too where AVX-512 is the best (so that the
             // AVX2 path is tested on the AVX-512 machines as well).
             for isa in [best, Isa::Avx2] {
-                for (m, n, k) in [
+                for shape in [
                     (1, 7, 576),
                     (2, 33, 100),
                     (3, 5, 17),
@@ -361,18 +358,9 @@ mod tests {
                     (8, 9, 200),
                     (6, 2, 64),
                 ] {
-                    // Deterministic values (torch's global RNG belongs to the watermark test).
-                    let x = wave(m * k, 0.37).view([m, k]).to_kind(kind);
-                    let w = wave(n * k, 0.11).view([n, k]).to_kind(kind);
-                    let want = x.to_kind(Kind::Float).matmul(&w.to_kind(Kind::Float).tr());
-                    let got = matvec_on(isa, &x, &w).expect("kernel").to_kind(Kind::Float);
-                    let err = (got - &want).abs().max().double_value(&[]);
-                    let scale = want.abs().max().double_value(&[]).max(1.0);
-                    let tol = if kind == Kind::Float { 1e-5 } else { 1e-2 };
-                    assert!(
-                        err / scale < tol,
-                        "{kind:?} {isa:?} {m}x{n}x{k}: error {err} (scale {scale})"
-                    );
+                    check_product(kind, shape, &format!("{isa:?}"), |x, w| {
+                        matvec_on(isa, x, w)
+                    });
                 }
             }
         }

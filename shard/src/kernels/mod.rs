@@ -80,3 +80,35 @@ pub(crate) fn isa(kind: Kind) -> Option<Isa> {
         None
     }
 }
+
+/// What the product kernels' tests share: deterministic inputs (torch's global RNG belongs to
+/// the watermark test) and the comparison with libtorch's f32 product.
+#[cfg(test)]
+pub(crate) mod testing {
+    use tch::{Kind, Tensor};
+
+    pub fn wave(len: i64, step: f64) -> Tensor {
+        (Tensor::arange(len, (Kind::Float, tch::Device::Cpu)) * step).sin()
+    }
+
+    /// Checks `product(x, w)` against `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` in `kind`,
+    /// relative to the largest output: 1e-5 in f32, 1e-2 in bf16.
+    pub fn check_product(
+        kind: Kind,
+        (m, n, k): (i64, i64, i64),
+        what: &str,
+        product: impl Fn(&Tensor, &Tensor) -> Option<Tensor>,
+    ) {
+        let x = wave(m * k, 0.37).view([m, k]).to_kind(kind);
+        let w = wave(n * k, 0.11).view([n, k]).to_kind(kind);
+        let want = x.to_kind(Kind::Float).matmul(&w.to_kind(Kind::Float).tr());
+        let got = product(&x, &w).expect("kernel").to_kind(Kind::Float);
+        let err = (got - &want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]).max(1.0);
+        let tol = if kind == Kind::Float { 1e-5 } else { 1e-2 };
+        assert!(
+            err / scale < tol,
+            "{what} {kind:?} {m}x{n}x{k}: error {err} (scale {scale})"
+        );
+    }
+}
