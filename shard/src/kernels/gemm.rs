@@ -8,7 +8,7 @@
 //! operands keep the layout they have (`x` `[m, k]`, `w` `[n, k]`, `k` contiguous in both), and
 //! a tile of 3 rows of `x` by 4 rows of `w` runs along `k` with its 12 dot products in 12
 //! vector accumulators, which with the 3 `x` vectors and one `w` vector fill AVX2's 16
-//! registers: 7 loads feed 12 FMAs, so the FMA ports are the limit. The 4 weight rows stay in
+//! registers: 7 loads feed 12 FMAs, so by count the FMA ports are the limit. The 4 weight rows stay in
 //! L1 while every group of 3 rows of `x` passes by, so each weight is read from memory once.
 //! The output columns are split across libtorch's threads, as for `matvec`.
 //!
@@ -22,8 +22,9 @@ use tch::{Kind, Tensor};
 use super::{isa, Isa};
 
 /// The rows of `x` this kernel takes: from where it beats the streaming kernels (at 8 rows
-/// they are still 5% ahead) to where MKL catches up (1.4x behind this kernel at 128 rows, even
-/// at 192), measured interleaved with the `gemm` example of `tessera-benchmark`.
+/// they are still 5% ahead) to where MKL catches up (1.4x behind this kernel at 128 rows; at
+/// 192 MKL wins on some shapes), measured interleaved with the `gemm` example of
+/// `tessera-benchmark`.
 pub const ROWS: Range<usize> = 9..129;
 
 /// `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` (both CPU, same dtype, `m` in `ROWS`), or `None`
@@ -39,22 +40,13 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
 /// The kernel itself, for CPUs with AVX2 and FMA (checked by the callers).
 fn gemm_avx2(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let kind = w.kind();
-    let (m, k) = x.size2().ok()?;
-    let (n, k2) = w.size2().ok()?;
-    if x.device() != tch::Device::Cpu
-        || w.device() != tch::Device::Cpu
-        || x.kind() != kind
-        || !matches!(kind, Kind::Float | Kind::BFloat16)
-        || k != k2
-        || !ROWS.contains(&(m as usize))
-        || !w.is_contiguous()
-    {
+    let (m, n, k) = super::product_shape(x, w)?;
+    if !ROWS.contains(&m) {
         return None;
     }
-    let y = Tensor::empty([m, n], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::empty([m as i64, n as i64], (Kind::Float, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     {
-        let (m, n, k) = (m as usize, n as usize, k as usize);
         let bf16 = kind == Kind::BFloat16;
         // `x` as f32, widened once here rather than in every tile.
         let x = x.to_kind(Kind::Float).contiguous();
@@ -82,11 +74,7 @@ fn gemm_avx2(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     return None;
-    Some(if kind == Kind::Float {
-        y
-    } else {
-        y.to_kind(kind)
-    })
+    Some(super::in_dtype(y, kind))
 }
 
 #[cfg(target_arch = "x86_64")]

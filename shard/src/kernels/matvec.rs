@@ -29,21 +29,11 @@ pub fn matvec(x: &Tensor, w: &Tensor) -> Option<Tensor> {
 /// `matvec` with a chosen instruction set, which the caller has checked the CPU has.
 fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let kind = w.kind();
-    let (m, k) = x.size2().ok()?;
-    let (n, k2) = w.size2().ok()?;
-    if x.device() != tch::Device::Cpu
-        || w.device() != tch::Device::Cpu
-        || x.kind() != kind
-        || !matches!(kind, Kind::Float | Kind::BFloat16)
-        || k != k2
-        || m < 1
-        || m as usize > MAX_ROWS
-        || !w.is_contiguous()
-    {
+    let (m, n, k) = super::product_shape(x, w)?;
+    if !(1..=MAX_ROWS).contains(&m) {
         return None;
     }
-    let y = Tensor::empty([m, n], (Kind::Float, tch::Device::Cpu));
-    let (m, n, k) = (m as usize, n as usize, k as usize);
+    let y = Tensor::empty([m as i64, n as i64], (Kind::Float, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     {
         let bf16 = kind == Kind::BFloat16;
@@ -80,11 +70,7 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
         let _ = (isa, m, n, k);
         return None;
     }
-    Some(if kind == Kind::Float {
-        y
-    } else {
-        y.to_kind(kind)
-    })
+    Some(super::in_dtype(y, kind))
 }
 
 /// The products with AVX-512 (16 lanes, 32 vector registers) and AVX-512 BF16's dot products.

@@ -18,13 +18,14 @@ mod norm;
 mod threads;
 
 pub use attention::decode_attention;
-pub use gemm::gemm;
-pub use matvec::{matvec, MAX_ROWS};
 pub use norm::{rms_norm, rope};
+
+use gemm::gemm;
+use matvec::{matvec, MAX_ROWS};
 
 /// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows, the GEMM for
 /// a few dozen, or `None` where neither applies and the caller should use libtorch.
-pub fn decode_product(x: &tch::Tensor, w: &tch::Tensor) -> Option<tch::Tensor> {
+pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
     if rows <= MAX_ROWS {
         matvec(x, w)
@@ -35,7 +36,31 @@ pub fn decode_product(x: &tch::Tensor, w: &tch::Tensor) -> Option<tch::Tensor> {
     }
 }
 
-use tch::Kind;
+use tch::{Kind, Tensor};
+
+/// `(m, n, k)` for `x @ w.T` with `x` `[m, k]` and `w` `[n, k]` when both are CPU tensors of
+/// one dtype the product kernels take (f32, bf16) and `w` is contiguous; `None` otherwise.
+fn product_shape(x: &Tensor, w: &Tensor) -> Option<(usize, usize, usize)> {
+    let kind = w.kind();
+    let (m, k) = x.size2().ok()?;
+    let (n, k2) = w.size2().ok()?;
+    let fits = x.device() == tch::Device::Cpu
+        && w.device() == tch::Device::Cpu
+        && x.kind() == kind
+        && matches!(kind, Kind::Float | Kind::BFloat16)
+        && k == k2
+        && w.is_contiguous();
+    fits.then_some((m as usize, n as usize, k as usize))
+}
+
+/// A kernel's f32 output in the weights' dtype.
+fn in_dtype(y: Tensor, kind: Kind) -> Tensor {
+    if kind == Kind::Float {
+        y
+    } else {
+        y.to_kind(kind)
+    }
+}
 
 /// The instruction sets a kernel can be built on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

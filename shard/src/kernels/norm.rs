@@ -2,12 +2,19 @@
 //!
 //! At one token per sequence these tensors hold a few hundred numbers, and libtorch's cost is
 //! the ops themselves: `rms_norm` is a composite of about eight ops and takes 27 µs on a
-//! 576-wide row on the Zen 3 VM, RoPE (two products, a roll and a sum) 14 µs; twice per layer
-//! and thirty layers, that is about 2 ms of a 40 ms batch-1 step. Plain loops do the same
-//! arithmetic in a few microseconds. The roundings are libtorch's: f32 arithmetic, and in
+//! 576-wide row on the Zen 3 VM, RoPE (two products, a roll and a sum) 14 µs. Plain loops do
+//! the same arithmetic in a few microseconds; a batch-1 step of SmolLM2 went from 38.8 to
+//! 35.4 ms (interleaved runs of the `step_profile` example). The roundings are libtorch's: f32 arithmetic, and in
 //! bf16 a rounding (to nearest even) after every op that libtorch runs in bf16.
 
 use tch::{Device, Kind, Tensor};
+
+/// Whether kernels run for `kind` on this CPU (`TESSERA_NO_KERNELS` turns these off too).
+/// These loops need no particular instruction set; they follow the others so that one switch
+/// compares Tessera's kernels with libtorch alone.
+fn kernels_on(kind: Kind) -> bool {
+    super::isa(kind).is_some()
+}
 
 /// bf16 (the top half of an f32) widened to f32.
 #[inline]
@@ -64,7 +71,8 @@ impl Element for Bf16 {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: bool) -> Option<Tensor> {
     let kind = x.kind();
     let (rows, n) = x.size2().ok()?;
-    if x.device() != Device::Cpu
+    if !kernels_on(kind)
+        || x.device() != Device::Cpu
         || weight.device() != Device::Cpu
         || weight.kind() != kind
         || weight.size() != [n]
@@ -132,7 +140,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
     let kind = x.kind();
     let (t, heads, d) = x.size3().ok()?;
     let table = [t, 1, d];
-    if x.device() != Device::Cpu
+    if !kernels_on(kind)
+        || x.device() != Device::Cpu
         || cos.kind() != kind
         || sin.kind() != kind
         || cos.size() != table

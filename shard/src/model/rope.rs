@@ -109,7 +109,7 @@ impl Rope {
     /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`; `stream` (decode rows)
     /// takes the CPU kernel where it applies.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, stream: bool) -> Tensor {
-        if stream && crate::kernels::isa(x.kind()).is_some() {
+        if stream {
             if let Some(y) = crate::kernels::rope(x, cos, sin) {
                 return y;
             }

@@ -111,7 +111,7 @@ impl Norm {
                 eps,
                 unit_offset,
             } => {
-                if stream && crate::kernels::isa(x.kind()).is_some() {
+                if stream {
                     if let Some(y) = crate::kernels::rms_norm(x, weight, *eps, *unit_offset) {
                         return y;
                     }
