@@ -225,6 +225,33 @@ def test_response_format_on_the_openai_routes(tiny):
     assert r.status_code == 422 and "grammar is not valid" in r.json()["error"]
 
 
+def sse_events(response):
+    """The JSON events of a stream, read the way many users read them: requests' own line splitter."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    lines = [l for l in response.iter_lines(decode_unicode=True) if l.startswith("data:")]
+    return [json.loads(l[5:]) for l in lines if l[5:].strip() != "[DONE]"]
+
+
+def test_streamed_text_reads_back_through_requests_iter_lines(tiny):
+    # The UTF-8 of "х" (D1 85) and "΅" (CE 85) holds 0x85. Without a charset, requests decoded
+    # the stream as ISO-8859-1, read that byte as U+0085 and split the JSON line there (the soak
+    # test found it); U+2028 and U+0085 split lines in `str.splitlines` whatever the decoding.
+    word = "хорошо΅\u2028x\u0085y"
+    r = requests.post(tiny.url + "/generate_stream", stream=True, json={"inputs": "Say it:", "parameters": {
+        "max_new_tokens": 64, "grammar": {"type": "regex", "value": word}}})
+    events = sse_events(r)
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == word
+    assert events[-1]["generated_text"] == word
+    r = requests.post(tiny.url + "/v1/chat/completions", stream=True, json={
+        "messages": [{"role": "user", "content": "Say it"}], "stream": True, "max_tokens": 64,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"enum": ["хорошо΅"]}}}})
+    events = sse_events(r)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == '"хорошо΅"'
+    r = requests.post(tiny.url + "/v1/completions", stream=True, json={"prompt": "Say it", "stream": True, "max_tokens": 8})
+    assert all(e["object"] == "text_completion" for e in sse_events(r))
+
+
 # --- the openai client on SmolLM2 -------------------------------------------------------------
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"},

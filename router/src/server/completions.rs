@@ -7,12 +7,11 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::generate::timing_headers;
@@ -126,7 +125,6 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
     headers.insert("x-compute-type", h(state.compute_type.clone()));
     headers.insert("x-compute-characters", h(chars.to_string()));
     if req.stream {
-        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
         let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
         let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
         let mut events = state.infer.schedule_all(valid);
@@ -183,11 +181,7 @@ async fn run(state: SharedState, req: CompletionRequest) -> Result<Response, Inf
             }
             .in_current_span(),
         );
-        return Ok((
-            headers,
-            Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
-        )
-            .into_response());
+        return Ok(super::sse::response(headers, rx));
     }
     let lengths: Vec<u32> = valid.iter().map(|v| v.input_length).collect();
     let results = join_all(valid.into_iter().map(|r| state.infer.generate(r))).await;

@@ -6,11 +6,10 @@ use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use futures::future::join_all;
@@ -211,7 +210,6 @@ async fn stream_inner(
     let mut headers = HeaderMap::new();
     headers.insert("x-compute-type", header(&state.compute_type));
     headers.insert("x-compute-characters", header(inputs.chars().count()));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     tokio::spawn(
         async move {
             // TGI reports every failure, validation included, as an SSE event with status 200.
@@ -221,11 +219,7 @@ async fn stream_inner(
         }
         .in_current_span(),
     );
-    (
-        headers,
-        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
-    )
-        .into_response()
+    super::sse::response(headers, rx)
 }
 
 async fn run_stream(

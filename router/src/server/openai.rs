@@ -7,12 +7,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::future::join_all;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::generate::timing_headers;
@@ -379,12 +378,7 @@ pub async fn chat_completions(
         "x-compute-type",
         HeaderValue::from_str(&state.compute_type).unwrap_or(HeaderValue::from_static("cpu")),
     );
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok((
-        headers,
-        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
-    )
-        .into_response())
+    Ok(super::sse::response(headers, rx))
 }
 
 /// The served model (OpenAI API).

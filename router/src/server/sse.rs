@@ -1,14 +1,28 @@
-//! Server-sent events: every streamed payload is one `data:` line holding one JSON document.
+//! Server-sent events: every streamed payload is one `data:` line holding one JSON document,
+//! sent as `text/event-stream; charset=utf-8`.
 //!
 //! The SSE spec ends lines at CR, LF or CRLF only, and serde_json escapes those (with every
 //! other control character) inside strings, so no payload can split by the spec. Clients are
-//! looser than the spec, though: Python's `str.splitlines`, behind requests'
-//! `iter_lines(decode_unicode=True)` and many hand-written readers, also breaks lines at U+0085,
-//! U+2028 and U+2029, which serde_json leaves raw, and a model may emit any of them. Written as
-//! `\u` escapes they mean the same text to every JSON parser and break no reader.
+//! looser than the spec, in two ways that both split a line in the middle of its JSON:
+//! - requests (and other HTTP libraries that follow RFC 2616) decode a `text/` body with no
+//!   charset as ISO-8859-1. A UTF-8 continuation byte 0x85 then reads as U+0085, and
+//!   `iter_lines(decode_unicode=True)`, which splits with `str.splitlines`, breaks the line
+//!   there: "х" (D1 85) or "΅" (CE 85) from the model was enough. TGI sends a bare
+//!   `text/event-stream` and has this problem; naming the charset, as vLLM does, removes it
+//!   (and gives those clients the right text rather than mojibake).
+//! - `str.splitlines` and many hand-written readers also break lines at U+0085, U+2028 and
+//!   U+2029 themselves, which serde_json leaves raw, and a model may emit any of them. Written
+//!   as `\u` escapes they mean the same text to every JSON parser and break no reader.
 
+use std::convert::Infallible;
+
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::Event;
+use axum::response::sse::{KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Characters some line readers split on that JSON may carry unescaped, with their escapes.
 const LOOSE_LINE_BREAKS: [(char, &str); 3] = [
@@ -38,6 +52,22 @@ pub fn event(data: &impl Serialize) -> Event {
         Ok(line) => Event::default().data(line),
         Err(_) => Event::default().data("{}"),
     }
+}
+
+/// The streaming response for the events `rx` receives, with the route's own `headers`.
+pub fn response(mut headers: HeaderMap, rx: mpsc::Receiver<Result<Event, Infallible>>) -> Response {
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    // Proxies such as nginx would otherwise buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // Applied after the body's own headers, so the content type above replaces axum's.
+    (
+        headers,
+        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()),
+    )
+        .into_response()
 }
 
 /// OpenAI's end-of-stream marker.
