@@ -117,16 +117,20 @@ impl Norm {
                     }
                 }
                 let kind = x.kind();
-                if !*unit_offset {
+                if !*unit_offset && kind == Kind::Float {
                     // libtorch's rms_norm does Llama's arithmetic in one call instead of
-                    // eight, though in bf16 it can land one ulp from transformers, which casts
-                    // before the weight (the decode kernel casts where transformers does).
+                    // eight. In 16 bits it applies the weight before the cast, where
+                    // transformers casts first, and lands an ulp away.
                     return x.rms_norm([weight.size()[0]], Some(weight), Some(*eps));
                 }
                 let h = x.to_kind(Kind::Float);
                 let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
                 let h = h * (var + *eps).rsqrt();
-                (h * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                if *unit_offset {
+                    (h * (weight.to_kind(Kind::Float) + 1.0)).to_kind(kind)
+                } else {
+                    h.to_kind(kind) * weight
+                }
             }
             Norm::Layer { weight, bias, eps } => {
                 let n = weight.size()[0];
