@@ -7,12 +7,14 @@
 //! (one query token per sequence against its paged context). Each is built for AVX-512 (with
 //! AVX-512 BF16 for bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most
 //! client Intel), and runs its parts on libtorch's own threads (`threads`). A decode step of a
-//! few dozen sequences is bound by FMAs instead, and there `gemm` (AVX2 only) beats MKL, which
-//! packs the weights on every call. Every caller falls back to libtorch when no kernel
+//! few dozen sequences is bound by FMAs instead, and there `gemm` beats MKL, which packs the
+//! weights on every call. Every caller falls back to libtorch when no kernel
 //! applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
 
 pub mod attention;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod matvec;
 mod norm;
 mod threads;
@@ -29,10 +31,8 @@ pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
     if rows <= MAX_ROWS {
         matvec(x, w)
-    } else if gemm::ROWS.contains(&rows) {
-        gemm(x, w)
     } else {
-        None
+        gemm(x, w)
     }
 }
 
