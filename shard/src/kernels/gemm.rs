@@ -53,7 +53,7 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     if !ROWS.contains(&m) {
         return None;
     }
-    let y = Tensor::empty([m as i64, n as i64], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::empty([m as i64, n as i64], (kind, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     {
         let bf16 = kind == Kind::BFloat16;
@@ -66,7 +66,7 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
         );
         let run = move |part: Range<usize>| {
             // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above
-            // (`x` f32, `w` f32 or bf16 as `bf16` says), alive until `split` returns; parts are
+            // (`x` f32, `w` and `y` f32 or bf16 as `bf16` says), alive until `split` returns; parts are
             // disjoint ranges of output columns; the callers checked that the CPU has `isa`.
             unsafe {
                 tiles::gemm(
@@ -74,7 +74,7 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
                     bf16,
                     wp as *const u8,
                     xp as *const f32,
-                    yp as *mut f32,
+                    yp as *mut u8,
                     (m, n, k),
                     part,
                 )
@@ -84,7 +84,7 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     }
     #[cfg(not(target_arch = "x86_64"))]
     return None;
-    Some(super::in_dtype(y, kind))
+    Some(y)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -94,19 +94,19 @@ mod tiles {
 
     use super::super::lanes::{Avx2, Avx512, Lanes};
     use super::super::matvec::avx2::weight;
-    use super::super::Isa;
+    use super::super::{put, Isa};
 
     /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`.
     ///
     /// # Safety
-    /// `w` (f32, or bf16 when `bf16`), `x` (f32) and `y` (f32) must cover those shapes, `part`
+    /// `w` and `y` (f32, or bf16 when `bf16`) and `x` (f32) must cover those shapes, `part`
     /// must lie in `0..n`, and the CPU must have `isa`.
     pub unsafe fn gemm(
         isa: Isa,
         bf16: bool,
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         shape: (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -123,7 +123,7 @@ mod tiles {
     unsafe fn columns_avx2<const BF16: bool>(
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         shape: (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -136,7 +136,7 @@ mod tiles {
     unsafe fn columns_avx512<const BF16: bool>(
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         shape: (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -150,7 +150,7 @@ mod tiles {
     unsafe fn columns<L: Lanes, const MR: usize, const NR: usize, const BF16: bool>(
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         (m, n, k): (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -228,7 +228,7 @@ mod tiles {
     unsafe fn tile<L: Lanes, const R: usize, const C: usize, const BF16: bool>(
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         (n, k): (usize, usize),
         (row, col): (usize, usize),
         ahead: Ahead,
@@ -260,7 +260,6 @@ mod tiles {
             i += L::WIDTH;
         }
         for j in 0..R {
-            let out = y.add((row + j) * n + col);
             let mut totals = [0.0; C];
             let mut a = 0;
             while a + 4 <= C {
@@ -275,7 +274,7 @@ mod tiles {
                 for r in full..k {
                     totals[a] += weight::<BF16>(w, (col + a) * k + r) * *x.add((row + j) * k + r);
                 }
-                *out.add(a) = totals[a];
+                put::<BF16>(y, (row + j) * n + col + a, totals[a]);
             }
         }
     }

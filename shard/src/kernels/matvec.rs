@@ -33,7 +33,7 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     if !(1..=MAX_ROWS).contains(&m) {
         return None;
     }
-    let y = Tensor::empty([m as i64, n as i64], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::empty([m as i64, n as i64], (kind, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     {
         let bf16 = kind == Kind::BFloat16;
@@ -50,7 +50,7 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
             y.data_ptr() as usize,
         );
         let run = move |part: Range<usize>| {
-            let (w, x, y) = (wp as *const u8, xp as *const u8, yp as *mut f32);
+            let (w, x, y) = (wp as *const u8, xp as *const u8, yp as *mut u8);
             // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above,
             // alive until `split` returns, of the element types each kernel reads; parts
             // are disjoint ranges of output columns; the caller checked the CPU features.
@@ -70,7 +70,7 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
         let _ = (isa, m, n, k);
         return None;
     }
-    Some(super::in_dtype(y, kind))
+    Some(y)
 }
 
 /// The products with AVX-512 (16 lanes, 32 vector registers) and AVX-512 BF16's dot products.
@@ -79,8 +79,10 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; `w` and `x` f32, or both
-    /// bf16 (`bf16`), `y` f32.
+    use super::super::put;
+
+    /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; all three f32, or all
+    /// bf16 (`bf16`).
     ///
     /// # Safety
     /// The pointers must cover those shapes, `m` must be 1 to 8, `part` must lie in `0..n`,
@@ -89,7 +91,7 @@ mod avx512 {
         bf16: bool,
         w: *const u8,
         x: *const u8,
-        y: *mut f32,
+        y: *mut u8,
         (m, n, k): (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -109,7 +111,7 @@ mod avx512 {
     unsafe fn matvec_f32<const M: usize>(
         w: *const f32,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         n: usize,
         k: usize,
         part: Range<usize>,
@@ -148,7 +150,11 @@ mod avx512 {
                 tail -= take;
             }
             for j in 0..M {
-                *y.add(j * n + row) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
+                put::<false>(
+                    y,
+                    j * n + row,
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j])),
+                );
             }
         }
     }
@@ -157,7 +163,7 @@ mod avx512 {
     unsafe fn matvec_bf16<const M: usize>(
         w: *const u16,
         x: *const u16,
-        y: *mut f32,
+        y: *mut u8,
         n: usize,
         k: usize,
         part: Range<usize>,
@@ -201,7 +207,11 @@ mod avx512 {
                 i += take;
             }
             for j in 0..M {
-                *y.add(j * n + row) = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
+                put::<true>(
+                    y,
+                    j * n + row,
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j])),
+                );
             }
         }
     }
@@ -213,8 +223,10 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; `w` f32 or bf16
-    /// (`bf16`), `x` and `y` f32.
+    use super::super::put;
+
+    /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; `x` f32, `w` and `y`
+    /// f32 or bf16 (`bf16`).
     ///
     /// # Safety
     /// The pointers must cover those shapes, `m` must be 1 to 8, `part` must lie in `0..n`,
@@ -223,7 +235,7 @@ pub(super) mod avx2 {
         bf16: bool,
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         (m, n, k): (usize, usize, usize),
         part: Range<usize>,
     ) {
@@ -277,7 +289,7 @@ pub(super) mod avx2 {
     unsafe fn rows<const M: usize, const A: usize, const BF16: bool>(
         w: *const u8,
         x: *const f32,
-        y: *mut f32,
+        y: *mut u8,
         n: usize,
         k: usize,
         part: Range<usize>,
@@ -314,7 +326,7 @@ pub(super) mod avx2 {
                 for r in i..k {
                     total += weight::<BF16>(w, base + r) * *x.add(j * k + r);
                 }
-                *y.add(j * n + row) = total;
+                put::<BF16>(y, j * n + row, total);
             }
         }
     }
