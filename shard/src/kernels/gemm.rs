@@ -144,8 +144,9 @@ mod tiles {
     }
 
     /// Tiles of `MR` rows of `x` by `NR` rows of `w` over the columns `part`. The edges (fewer
-    /// than `MR` rows left, fewer than `NR` columns) run one row or one column at a time: the
-    /// decode shapes rarely have them, and one tile shape per edge keeps the code small.
+    /// than `MR` rows left, fewer than `NR` columns) run one row or one column at a time: they
+    /// are a small share of a product's work (at most `MR - 1` rows, and `NR - 1` columns per
+    /// thread's part), and one tile shape per edge keeps the code small.
     #[inline(always)]
     unsafe fn columns<L: Lanes, const MR: usize, const NR: usize, const BF16: bool>(
         w: *const u8,
