@@ -37,8 +37,8 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
 /// Where the kernel beats libtorch, measured interleaved with the `gemm` example of
 /// `tessera-benchmark`. From 9 rows (at 8 the streaming kernels are still ahead) on AVX2 up to
 /// 128 (MKL is 1.4x behind there on the Zen 3 VM, and wins on some shapes at 192); on AVX-512
-/// for f32 up to 48 (1.1-1.35x ahead at 32 rows on the AVX-512 Xeon VM, even at 64, behind at
-/// 128). Not bf16 on AVX-512: there oneDNN has native bf16 (and AMX) kernels.
+/// for f32 up to 48 (1.33-1.36x ahead at 32 rows on the AVX-512 Xeon VM, level at 64, mostly
+/// behind at 128). Not bf16 on AVX-512: there oneDNN has native bf16 (and AMX) kernels.
 fn takes(isa: Isa, kind: Kind, rows: usize) -> bool {
     match isa {
         Isa::Avx2 => ROWS.contains(&rows),
@@ -66,8 +66,9 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
         );
         let run = move |part: Range<usize>| {
             // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above
-            // (`x` f32, `w` and `y` f32 or bf16 as `bf16` says), alive until `split` returns; parts are
-            // disjoint ranges of output columns; the callers checked that the CPU has `isa`.
+            // (`x` f32, `w` and `y` f32 or bf16 as `bf16` says), alive until `split` returns;
+            // parts are disjoint ranges of output columns; the callers checked that the CPU
+            // has `isa`.
             unsafe {
                 tiles::gemm(
                     isa,
@@ -295,9 +296,9 @@ mod tests {
             };
             // Both widths where the CPU has AVX-512 (whether or not `gemm` would pick it).
             for isa in [best, Isa::Avx2] {
-                // Every remainder of rows (mod 3) and of columns (mod 4), `k` with and without
-                // a tail of either width, one column part per thread and a part that ends
-                // inside a tile.
+                // Every remainder of rows (mod 3 and 4, the two tiles' heights) and of columns
+                // (mod 4 and 6), `k` with and without a tail of either width, one column part
+                // per thread and a part that ends inside a tile.
                 for shape in [
                     (9, 4, 8),
                     (10, 7, 576),
@@ -326,5 +327,20 @@ mod tests {
         );
         let x = wave(80, 0.5).view([10, 8]).to_kind(Kind::Double);
         assert!(gemm(&x, &w.to_kind(Kind::Double)).is_none(), "f64");
+    }
+
+    #[test]
+    fn takes_only_where_it_was_measured_ahead() {
+        assert!(takes(Isa::Avx2, Kind::BFloat16, 9) && takes(Isa::Avx2, Kind::Float, 128));
+        assert!(!takes(Isa::Avx2, Kind::Float, 8) && !takes(Isa::Avx2, Kind::Float, 129));
+        assert!(takes(Isa::Avx512, Kind::Float, 9) && takes(Isa::Avx512, Kind::Float, 48));
+        assert!(
+            !takes(Isa::Avx512, Kind::Float, 49),
+            "MKL is level from 64 rows"
+        );
+        assert!(
+            !takes(Isa::Avx512, Kind::BFloat16, 32),
+            "oneDNN's bf16 kernels"
+        );
     }
 }

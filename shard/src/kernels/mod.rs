@@ -150,3 +150,45 @@ pub(crate) mod testing {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `put` rounds as libtorch converts f32 to bf16: to nearest, ties to even, NaN kept.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn put_rounds_bf16_as_libtorch() {
+        let values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            // Exact ties between two bf16 values: one rounds down to even, one up.
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_8001),
+            -3.141_592_7,
+            1e-40,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let want = Tensor::from_slice(&values)
+            .to_kind(Kind::BFloat16)
+            .view_dtype(Kind::Int16);
+        let want = Vec::<i16>::try_from(&want).expect("bf16 bits");
+        let mut got = vec![0u16; values.len()];
+        for (i, &v) in values.iter().enumerate() {
+            // SAFETY: `got` holds `values.len()` bf16 slots.
+            unsafe { put::<true>(got.as_mut_ptr() as *mut u8, i, v) };
+        }
+        for ((v, w), g) in values.iter().zip(&want).zip(&got) {
+            if v.is_nan() {
+                assert!(half::bf16::from_bits(*g).is_nan(), "NaN stays NaN");
+            } else {
+                assert_eq!(*g, *w as u16, "{v:e}: libtorch {w:#06x}, put {g:#06x}");
+            }
+        }
+    }
+}
