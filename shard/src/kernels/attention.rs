@@ -219,9 +219,7 @@ impl Job<'_> {
                 }
             }
             for h in 0..G {
-                for t in 0..4 {
-                    scores[h * n + j + t] = L::sum(acc[h][t]);
-                }
+                scores[h * n + j..h * n + j + 4].copy_from_slice(&L::sum4(acc[h]));
             }
             j += 4;
         }
@@ -241,21 +239,7 @@ impl Job<'_> {
         }
         let mut norms = [0f32; G];
         for h in 0..G {
-            let mine = &mut scores[h * n..(h + 1) * n];
-            let mut max = f32::NEG_INFINITY;
-            for score in mine.iter_mut() {
-                *score *= s.scale;
-                if let Some(cap) = s.softcap {
-                    *score = (*score / cap).tanh() * cap;
-                }
-                max = max.max(*score);
-            }
-            let mut sum = 0.0f32;
-            for x in mine.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            norms[h] = 1.0 / sum;
+            norms[h] = softmax::<L>(&mut scores[h * n..(h + 1) * n], s.scale, s.softcap);
         }
         // The values in blocks of up to 4 vectors of lanes per head, so that a block's G × 4
         // accumulators have a size known at compile time and stay in registers.
@@ -273,6 +257,55 @@ impl Job<'_> {
         }
         G
     }
+}
+
+/// Scales (and soft-caps) one head's scores and replaces them by `e^(score - max)`; returns
+/// the normaliser `1 / Σ`. Vectorised with `Lanes::exp`: done one score at a time with libm's
+/// `exp`, this was a third of the kernel's time at batch 32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn softmax<L: Lanes>(scores: &mut [f32], scale: f32, softcap: Option<f32>) -> f32 {
+    let n = scores.len();
+    let full = n / L::WIDTH * L::WIDTH;
+    let p = scores.as_mut_ptr();
+    let at = |i: usize| p.add(i) as *mut u8;
+    let mut max = f32::NEG_INFINITY;
+    if let Some(cap) = softcap {
+        for i in 0..n {
+            *p.add(i) = (*p.add(i) * scale / cap).tanh() * cap;
+            max = max.max(*p.add(i));
+        }
+    } else {
+        let (scale_v, mut top) = (L::splat(scale), L::splat(f32::NEG_INFINITY));
+        let mut i = 0;
+        while i < full {
+            let v = L::mul(L::load::<false>(at(i)), scale_v);
+            L::store::<false>(at(i), v);
+            top = L::max(top, v);
+            i += L::WIDTH;
+        }
+        if full > 0 {
+            max = L::hmax(top);
+        }
+        for i in full..n {
+            *p.add(i) *= scale;
+            max = max.max(*p.add(i));
+        }
+    }
+    let (max_v, mut total) = (L::splat(max), L::zero());
+    let mut i = 0;
+    while i < full {
+        let e = L::exp(L::sub(L::load::<false>(at(i)), max_v));
+        L::store::<false>(at(i), e);
+        total = L::add(total, e);
+        i += L::WIDTH;
+    }
+    let mut sum = L::sum(total);
+    for i in full..n {
+        *p.add(i) = (*p.add(i) - max).exp();
+        sum += *p.add(i);
+    }
+    1.0 / sum
 }
 
 /// How many keys ahead K and V rows are prefetched.

@@ -17,7 +17,46 @@ pub trait Lanes {
     unsafe fn store<const BF16: bool>(p: *mut u8, v: Self::V);
     unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sum(v: Self::V) -> f32;
+    /// The largest lane.
+    unsafe fn hmax(v: Self::V) -> f32;
+    /// `x` as bf16 would hold it: rounded to nearest even and widened back.
+    unsafe fn round_bf16(v: Self::V) -> Self::V;
+    /// `2^n × y` for lanes `n` that are whole numbers in -150..=128.
+    unsafe fn scale2(y: Self::V, n: Self::V) -> Self::V;
+    /// `e^x` within 2 ulp of the true value (libtorch's vectorised `exp`, Sleef's u10, is
+    /// within 1): Cody-Waite reduction to `r` in ±ln2/2 and Cephes' degree-6 polynomial.
+    /// The input is bounded to -103.97..=89 first: `e^x` rounds to 0 below and overflows to
+    /// infinity above, as f32's does. NaN stays NaN.
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        // Bound first, so that NaN (which both return when it is the second operand) stays.
+        let x = Self::max(Self::splat(-103.97), x);
+        let x = Self::min_(Self::splat(89.0), x);
+        let n = Self::nearest(Self::mul(x, Self::splat(std::f32::consts::LOG2_E)));
+        // r = x - n ln2, with ln2 in two parts so that n ln2 is exact to f32.
+        let r = Self::fmadd(n, Self::splat(-0.693_359_4), x);
+        let r = Self::fmadd(n, Self::splat(2.121_944_4e-4), r);
+        let mut p = Self::splat(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = Self::fmadd(p, r, Self::splat(c));
+        }
+        let y = Self::fmadd(Self::mul(p, r), r, Self::add(r, Self::splat(1.0)));
+        Self::scale2(y, n)
+    }
+    unsafe fn min_(a: Self::V, b: Self::V) -> Self::V;
+    /// Rounded to the nearest whole number (ties to even).
+    unsafe fn nearest(v: Self::V) -> Self::V;
     /// The totals of four vectors, in order.
     #[inline(always)]
     unsafe fn sum4(v: [Self::V; 4]) -> [f32; 4] {
@@ -73,8 +112,68 @@ impl Lanes for Avx512 {
         _mm512_mul_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        _mm512_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn min_(a: __m512, b: __m512) -> __m512 {
+        _mm512_min_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn nearest(v: __m512) -> __m512 {
+        _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+    }
+    #[inline(always)]
+    unsafe fn scale2(y: __m512, n: __m512) -> __m512 {
+        _mm512_scalef_ps(y, n)
+    }
+    #[inline(always)]
+    unsafe fn round_bf16(v: __m512) -> __m512 {
+        let bits = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb);
+        _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(-65536)))
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m512) -> f32 {
+        _mm512_reduce_max_ps(v)
+    }
+    #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
         _mm512_reduce_add_ps(v)
+    }
+    /// Halves of two vectors folded into one, twice, then AVX2's horizontal adds: 11
+    /// instructions for four totals where four `reduce_add`s take about 32.
+    #[inline(always)]
+    unsafe fn sum4([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
+        // [a's low 256 bits, b's low 256] + [a's high, b's high]: a and b folded to 8 lanes.
+        let ab = _mm512_add_ps(
+            _mm512_shuffle_f32x4(a, b, 0b01_00_01_00),
+            _mm512_shuffle_f32x4(a, b, 0b11_10_11_10),
+        );
+        let cd = _mm512_add_ps(
+            _mm512_shuffle_f32x4(c, d, 0b01_00_01_00),
+            _mm512_shuffle_f32x4(c, d, 0b11_10_11_10),
+        );
+        // The high 256 bits through the f64 view: its extract is AVX-512 F (the f32 one, DQ).
+        Avx2::sum4([
+            _mm512_castps512_ps256(ab),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ab), 1)),
+            _mm512_castps512_ps256(cd),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(cd), 1)),
+        ])
     }
 }
 
@@ -121,6 +220,55 @@ impl Lanes for Avx2 {
     #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
         _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        _mm256_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn min_(a: __m256, b: __m256) -> __m256 {
+        _mm256_min_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn nearest(v: __m256) -> __m256 {
+        _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+    }
+    /// Two steps, `2^(n/2)` twice, so that both factors are normal f32 even where `2^n` is not
+    /// (`n` down to -150, where `y × 2^n` is subnormal or 0).
+    #[inline(always)]
+    unsafe fn scale2(y: __m256, n: __m256) -> __m256 {
+        let n = _mm256_cvtps_epi32(n);
+        let a = _mm256_srai_epi32(n, 1);
+        let b = _mm256_sub_epi32(n, a);
+        let bias = _mm256_set1_epi32(127);
+        let pa = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(a, bias), 23));
+        let pb = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(b, bias), 23));
+        _mm256_mul_ps(_mm256_mul_ps(y, pa), pb)
+    }
+    #[inline(always)]
+    unsafe fn round_bf16(v: __m256) -> __m256 {
+        let bits = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb);
+        _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(-65536)))
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)))
     }
     #[inline(always)]
     unsafe fn sum(v: __m256) -> f32 {

@@ -11,6 +11,7 @@
 //! weights on every call. Every caller falls back to libtorch when no kernel
 //! applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
 
+mod activation;
 pub mod attention;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
@@ -19,6 +20,7 @@ mod matvec;
 mod norm;
 mod threads;
 
+pub use activation::silu_mul;
 pub use attention::decode_attention;
 pub use norm::{rms_norm, rope};
 

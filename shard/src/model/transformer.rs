@@ -160,8 +160,14 @@ impl Mlp {
         match self {
             Mlp::Gated { gate_up, down } => {
                 let gu = gate_up.forward(x, stream);
-                let ffn = gu.size()[1] / 2;
-                let h = activate(act, &gu.narrow(1, 0, ffn)) * gu.narrow(1, ffn, ffn);
+                let fused = match act {
+                    Activation::Silu if stream => crate::kernels::silu_mul(&gu),
+                    _ => None,
+                };
+                let h = fused.unwrap_or_else(|| {
+                    let ffn = gu.size()[1] / 2;
+                    activate(act, &gu.narrow(1, 0, ffn)) * gu.narrow(1, ffn, ffn)
+                });
                 down.forward(&h, stream)
             }
             Mlp::Plain { fc, proj } => proj.forward(&activate(act, &fc.forward(x, stream)), stream),
