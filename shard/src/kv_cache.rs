@@ -87,6 +87,23 @@ impl KvPool {
         let _ = self.values[layer].index_copy_(0, slots, v);
     }
 
+    /// Decode rows' fused `qkv` rotated, their keys and values stored at `slots` of `layer`,
+    /// their queries returned (`kernels::rope_store`); `None` where the kernel does not apply
+    /// and the caller should rotate and `write` instead.
+    pub fn rope_store(
+        &mut self,
+        layer: usize,
+        qkv: &Tensor,
+        tables: (&Tensor, &Tensor),
+        heads: usize,
+        slots: &[i64],
+    ) -> Option<Tensor> {
+        let pool = (self.keys.get(layer)?, self.values.get(layer)?);
+        // SAFETY: `&mut self` holds the pool's tensors exclusively for the call, and they
+        // are the pool's own storage, never a view of `qkv`.
+        unsafe { crate::kernels::rope_store(qkv, tables, heads, pool, slots) }
+    }
+
     /// Keys and values at `slots` (any shape of slot ids), each `[..slots.shape, kv_heads, head_dim]`.
     /// Gathered as embedding lookups over `[slots, kv_heads * head_dim]` rows: libtorch's CPU
     /// `index_select` is several times slower on f32 rows of this size (0.42 vs 0.09 ms for a

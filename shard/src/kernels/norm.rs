@@ -1,4 +1,5 @@
-//! RMSNorm and rotary embeddings of decode rows, each one pass instead of several libtorch ops.
+//! RMSNorm and rotary embeddings of decode rows (the latter fused with the KV cache write),
+//! each one pass instead of several libtorch ops.
 //!
 //! At one token per sequence these tensors hold a few hundred numbers, and libtorch's cost is
 //! the ops themselves: `rms_norm` is a composite of about eight ops and takes 27 µs on a
@@ -183,7 +184,6 @@ unsafe fn rope_rows<E: Element>(
     y: &Tensor,
     (t, heads, d, row_stride): (usize, usize, usize, usize),
 ) {
-    let half = d / 2;
     let (xp, yp) = (x.data_ptr() as *const E, y.data_ptr() as *mut E);
     let cos = std::slice::from_raw_parts(cos.data_ptr() as *const E, t * d);
     let sin = std::slice::from_raw_parts(sin.data_ptr() as *const E, t * d);
@@ -192,14 +192,101 @@ unsafe fn rope_rows<E: Element>(
         for head in 0..heads {
             let xr = std::slice::from_raw_parts(xp.add(row * row_stride + head * d), d);
             let yr = std::slice::from_raw_parts_mut(yp.add((row * heads + head) * d), d);
-            for i in 0..d {
-                // Three ops in libtorch, each rounded in bf16: two products and their sum.
-                let turned = xr[(i + half) % d].get();
-                let a = E::round(xr[i].get() * c[i].get());
-                let b = E::round(turned * s[i].get());
-                yr[i] = E::put(a + b);
-            }
+            rotate(xr, c, s, yr);
         }
+    }
+}
+
+/// One head `x` rotated into `y` by a position's `cos` and signed `sin` rows.
+#[inline]
+fn rotate<E: Element>(x: &[E], c: &[E], s: &[E], y: &mut [E]) {
+    let d = x.len();
+    let half = d / 2;
+    for i in 0..d {
+        // Three ops in libtorch, each rounded in bf16: two products and their sum.
+        let turned = x[(i + half) % d].get();
+        let a = E::round(x[i].get() * c[i].get());
+        let b = E::round(turned * s[i].get());
+        y[i] = E::put(a + b);
+    }
+}
+
+/// The decode step's q/k/v in one pass: `qkv` (`[T, (heads + 2 × kv_heads) × d]`, contiguous,
+/// as the fused projection makes it) has its queries and keys rotated as `rope` rotates them,
+/// its keys and values stored into the pool tensors `keys`/`values` (`[slots, kv_heads, d]`)
+/// at `slots[t]` (what `index_copy_` did), and its queries returned as `[T, heads, d]`. The
+/// views, the two copies and the rotation cost nine libtorch ops a layer, which between two
+/// weight streams took 70 µs on the AMX Xeon VM (their code and metadata come back from
+/// memory each time). `None` where the kernel does not apply.
+///
+/// # Safety
+/// `keys` and `values` are written through their data pointers: the caller must hold them
+/// exclusively (the pool's `&mut self`) and they must not share storage with `qkv`.
+pub unsafe fn rope_store(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    (keys, values): (&Tensor, &Tensor),
+    slots: &[i64],
+) -> Option<Tensor> {
+    let kind = qkv.kind();
+    let (t, width) = qkv.size2().ok()?;
+    let (pool, kv_heads, d) = keys.size3().ok()?;
+    let table = [t, 1, d];
+    let ok = kernels_on(kind)
+        && [qkv, cos, sin, keys, values]
+            .iter()
+            .all(|x| x.device() == Device::Cpu && x.kind() == kind && x.is_contiguous())
+        && cos.size() == table
+        && sin.size() == table
+        && values.size() == keys.size()
+        && width == (heads as i64 + 2 * kv_heads) * d
+        && d % 2 == 0
+        && slots.len() == t as usize
+        && slots.iter().all(|&s| (0..pool).contains(&s));
+    if !ok {
+        return None;
+    }
+    let q = Tensor::empty([t, heads as i64, d], (kind, Device::Cpu));
+    let shape = (t as usize, heads, kv_heads as usize, d as usize);
+    let tensors = [qkv, cos, sin, &q, keys, values];
+    match kind {
+        Kind::Float => rope_store_rows::<f32>(tensors, shape, slots),
+        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, slots),
+        _ => return None,
+    }
+    Some(q)
+}
+
+/// # Safety
+/// As `rope_store` checks and requires.
+unsafe fn rope_store_rows<E: Element>(
+    [qkv, cos, sin, q, keys, values]: [&Tensor; 6],
+    (t, heads, kv_heads, d): (usize, usize, usize, usize),
+    slots: &[i64],
+) {
+    let width = (heads + 2 * kv_heads) * d;
+    let kv = kv_heads * d;
+    let src = std::slice::from_raw_parts(qkv.data_ptr() as *const E, t * width);
+    let cos = std::slice::from_raw_parts(cos.data_ptr() as *const E, t * d);
+    let sin = std::slice::from_raw_parts(sin.data_ptr() as *const E, t * d);
+    let q = std::slice::from_raw_parts_mut(q.data_ptr() as *mut E, t * heads * d);
+    let (kp, vp) = (keys.data_ptr() as *mut E, values.data_ptr() as *mut E);
+    for (row, &slot) in slots.iter().enumerate() {
+        let (c, s) = (&cos[row * d..][..d], &sin[row * d..][..d]);
+        let x = &src[row * width..][..width];
+        for (head, out) in q[row * heads * d..][..heads * d]
+            .chunks_exact_mut(d)
+            .enumerate()
+        {
+            rotate(&x[head * d..][..d], c, s, out);
+        }
+        let at = slot as usize * kv;
+        let k_out = std::slice::from_raw_parts_mut(kp.add(at), kv);
+        for (head, out) in k_out.chunks_exact_mut(d).enumerate() {
+            rotate(&x[(heads + head) * d..][..d], c, s, out);
+        }
+        std::slice::from_raw_parts_mut(vp.add(at), kv).copy_from_slice(&x[heads * d + kv..]);
     }
 }
 
@@ -260,6 +347,58 @@ mod tests {
             if kind == Kind::BFloat16 {
                 assert!(got.equal(&want), "bf16 rounds as libtorch does, op by op");
             }
+        }
+    }
+
+    #[test]
+    fn rope_store_is_rope_and_index_copy() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (t, heads, kv_heads, d, slots) = (3, 6, 2, 16, 40);
+            let qkv = wave(&[t, (heads + 2 * kv_heads) * d], 0.29).to_kind(kind);
+            let cos = wave(&[t, 1, d], 0.13).to_kind(kind);
+            let sin = wave(&[t, 1, d], 0.07).to_kind(kind);
+            let at = [7i64, 39, 0];
+            let before = wave(&[slots, kv_heads, d], 0.41).to_kind(kind);
+            let (keys, values) = (before.copy(), before.copy() * 2.0);
+            // SAFETY: the pool tensors are this test's own and not views of `qkv`.
+            let q =
+                unsafe { rope_store(&qkv, (&cos, &sin), heads as usize, (&keys, &values), &at) }
+                    .expect("kernel");
+            let rotated = rope(
+                &qkv.narrow(1, 0, (heads + kv_heads) * d)
+                    .view([t, heads + kv_heads, d]),
+                &cos,
+                &sin,
+            )
+            .expect("kernel");
+            assert!(q.equal(&rotated.narrow(1, 0, heads)), "{kind:?} queries");
+            let index = Tensor::from_slice(&at);
+            let mut want_k = before.copy();
+            let _ = want_k.index_copy_(0, &index, &rotated.narrow(1, heads, kv_heads));
+            let mut want_v = before.copy() * 2.0;
+            let v = qkv
+                .narrow(1, (heads + kv_heads) * d, kv_heads * d)
+                .view([t, kv_heads, d]);
+            let _ = want_v.index_copy_(0, &index, &v);
+            assert!(
+                keys.equal(&want_k),
+                "{kind:?} keys, and no other slot touched"
+            );
+            assert!(
+                values.equal(&want_v),
+                "{kind:?} values, and no other slot touched"
+            );
+            // SAFETY: as above.
+            let outside = unsafe {
+                rope_store(
+                    &qkv,
+                    (&cos, &sin),
+                    heads as usize,
+                    (&keys, &values),
+                    &[1, slots, 2],
+                )
+            };
+            assert!(outside.is_none(), "a slot outside the pool is refused");
         }
     }
 

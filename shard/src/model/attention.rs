@@ -141,8 +141,9 @@ fn explicit(
     probs.matmul(v).view([b, p.num_heads, lq, p.head_dim])
 }
 
-/// Attention for every row of the batch. `q` is `[T, heads, hd]`, `k`/`v` the new tokens'
-/// `[T, kv_heads, hd]` (already written to `pool`). Returns `[T, heads * hd]`.
+/// Attention for every row of the batch. `q` is `[T, heads, hd]`, `new_kv` the new tokens'
+/// `[T, kv_heads, hd]` keys and values when the caller has them as tensors (they are in `pool`
+/// either way; a fused decode step writes them there directly). Returns `[T, heads * hd]`.
 pub fn attend(
     p: &AttentionParams,
     plan: &AttentionPlan,
@@ -151,8 +152,7 @@ pub fn attend(
     pool: &KvPool,
     layer: usize,
     q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    new_kv: Option<(&Tensor, &Tensor)>,
 ) -> Tensor {
     let variant = plan.variant(window);
     let mut outs = Vec::with_capacity(input.prefills.len() + 1);
@@ -161,12 +161,13 @@ pub fn attend(
             .narrow(0, span.start, span.len)
             .transpose(0, 1)
             .unsqueeze(0);
-        let (ki, vi) = match &span.context {
-            Some(ctx) => pool.gather(layer, ctx),
-            None => (
+        let (ki, vi) = match (&span.context, new_kv) {
+            (Some(ctx), _) => pool.gather(layer, ctx),
+            (None, Some((k, v))) => (
                 k.narrow(0, span.start, span.len),
                 v.narrow(0, span.start, span.len),
             ),
+            (None, None) => pool.gather(layer, &input.slots.narrow(0, span.start, span.len)),
         };
         let ki = ki.transpose(0, 1).unsqueeze(0);
         let vi = vi.transpose(0, 1).unsqueeze(0);

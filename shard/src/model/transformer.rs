@@ -326,27 +326,53 @@ impl Transformer {
                 None
             }
         };
+        // Each decode row's new slot (the last of its context), for the fused rotation and
+        // cache write, when the batch is decode rows only.
+        let new_slots: Option<Vec<i64>> = input
+            .decode
+            .as_ref()
+            .filter(|d| stream && d.start == 0)
+            .map(|d| {
+                (0..d.lens.len())
+                    .filter_map(|i| d.slots(i).last().copied())
+                    .collect::<Vec<i64>>()
+            })
+            .filter(|s| s.len() as i64 == t);
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x, stream);
             let qkv = layer.qkv.forward(&h, stream);
-            let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
-            // Queries and keys side by side as `[T, heads + kv_heads, hd]`, so RoPE is one
-            // set of ops for both (per-op overhead dominates small decode steps).
-            let mut qk = qkv.narrow(1, 0, (nh + nkv) * hd).view([t, nh + nkv, hd]);
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                qk = Tensor::cat(
-                    &[
-                        qn.forward(&qk.narrow(1, 0, nh), stream),
-                        kn.forward(&qk.narrow(1, nh, nkv), stream),
-                    ],
-                    1,
-                );
-            }
-            if let Some((rope, (cos, sin))) = &rope {
-                qk = rope.apply(&qk, cos, sin, stream);
-            }
-            let (q, k) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv));
-            pool.write(li, &input.slots, &k, &v);
+            let fused = match (&rope, &new_slots) {
+                (Some((_, (cos, sin))), Some(slots))
+                    if layer.q_norm.is_none() && layer.k_norm.is_none() =>
+                {
+                    pool.rope_store(li, &qkv, (cos, sin), nh as usize, slots)
+                }
+                _ => None,
+            };
+            let (q, new_kv) = match fused {
+                Some(q) => (q, None),
+                None => {
+                    let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd).view([t, nkv, hd]);
+                    // Queries and keys side by side as `[T, heads + kv_heads, hd]`, so RoPE is
+                    // one set of ops for both (per-op overhead dominates small decode steps).
+                    let mut qk = qkv.narrow(1, 0, (nh + nkv) * hd).view([t, nh + nkv, hd]);
+                    if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                        qk = Tensor::cat(
+                            &[
+                                qn.forward(&qk.narrow(1, 0, nh), stream),
+                                kn.forward(&qk.narrow(1, nh, nkv), stream),
+                            ],
+                            1,
+                        );
+                    }
+                    if let Some((rope, (cos, sin))) = &rope {
+                        qk = rope.apply(&qk, cos, sin, stream);
+                    }
+                    let (q, k) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv));
+                    pool.write(li, &input.slots, &k, &v);
+                    (q, Some((k, v)))
+                }
+            };
             let attn = attention::attend(
                 &self.attention,
                 &plan,
@@ -355,8 +381,7 @@ impl Transformer {
                 pool,
                 li,
                 &q,
-                &k,
-                &v,
+                new_kv.as_ref().map(|(k, v)| (k, v)),
             );
             let mut a = self.reduce(layer.o.forward(&attn, stream));
             if let Some(n) = &layer.post_attention_norm {
