@@ -22,7 +22,7 @@ mod threads;
 
 pub use activation::silu_mul;
 pub use attention::decode_attention;
-pub use norm::{rms_norm, rope, rope_store};
+pub use norm::{add_rms_norm, rms_norm, rope, rope_store};
 
 use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};

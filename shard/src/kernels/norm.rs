@@ -72,18 +72,7 @@ impl Element for Bf16 {
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: bool) -> Option<Tensor> {
     let kind = x.kind();
     let (rows, n) = x.size2().ok()?;
-    if !kernels_on(kind)
-        || x.device() != Device::Cpu
-        || weight.device() != Device::Cpu
-        || weight.kind() != kind
-        || weight.size() != [n]
-        || !x.is_contiguous()
-        || !weight.is_contiguous()
-        || n == 0
-    {
-        return None;
-    }
-    let y = Tensor::empty([rows, n], (kind, Device::Cpu));
+    let y = rms_norm_output(x, weight)?;
     let (rows, n) = (rows as usize, n as usize);
     let eps = eps as f32;
     // SAFETY: `x`, `y` (`[rows, n]`) and `weight` (`[n]`) are contiguous CPU tensors of
@@ -96,6 +85,22 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: bool) -> Opt
         }
     }
     Some(y)
+}
+
+/// The output of normalising `x` (`[rows, n]`) with `weight` (`[n]`), or `None` where the
+/// kernels do not take them.
+fn rms_norm_output(x: &Tensor, weight: &Tensor) -> Option<Tensor> {
+    let kind = x.kind();
+    let (rows, n) = x.size2().ok()?;
+    let fits = kernels_on(kind)
+        && x.device() == Device::Cpu
+        && weight.device() == Device::Cpu
+        && weight.kind() == kind
+        && weight.size() == [n]
+        && x.is_contiguous()
+        && weight.is_contiguous()
+        && n > 0;
+    fits.then(|| Tensor::empty([rows, n], (kind, Device::Cpu)))
 }
 
 /// # Safety
@@ -112,24 +117,86 @@ unsafe fn rms_rows<E: Element>(
     let w = std::slice::from_raw_parts(weight.data_ptr() as *const E, n);
     let y = std::slice::from_raw_parts_mut(y.data_ptr() as *mut E, rows * n);
     for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-        // Eight partial sums, so that the compiler can keep them in one vector.
-        let mut part = [0f32; 8];
-        let mut chunks = xr.chunks_exact(8);
-        for c in &mut chunks {
-            for (p, v) in part.iter_mut().zip(c) {
-                *p += v.get() * v.get();
-            }
+        rms_row(xr, w, yr, eps, unit_offset);
+    }
+}
+
+/// One row `x` normalised into `y` (see `rms_norm`).
+#[inline]
+fn rms_row<E: Element>(x: &[E], w: &[E], y: &mut [E], eps: f32, unit_offset: bool) {
+    // Eight partial sums, so that the compiler can keep them in one vector.
+    let mut part = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (p, v) in part.iter_mut().zip(c) {
+            *p += v.get() * v.get();
         }
-        let tail: f32 = chunks.remainder().iter().map(|v| v.get() * v.get()).sum();
-        let r = 1.0 / ((part.iter().sum::<f32>() + tail) / n as f32 + eps).sqrt();
-        for ((yv, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-            let h = xv.get() * r;
-            *yv = if unit_offset {
-                E::put(h * (1.0 + wv.get()))
-            } else {
-                E::put(wv.get() * E::round(h))
-            };
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v.get() * v.get()).sum();
+    let r = 1.0 / ((part.iter().sum::<f32>() + tail) / x.len() as f32 + eps).sqrt();
+    for ((yv, xv), wv) in y.iter_mut().zip(x).zip(w) {
+        let h = xv.get() * r;
+        *yv = if unit_offset {
+            E::put(h * (1.0 + wv.get()))
+        } else {
+            E::put(wv.get() * E::round(h))
+        };
+    }
+}
+
+/// The residual add and the next norm in one pass: `x += a` in place (rounded to the dtype,
+/// as libtorch's `add` rounds), then `rms_norm(x)` as a new tensor. Between two weight
+/// streams the separate `add` cost about 15 µs a layer on the AMX Xeon VM, nearly all of it
+/// libtorch's code and metadata coming back from memory. `None` where the kernel does not
+/// apply (nothing is written then).
+///
+/// # Safety
+/// `x` is written through its data pointer: the caller must hold it exclusively (no other
+/// tensor may share its storage), and `a` must not share it either.
+pub unsafe fn add_rms_norm(
+    x: &Tensor,
+    a: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    unit_offset: bool,
+) -> Option<Tensor> {
+    let kind = x.kind();
+    let (rows, n) = x.size2().ok()?;
+    if a.size() != [rows, n] || a.kind() != kind || a.device() != Device::Cpu || !a.is_contiguous()
+    {
+        return None;
+    }
+    let y = rms_norm_output(x, weight)?;
+    let (rows, n, eps) = (rows as usize, n as usize, eps as f32);
+    match kind {
+        Kind::Float => add_rms_rows::<f32>([x, a, weight, &y], (rows, n), eps, unit_offset),
+        Kind::BFloat16 => add_rms_rows::<Bf16>([x, a, weight, &y], (rows, n), eps, unit_offset),
+        _ => return None,
+    }
+    Some(y)
+}
+
+/// # Safety
+/// As `add_rms_norm` checks and requires.
+unsafe fn add_rms_rows<E: Element>(
+    [x, a, weight, y]: [&Tensor; 4],
+    (rows, n): (usize, usize),
+    eps: f32,
+    unit_offset: bool,
+) {
+    let x = std::slice::from_raw_parts_mut(x.data_ptr() as *mut E, rows * n);
+    let a = std::slice::from_raw_parts(a.data_ptr() as *const E, rows * n);
+    let w = std::slice::from_raw_parts(weight.data_ptr() as *const E, n);
+    let y = std::slice::from_raw_parts_mut(y.data_ptr() as *mut E, rows * n);
+    for ((xr, ar), yr) in x
+        .chunks_exact_mut(n)
+        .zip(a.chunks_exact(n))
+        .zip(y.chunks_exact_mut(n))
+    {
+        for (xv, av) in xr.iter_mut().zip(ar) {
+            *xv = E::put(xv.get() + av.get());
         }
+        rms_row(xr, w, yr, eps, unit_offset);
     }
 }
 
@@ -346,6 +413,35 @@ mod tests {
             assert_same(&got, &want, &format!("{kind:?}"));
             if kind == Kind::BFloat16 {
                 assert!(got.equal(&want), "bf16 rounds as libtorch does, op by op");
+            }
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_is_add_then_rms_norm() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            for unit_offset in [false, true] {
+                let (rows, n) = (3, 576);
+                let x0 = wave(&[rows, n], 0.37).to_kind(kind);
+                let a = wave(&[rows, n], 0.23).to_kind(kind);
+                let w = wave(&[n], 0.11).to_kind(kind);
+                let sum = &x0 + &a;
+                let want = rms_norm(&sum, &w, 1e-5, unit_offset).expect("kernel");
+                let x = x0.copy();
+                // SAFETY: `x` is this test's own copy.
+                let got = unsafe { add_rms_norm(&x, &a, &w, 1e-5, unit_offset) }.expect("kernel");
+                assert!(x.equal(&sum), "{kind:?}: x += a rounds as libtorch's add");
+                assert!(
+                    got.equal(&want),
+                    "{kind:?} {unit_offset}: the norm of the sum"
+                );
+                let x = x0.copy();
+                // SAFETY: as above.
+                let refused = unsafe { add_rms_norm(&x, &a.narrow(1, 0, 8), &w, 1e-5, false) };
+                assert!(
+                    refused.is_none() && x.equal(&x0),
+                    "a mismatched shape writes nothing"
+                );
             }
         }
     }

@@ -138,6 +138,32 @@ impl Norm {
             }
         }
     }
+
+    /// The residual add and this norm: `x += a`, then the norm of `x`. Decode rows of an
+    /// RMSNorm take one kernel pass (`stream`, see `Linear`); `x` must not share storage with
+    /// any other tensor, which holds for the residual stream `Transformer::forward` owns.
+    fn add_forward(&self, x: &mut Tensor, a: &Tensor, stream: bool) -> Tensor {
+        if let (
+            true,
+            Norm::Rms {
+                weight,
+                eps,
+                unit_offset,
+            },
+        ) = (stream, self)
+        {
+            // SAFETY: the residual stream is owned by the forward pass alone (each layer's
+            // sum is a new tensor, and the embedding lookup that starts it is too), and `a`
+            // is another layer output.
+            if let Some(h) =
+                unsafe { crate::kernels::add_rms_norm(x, a, weight, *eps, *unit_offset) }
+            {
+                return h;
+            }
+        }
+        *x = &*x + a;
+        self.forward(x, stream)
+    }
 }
 
 fn activate(act: Activation, x: &Tensor) -> Tensor {
@@ -338,8 +364,13 @@ impl Transformer {
                     .collect::<Vec<i64>>()
             })
             .filter(|s| s.len() as i64 == t);
+        // The last layer's MLP output, added to `x` together with the next norm.
+        let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = layer.input_norm.forward(&x, stream);
+            let h = match pending.take() {
+                Some(m) => layer.input_norm.add_forward(&mut x, &m, stream),
+                None => layer.input_norm.forward(&x, stream),
+            };
             let qkv = layer.qkv.forward(&h, stream);
             let fused = match (&rope, &new_slots) {
                 (Some((_, (cos, sin))), Some(slots))
@@ -387,12 +418,14 @@ impl Transformer {
             if let Some(n) = &layer.post_attention_norm {
                 a = n.forward(&a, stream);
             }
-            x = x + a;
-            let h = layer.pre_mlp_norm.forward(&x, stream);
+            let h = layer.pre_mlp_norm.add_forward(&mut x, &a, stream);
             let mut m = self.reduce(layer.mlp.forward(self.config.activation, &h, stream));
             if let Some(n) = &layer.post_mlp_norm {
                 m = n.forward(&m, stream);
             }
+            pending = Some(m);
+        }
+        if let Some(m) = pending {
             x = x + m;
         }
         let rows = x.index_select(0, &input.logit_rows);
