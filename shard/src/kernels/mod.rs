@@ -8,21 +8,28 @@
 //! AVX-512 BF16 for bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most
 //! client Intel), and runs its parts on libtorch's own threads (`threads`). A decode step of a
 //! few dozen sequences is bound by FMAs instead, and there `gemm` beats MKL, which packs the
-//! weights on every call. Every caller falls back to libtorch when no kernel
-//! applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
+//! weights on every call. The small ops between the products (RMSNorm with the residual add
+//! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
+//! `activation`): at a few rows their cost is libtorch's per-op overhead, which between two
+//! weight streams (that evict libtorch's code and metadata from the caches) is 10-20 µs an
+//! op. Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1`
+//! turns them off, for comparison.
 
 mod activation;
 pub mod attention;
+mod element;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod matvec;
 mod norm;
+mod rope;
 mod threads;
 
 pub use activation::silu_mul;
 pub use attention::decode_attention;
-pub use norm::{add_rms_norm, rms_norm, rope, rope_store};
+pub use norm::{add_rms_norm, rms_norm};
+pub use rope::{rope, rope_store};
 
 use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};

@@ -1,0 +1,91 @@
+//! Scalar access to the two element types the f32 and bf16 loops take (`norm`, `rope`), with
+//! libtorch's roundings: a bf16 is the top half of an f32, and f32 results are rounded to the
+//! nearest bf16, ties to even, as libtorch converts.
+
+use tch::Kind;
+
+/// Whether kernels run for `kind` on this CPU (`TESSERA_NO_KERNELS` turns these off too).
+/// These loops need no particular instruction set; they follow the others so that one switch
+/// compares Tessera's kernels with libtorch alone.
+pub(super) fn kernels_on(kind: Kind) -> bool {
+    super::isa(kind).is_some()
+}
+
+/// bf16 (the top half of an f32) widened to f32.
+#[inline]
+pub(super) fn widen(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 rounded to the nearest bf16, ties to even, as libtorch converts (NaN stays NaN).
+#[inline]
+pub(super) fn narrow(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// Element access for the two dtypes the kernels take.
+pub(super) trait Element: Copy {
+    /// Whether this is bf16 (the vector loads and stores take it as a const parameter).
+    const BF16: bool;
+    const KIND: Kind;
+    fn get(self) -> f32;
+    fn put(x: f32) -> Self;
+    /// `x` as this dtype would hold it (a rounding for bf16, nothing for f32).
+    fn round(x: f32) -> f32 {
+        Self::put(x).get()
+    }
+}
+
+impl Element for f32 {
+    const BF16: bool = false;
+    const KIND: Kind = Kind::Float;
+    fn get(self) -> f32 {
+        self
+    }
+    fn put(x: f32) -> Self {
+        x
+    }
+}
+
+/// bf16 as its bits.
+#[derive(Clone, Copy)]
+pub(super) struct Bf16(pub(super) u16);
+
+impl Element for Bf16 {
+    const BF16: bool = true;
+    const KIND: Kind = Kind::BFloat16;
+    fn get(self) -> f32 {
+        widen(self.0)
+    }
+    fn put(x: f32) -> Self {
+        Bf16(narrow(x))
+    }
+}
+
+/// What the element loops' tests share.
+#[cfg(test)]
+pub(super) mod testing {
+    use tch::{Device, Kind, Tensor};
+
+    pub fn wave(shape: &[i64], step: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        ((Tensor::arange(n, (Kind::Float, Device::Cpu)) * step).sin() * 3.0).view(shape)
+    }
+
+    pub fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
+        let err = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+        let tol = if got.kind() == Kind::Float {
+            1e-5
+        } else {
+            2e-2
+        };
+        assert!(err < tol, "{what}: error {err}");
+    }
+}

@@ -1,0 +1,384 @@
+//! Rotary embeddings of decode rows, alone or fused with the KV cache write: one pass instead
+//! of several libtorch ops (RoPE alone is two products, a roll and a sum, 14 µs a batch-1 row
+//! on the Zen 3 VM). The roundings are libtorch's, as in `norm`.
+
+use tch::{Device, Kind, Tensor};
+
+use super::element::{kernels_on, Bf16, Element};
+
+/// `x` (`[T, heads, head_dim]`, rows may be strided) rotated by the tables `cos` and `sin`
+/// (`[T, 1, head_dim]`, `sin` with its first half negated, as `Rope::tables` makes them): `x *
+/// cos + roll(x, head_dim / 2) * sin` in a new contiguous tensor, or `None` where the kernel
+/// does not apply (partial rotary dims among others).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<Tensor> {
+    let kind = x.kind();
+    let (t, heads, d) = x.size3().ok()?;
+    let table = [t, 1, d];
+    if !kernels_on(kind)
+        || x.device() != Device::Cpu
+        || cos.kind() != kind
+        || sin.kind() != kind
+        || cos.size() != table
+        || sin.size() != table
+        || !cos.is_contiguous()
+        || !sin.is_contiguous()
+        || x.stride()[2] != 1
+        || x.stride()[1] != d
+        || d % 2 != 0
+    {
+        return None;
+    }
+    let y = Tensor::empty([t, heads, d], (kind, Device::Cpu));
+    let shape = (
+        t as usize,
+        heads as usize,
+        d as usize,
+        x.stride()[0] as usize,
+    );
+    // SAFETY: `x` covers `T` rows of `row_stride` elements whose first `heads * d` are the
+    // heads (strides checked above), `cos`/`sin` are contiguous `[T, d]`, `y` is new and
+    // contiguous; all of `kind`, the element type each call reads.
+    unsafe {
+        match kind {
+            Kind::Float => rope_rows::<f32>(x, cos, sin, &y, shape),
+            Kind::BFloat16 => rope_rows::<Bf16>(x, cos, sin, &y, shape),
+            _ => return None,
+        }
+    }
+    Some(y)
+}
+
+/// # Safety
+/// As `rope` checks: the tensors' layouts must match `(T, heads, d, row_stride)`.
+unsafe fn rope_rows<E: Element>(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    y: &Tensor,
+    (t, heads, d, row_stride): (usize, usize, usize, usize),
+) {
+    let (xp, yp) = (x.data_ptr() as *const E, y.data_ptr() as *mut E);
+    let cos = std::slice::from_raw_parts(cos.data_ptr() as *const E, t * d);
+    let sin = std::slice::from_raw_parts(sin.data_ptr() as *const E, t * d);
+    for row in 0..t {
+        let (c, s) = (&cos[row * d..][..d], &sin[row * d..][..d]);
+        for head in 0..heads {
+            let xr = std::slice::from_raw_parts(xp.add(row * row_stride + head * d), d);
+            let yr = std::slice::from_raw_parts_mut(yp.add((row * heads + head) * d), d);
+            rotate(xr, c, s, yr);
+        }
+    }
+}
+
+/// One head `x` rotated into `y` by a position's `cos` and signed `sin` rows: with vectors
+/// where half a head is a whole number of them (head_dim 64 or 128: a batch-32 step of
+/// SmolLM2 spent 4.8 ms in this loop one element at a time), else one element at a time.
+#[inline]
+fn rotate<E: Element>(x: &[E], c: &[E], s: &[E], y: &mut [E]) {
+    let d = x.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::lanes::{Avx2, Avx512, Lanes};
+        let fits = |width: usize| d.is_multiple_of(2 * width) && c.len() >= d && s.len() >= d;
+        let ptrs = (
+            x.as_ptr() as *const u8,
+            c.as_ptr() as *const u8,
+            s.as_ptr() as *const u8,
+            y.as_mut_ptr() as *mut u8,
+        );
+        // SAFETY: `x` holds `d` elements of `E` and the guards check `c`, `s` and `y` hold
+        // as many; the ISA is this CPU's.
+        match super::isa(E::KIND) {
+            Some(super::Isa::Avx512) if fits(Avx512::WIDTH) && y.len() >= d => {
+                return unsafe { rotate_avx512::<E>(ptrs, d) };
+            }
+            Some(super::Isa::Avx2) if fits(Avx2::WIDTH) && y.len() >= d => {
+                return unsafe { rotate_avx2::<E>(ptrs, d) };
+            }
+            _ => {}
+        }
+    }
+    rotate_scalar(x, c, s, y);
+}
+
+/// `x`, `cos`, `sin` and `y` of one head, as raw element pointers.
+#[cfg(target_arch = "x86_64")]
+type Head = (*const u8, *const u8, *const u8, *mut u8);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rotate_avx512<E: Element>(head: Head, d: usize) {
+    rotate_lanes::<super::lanes::Avx512, E>(head, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rotate_avx2<E: Element>(head: Head, d: usize) {
+    rotate_lanes::<super::lanes::Avx2, E>(head, d)
+}
+
+/// `rotate_scalar`'s arithmetic a vector at a time; `d` a multiple of twice the width, so
+/// that the rolled half starts on a vector boundary.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rotate_lanes<L: super::lanes::Lanes, E: Element>(head: Head, d: usize) {
+    if E::BF16 {
+        rotate_typed::<L, true>(head, d)
+    } else {
+        rotate_typed::<L, false>(head, d)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn rotate_typed<L: super::lanes::Lanes, const BF16: bool>((x, c, s, y): Head, d: usize) {
+    let elt = if BF16 { 2 } else { 4 };
+    let mut i = 0;
+    while i < d {
+        let turned = (i + d / 2) % d;
+        let a = L::mul(
+            L::load::<BF16>(x.add(i * elt)),
+            L::load::<BF16>(c.add(i * elt)),
+        );
+        let b = L::mul(
+            L::load::<BF16>(x.add(turned * elt)),
+            L::load::<BF16>(s.add(i * elt)),
+        );
+        // libtorch rounds each product to bf16 before the sum (three ops).
+        let (a, b) = if BF16 {
+            (L::round_bf16(a), L::round_bf16(b))
+        } else {
+            (a, b)
+        };
+        L::store::<BF16>(y.add(i * elt), L::add(a, b));
+        i += L::WIDTH;
+    }
+}
+
+fn rotate_scalar<E: Element>(x: &[E], c: &[E], s: &[E], y: &mut [E]) {
+    let d = x.len();
+    let half = d / 2;
+    for i in 0..d {
+        // Three ops in libtorch, each rounded in bf16: two products and their sum.
+        let turned = x[(i + half) % d].get();
+        let a = E::round(x[i].get() * c[i].get());
+        let b = E::round(turned * s[i].get());
+        y[i] = E::put(a + b);
+    }
+}
+
+/// The decode step's q/k/v in one pass: `qkv` (`[T, (heads + 2 × kv_heads) × d]`, contiguous,
+/// as the fused projection makes it) has its queries and keys rotated as `rope` rotates them,
+/// its keys and values stored into the pool tensors `keys`/`values` (`[slots, kv_heads, d]`)
+/// at `slots[t]` (what `index_copy_` did), and its queries returned as `[T, heads, d]`. The
+/// views, the two copies and the rotation cost nine libtorch ops a layer, which between two
+/// weight streams took 70 µs on the AMX Xeon VM (their code and metadata come back from
+/// memory each time). `None` where the kernel does not apply.
+///
+/// # Safety
+/// `keys` and `values` are written through their data pointers: the caller must hold them
+/// exclusively (the pool's `&mut self`) and they must not share storage with `qkv`.
+pub unsafe fn rope_store(
+    qkv: &Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+    heads: usize,
+    (keys, values): (&Tensor, &Tensor),
+    slots: &[i64],
+) -> Option<Tensor> {
+    let kind = qkv.kind();
+    let (t, width) = qkv.size2().ok()?;
+    let (pool, kv_heads, d) = keys.size3().ok()?;
+    let table = [t, 1, d];
+    let ok = kernels_on(kind)
+        && [qkv, cos, sin, keys, values]
+            .iter()
+            .all(|x| x.device() == Device::Cpu && x.kind() == kind && x.is_contiguous())
+        && cos.size() == table
+        && sin.size() == table
+        && values.size() == keys.size()
+        && width == (heads as i64 + 2 * kv_heads) * d
+        && d % 2 == 0
+        && slots.len() == t as usize
+        && slots.iter().all(|&s| (0..pool).contains(&s));
+    if !ok {
+        return None;
+    }
+    let q = Tensor::empty([t, heads as i64, d], (kind, Device::Cpu));
+    let shape = (t as usize, heads, kv_heads as usize, d as usize);
+    let tensors = [qkv, cos, sin, &q, keys, values];
+    match kind {
+        Kind::Float => rope_store_rows::<f32>(tensors, shape, slots),
+        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, slots),
+        _ => return None,
+    }
+    Some(q)
+}
+
+/// # Safety
+/// As `rope_store` checks and requires.
+unsafe fn rope_store_rows<E: Element>(
+    [qkv, cos, sin, q, keys, values]: [&Tensor; 6],
+    (t, heads, kv_heads, d): (usize, usize, usize, usize),
+    slots: &[i64],
+) {
+    let width = (heads + 2 * kv_heads) * d;
+    let kv = kv_heads * d;
+    let src = std::slice::from_raw_parts(qkv.data_ptr() as *const E, t * width);
+    let cos = std::slice::from_raw_parts(cos.data_ptr() as *const E, t * d);
+    let sin = std::slice::from_raw_parts(sin.data_ptr() as *const E, t * d);
+    let q = std::slice::from_raw_parts_mut(q.data_ptr() as *mut E, t * heads * d);
+    let (kp, vp) = (keys.data_ptr() as *mut E, values.data_ptr() as *mut E);
+    for (row, &slot) in slots.iter().enumerate() {
+        let (c, s) = (&cos[row * d..][..d], &sin[row * d..][..d]);
+        let x = &src[row * width..][..width];
+        for (head, out) in q[row * heads * d..][..heads * d]
+            .chunks_exact_mut(d)
+            .enumerate()
+        {
+            rotate(&x[head * d..][..d], c, s, out);
+        }
+        let at = slot as usize * kv;
+        let k_out = std::slice::from_raw_parts_mut(kp.add(at), kv);
+        for (head, out) in k_out.chunks_exact_mut(d).enumerate() {
+            rotate(&x[(heads + head) * d..][..d], c, s, out);
+        }
+        std::slice::from_raw_parts_mut(vp.add(at), kv).copy_from_slice(&x[heads * d + kv..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::element::testing::{assert_same, wave};
+    use super::*;
+
+    #[test]
+    fn rope_matches_the_libtorch_ops_on_strided_rows() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            // Queries and keys as a view into a wider row, as they come out of the fused qkv.
+            for d in [16, 64] {
+                let (t, heads) = (3, 5);
+                let wide = wave(&[t, heads * d + 24], 0.29).to_kind(kind);
+                let x = wide.narrow(1, 0, heads * d).view([t, heads, d]);
+                let cos = wave(&[t, 1, d], 0.13).to_kind(kind);
+                let sin = wave(&[t, 1, d], 0.07).to_kind(kind);
+                let got = rope(&x, &cos, &sin).expect("kernel");
+                let want = &x * &cos + x.roll([d / 2], [2]) * &sin;
+                assert_same(&got, &want, &format!("{kind:?}"));
+                if kind == Kind::BFloat16 {
+                    assert!(got.equal(&want), "bf16 rounds as libtorch does, op by op");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_store_is_rope_and_index_copy() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let (t, heads, kv_heads, d, slots) = (3, 6, 2, 16, 40);
+            let qkv = wave(&[t, (heads + 2 * kv_heads) * d], 0.29).to_kind(kind);
+            let cos = wave(&[t, 1, d], 0.13).to_kind(kind);
+            let sin = wave(&[t, 1, d], 0.07).to_kind(kind);
+            let at = [7i64, 39, 0];
+            let before = wave(&[slots, kv_heads, d], 0.41).to_kind(kind);
+            let (keys, values) = (before.copy(), before.copy() * 2.0);
+            // SAFETY: the pool tensors are this test's own and not views of `qkv`.
+            let q =
+                unsafe { rope_store(&qkv, (&cos, &sin), heads as usize, (&keys, &values), &at) }
+                    .expect("kernel");
+            let rotated = rope(
+                &qkv.narrow(1, 0, (heads + kv_heads) * d)
+                    .view([t, heads + kv_heads, d]),
+                &cos,
+                &sin,
+            )
+            .expect("kernel");
+            assert!(q.equal(&rotated.narrow(1, 0, heads)), "{kind:?} queries");
+            let index = Tensor::from_slice(&at);
+            let mut want_k = before.copy();
+            let _ = want_k.index_copy_(0, &index, &rotated.narrow(1, heads, kv_heads));
+            let mut want_v = before.copy() * 2.0;
+            let v = qkv
+                .narrow(1, (heads + kv_heads) * d, kv_heads * d)
+                .view([t, kv_heads, d]);
+            let _ = want_v.index_copy_(0, &index, &v);
+            assert!(
+                keys.equal(&want_k),
+                "{kind:?} keys, and no other slot touched"
+            );
+            assert!(
+                values.equal(&want_v),
+                "{kind:?} values, and no other slot touched"
+            );
+            // SAFETY: as above.
+            let outside = unsafe {
+                rope_store(
+                    &qkv,
+                    (&cos, &sin),
+                    heads as usize,
+                    (&keys, &values),
+                    &[1, slots, 2],
+                )
+            };
+            assert!(outside.is_none(), "a slot outside the pool is refused");
+        }
+    }
+
+    /// Both vector builds against the scalar loop, bit for bit, at head sizes that take them.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rotate_vectors_match_the_scalar_loop() {
+        fn check<E: Element>(from: impl Fn(f32) -> E, bits: impl Fn(E) -> u32) {
+            for d in [16usize, 64, 128] {
+                let wave = |step: f32| -> Vec<E> {
+                    (0..d)
+                        .map(|i| from((i as f32 * step).sin() * 3.0))
+                        .collect()
+                };
+                let (x, c, s) = (wave(0.29), wave(0.13), wave(0.07));
+                let mut want = vec![from(0.0); d];
+                rotate_scalar(&x, &c, &s, &mut want);
+                let head = |y: &mut Vec<E>| {
+                    (
+                        x.as_ptr() as *const u8,
+                        c.as_ptr() as *const u8,
+                        s.as_ptr() as *const u8,
+                        y.as_mut_ptr() as *mut u8,
+                    )
+                };
+                let mut isas = vec![super::super::Isa::Avx2];
+                if super::super::isa(E::KIND) == Some(super::super::Isa::Avx512) {
+                    isas.push(super::super::Isa::Avx512);
+                }
+                for isa in isas {
+                    let width = if isa == super::super::Isa::Avx512 {
+                        16
+                    } else {
+                        8
+                    };
+                    if d % (2 * width) != 0 || super::super::isa(E::KIND).is_none() {
+                        continue;
+                    }
+                    let mut got = vec![from(0.0); d];
+                    // SAFETY: every buffer holds `d` elements; the CPU has the ISA.
+                    unsafe {
+                        match isa {
+                            super::super::Isa::Avx512 => rotate_avx512::<E>(head(&mut got), d),
+                            super::super::Isa::Avx2 => rotate_avx2::<E>(head(&mut got), d),
+                        }
+                    }
+                    let same = got.iter().zip(&want).all(|(g, w)| bits(*g) == bits(*w));
+                    assert!(same, "{isa:?} d={d} bf16={}", E::BF16);
+                }
+            }
+        }
+        check::<f32>(|x| x, |v| v.to_bits());
+        check::<Bf16>(Bf16::put, |v| v.0 as u32);
+    }
+
+    #[test]
+    fn declines_partial_rotary() {
+        let x = wave(&[2, 3, 8], 0.3);
+        let table = wave(&[2, 1, 4], 0.1);
+        assert!(rope(&x, &table, &table).is_none(), "partial rotary");
+    }
+}
