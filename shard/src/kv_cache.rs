@@ -3,8 +3,9 @@
 //! The router owns block *policy* (who gets which block, what is shared through the prefix
 //! cache); the shard owns block *memory*. Each layer's keys and values are a single tensor of
 //! `num_blocks * block_size` slots, `[slots, kv_heads, head_dim]`, so writing a step's new
-//! tokens is one `index_copy_` per layer and reading a sequence's context is one gather through
-//! its block table, whatever the batch looks like. Slot `s` lives in block `s / block_size`.
+//! tokens is one `index_copy_` per layer (on CPU decode steps, a store by the kernel that
+//! rotates them: `rope_store`) and reading a sequence's context is one gather through its
+//! block table, whatever the batch looks like. Slot `s` lives in block `s / block_size`.
 
 use tch::{Device, Kind, Tensor};
 
