@@ -11,8 +11,8 @@
 //! weights on every call. The small ops between the products (RMSNorm with the residual add
 //! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
 //! `activation`): at a few rows their cost is libtorch's per-op overhead, which between two
-//! weight streams (that evict libtorch's code and metadata from the caches) is 10-20 µs an
-//! op. Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1`
+//! weight streams was 10-20 µs an op on the AMX Xeon VM (most likely because the stream
+//! evicts libtorch's code and metadata from the caches). Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1`
 //! turns them off, for comparison.
 
 mod activation;

@@ -93,8 +93,8 @@ fn rms_row<E: Element>(x: &[E], w: &[E], y: &mut [E], eps: f32, unit_offset: boo
 
 /// The residual add and the next norm in one pass: `x += a` in place (rounded to the dtype,
 /// as libtorch's `add` rounds), then `rms_norm(x)` as a new tensor. Between two weight
-/// streams the separate `add` cost about 15 µs a layer on the AMX Xeon VM, nearly all of it
-/// libtorch's code and metadata coming back from memory. `None` where the kernel does not
+/// streams the separate `add` cost about 15 µs a layer on the AMX Xeon VM, against 2.5 µs
+/// in a tight loop. `None` where the kernel does not
 /// apply (nothing is written then).
 ///
 /// # Safety

@@ -172,8 +172,7 @@ fn rotate_scalar<E: Element>(x: &[E], c: &[E], s: &[E], y: &mut [E]) {
 /// its keys and values stored into the pool tensors `keys`/`values` (`[slots, kv_heads, d]`)
 /// at `slots[t]` (what `index_copy_` did), and its queries returned as `[T, heads, d]`. The
 /// views, the two copies and the rotation cost nine libtorch ops a layer, which between two
-/// weight streams took 70 µs on the AMX Xeon VM (their code and metadata come back from
-/// memory each time). `None` where the kernel does not apply.
+/// weight streams took 70 µs on the AMX Xeon VM. `None` where the kernel does not apply.
 ///
 /// # Safety
 /// `keys` and `values` are written through their data pointers: the caller must hold them
