@@ -38,7 +38,8 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
 /// `tessera-benchmark`. From 9 rows (at 8 the streaming kernels are still ahead) on AVX2 up to
 /// 128 (MKL is 1.4x behind there on the Zen 3 VM, and wins on some shapes at 192); on AVX-512
 /// for f32 up to 48 (1.33-1.36x ahead at 32 rows on the AVX-512 Xeon VM, level at 64, mostly
-/// behind at 128). Not bf16 on AVX-512: there oneDNN has native bf16 (and AMX) kernels.
+/// behind at 128). Not bf16 on AVX-512: there oneDNN has native bf16 kernels (and where the
+/// CPU has AMX, `amx` runs them).
 fn takes(isa: Isa, kind: Kind, rows: usize) -> bool {
     match isa {
         Isa::Avx2 => ROWS.contains(&rows),

@@ -1,21 +1,22 @@
 //! CPU kernels for the decode step, where libtorch's general kernels lose to a plain stream.
 //!
-//! A decode step at small batch reads every weight once and a little KV cache per sequence:
-//! it can only be as fast as memory. libtorch's CPU kernels reach about half of the machine's
-//! read bandwidth on these shapes and pay fixed costs per op that dominate tiny tensors, so the
-//! two hot spots are hand-written here: `matvec` (weights times a few rows) and `attention`
-//! (one query token per sequence against its paged context). Each is built for AVX-512 (with
-//! AVX-512 BF16 for bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most
-//! client Intel), and runs its parts on libtorch's own threads (`threads`). A decode step of a
-//! few dozen sequences is bound by FMAs instead, and there `gemm` beats MKL, which packs the
-//! weights on every call. The small ops between the products (RMSNorm with the residual add
-//! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
-//! `activation`): at a few rows their cost is libtorch's per-op overhead, which between two
-//! weight streams was 10-20 µs an op on the AMX Xeon VM (most likely because the stream
-//! evicts libtorch's code and metadata from the caches). Every caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1`
-//! turns them off, for comparison.
+//! A decode step at small batch reads every weight once and a little KV cache per sequence: it can
+//! only be as fast as memory. libtorch's CPU kernels reach about half of the machine's read
+//! bandwidth on these shapes and pay fixed costs per op that dominate tiny tensors, so the two hot
+//! spots are hand-written here: `matvec` (weights times a few rows) and `attention` (one query
+//! token per sequence against its paged context). Each is built for AVX-512 (with AVX-512 BF16 for
+//! bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most client Intel), and
+//! runs its parts on libtorch's own threads (`threads`). A decode step of a few dozen sequences is
+//! bound by FMAs instead, and there `gemm` beats MKL, which packs the weights on every call, and
+//! `amx` (bf16 on Xeons with AMX tiles) beats oneDNN. The small ops between the products (RMSNorm
+//! with the residual add before it, RoPE with the KV cache write, SiLU × up) are single loops too
+//! (`norm`, `rope`, `activation`): at a few rows their cost is libtorch's per-op overhead, which
+//! between two weight streams was 10-20 µs an op on the AMX Xeon VM (our reading, not proven: the
+//! stream evicts libtorch's code and metadata from the caches). Every caller falls back to libtorch
+//! when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
 
 mod activation;
+mod amx;
 pub mod attention;
 mod element;
 mod gemm;
@@ -34,14 +35,18 @@ pub use rope::{rope, rope_store};
 use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};
 
-/// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows, the GEMM for
-/// a few dozen, or `None` where neither applies and the caller should use libtorch.
+/// `x @ w.T` for the rows of a decode step: AMX tiles where the CPU has them (bf16, 8-64
+/// rows), else the streaming kernel for a few rows and the GEMM for a few dozen, or `None`
+/// where none applies and the caller should use libtorch.
 pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
+    if let Some(y) = amx::gemm(x, w) {
+        return Some(y);
+    }
     if rows <= MAX_ROWS {
         matvec(x, w)
     } else {
-        gemm(x, w)
+        amx::gemm(x, w).or_else(|| gemm(x, w))
     }
 }
 
