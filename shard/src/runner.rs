@@ -434,8 +434,6 @@ impl Runner {
         let choices = if rows.is_empty() {
             Vec::new()
         } else {
-            let scores =
-                logits.index_select(0, &Tensor::from_slice(&rows).to_device(logits.device()));
             // In row order, which is not the batch's order: prompt chunks come first, so when a
             // prefill joins running decodes its rows lead.
             let mut by_index: Vec<Option<&mut Sequence>> =
@@ -446,15 +444,22 @@ impl Runner {
                     ShardError::Request(format!("sequence {} planned twice", p.seq))
                 })?);
             }
-            let rows = seqs
-                .iter_mut()
-                .map(|s| {
-                    let budget = s.budget();
-                    (s.constraint.as_mut(), budget)
-                })
-                .collect();
-            let mask = self.grammars.batch_mask(rows, scores.device())?;
-            sampler::choose_batch(&scores, &mut seqs, mask.as_ref())?
+            match sampler::choose_greedy(&logits, &rows, &seqs) {
+                Some(choices) => choices,
+                None => {
+                    let scores = logits
+                        .index_select(0, &Tensor::from_slice(&rows).to_device(logits.device()));
+                    let constraints = seqs
+                        .iter_mut()
+                        .map(|s| {
+                            let budget = s.budget();
+                            (s.constraint.as_mut(), budget)
+                        })
+                        .collect();
+                    let mask = self.grammars.batch_mask(constraints, scores.device())?;
+                    sampler::choose_batch(&scores, &mut seqs, mask.as_ref())?
+                }
+            }
         };
         for p in &plans {
             let s = &mut batch.seqs[p.seq];

@@ -2,12 +2,15 @@
 //! seeded sampling, all as tensor ops over `[batch, vocab]` on the model's device.
 //!
 //! The order follows TGI: watermark, repetition penalty, frequency (and presence) penalty, the
-//! grammar mask (structured output), then the warpers temperature, top-k, top-p and typical-p. As in TGI, setting any warper implies
-//! sampling. Each step runs only the processors some row asks for, with per-row parameters as
+//! grammar mask (structured output), then the warpers temperature, top-k, top-p and typical-p.
+//! As in TGI, setting any warper implies sampling. Each step runs only the processors some row asks for, with per-row parameters as
 //! `[batch, 1]` tensors (a neutral value for rows that did not ask), so the cost does not grow
 //! with per-request branching. Randomness is the one thing that stays per request: each
 //! sampling row draws one uniform number from its own seeded generator and picks its token by
-//! inverse CDF, so the same seed gives the same text whatever else shares the batch.
+//! inverse CDF, so the same seed gives the same text whatever else shares the batch. A batch
+//! whose rows all take the plain argmax skips the tensor ops: `choose_greedy` reads each row's
+//! argmax and its log-probability straight out of the logits (`kernels::greedy`), where the
+//! ops would select, widen and log-softmax a copy of them first.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,6 +105,41 @@ pub struct Choice {
     pub token: u32,
     pub logprob: f32,
     pub top: Vec<(u32, f32)>,
+}
+
+/// The choices of a batch whose every row takes the plain argmax of its logits (no sampling,
+/// no processor, no top-n, no grammar), read straight out of `logits` at `rows` by the CPU
+/// kernel (one pass a row instead of a selected, widened and log-softmaxed copy); `None` where
+/// a row asks for more, or the kernel does not apply, and `choose_batch` decides.
+pub fn choose_greedy(logits: &Tensor, rows: &[i64], seqs: &[&mut Sequence]) -> Option<Vec<Choice>> {
+    let plain = seqs.iter().all(|s| {
+        let p = &s.sampler.params;
+        !p.sampling()
+            && p.repetition_penalty == 1.0
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+            && !p.watermark
+            && s.top_n_tokens == 0
+            && s.constraint.is_none()
+    });
+    if !plain {
+        return None;
+    }
+    let rows: Vec<usize> = rows
+        .iter()
+        .map(|&r| usize::try_from(r).ok())
+        .collect::<Option<_>>()?;
+    let choices = crate::kernels::greedy(logits, &rows)?;
+    choices
+        .into_iter()
+        .map(|(token, logprob)| {
+            Some(Choice {
+                token: u32::try_from(token).ok()?,
+                logprob,
+                top: Vec::new(),
+            })
+        })
+        .collect()
 }
 
 /// TGI's watermark constants (Kirchenbauer et al. 2023): the green list is the first

@@ -173,3 +173,62 @@ fn ties_order_top_n_by_id_so_greedy_comes_first() {
         assert_eq!(ids, [1, 3, 0, 2][..n].to_vec(), "top {n}");
     }
 }
+
+#[test]
+fn plain_greedy_rows_take_the_kernel_with_the_tensor_path_s_answer() {
+    // 4 rows of 300 logits; rows picked out of order, as a batch's sampling rows can be.
+    let logits = (Tensor::arange(1_200, (Kind::Float, Device::Cpu)) * 0.37)
+        .sin()
+        .view([4, 300])
+        * 5.0;
+    let rows = [3i64, 0, 2];
+    let mut plain: Vec<Sequence> = (0..3)
+        .map(|_| seq(&[0], 1, SamplingParams::default(), 0))
+        .collect();
+    let refs: Vec<&mut Sequence> = plain.iter_mut().collect();
+    let Some(fast) = choose_greedy(&logits, &rows, &refs) else {
+        eprintln!("skipping: no kernel for this CPU");
+        return;
+    };
+    let mut refs: Vec<&mut Sequence> = plain.iter_mut().collect();
+    let scores = logits.index_select(0, &Tensor::from_slice(&rows));
+    let slow = choose_batch(&scores, &mut refs, None).unwrap();
+    for (f, s) in fast.iter().zip(&slow) {
+        assert_eq!(f.token, s.token);
+        assert!(
+            (f.logprob - s.logprob).abs() < 1e-5,
+            "{} against {}",
+            f.logprob,
+            s.logprob
+        );
+        assert!(f.top.is_empty());
+    }
+    // A row that asks for anything else sends the whole batch down the tensor path.
+    let others = [
+        seq(&[0], 1, SamplingParams::default(), 2),
+        seq(&[0], 1, sampling(7), 0),
+        seq(
+            &[0],
+            1,
+            SamplingParams {
+                repetition_penalty: 1.3,
+                ..Default::default()
+            },
+            0,
+        ),
+        seq(
+            &[0],
+            1,
+            SamplingParams {
+                watermark: true,
+                ..Default::default()
+            },
+            0,
+        ),
+    ];
+    for other in others {
+        let mut batch = vec![seq(&[0], 1, SamplingParams::default(), 0), other];
+        let refs: Vec<&mut Sequence> = batch.iter_mut().collect();
+        assert!(choose_greedy(&logits, &[0, 1], &refs).is_none());
+    }
+}

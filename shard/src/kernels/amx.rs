@@ -168,7 +168,12 @@ mod tiles {
     /// Stores accumulator `$t` into `$buf` (16 lines of 16 f32).
     macro_rules! store_tile {
         ($t:literal, $buf:expr) => {
-            asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $buf, s = in(reg) 64usize, options(nostack))
+            asm!(
+                concat!("tilestored [{p} + {s}*1], tmm", $t),
+                p = in(reg) $buf,
+                s = in(reg) 64usize,
+                options(nostack)
+            )
         };
     }
 

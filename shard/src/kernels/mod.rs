@@ -12,12 +12,15 @@
 //! with the residual add before it, RoPE with the KV cache write, SiLU × up) are single loops too
 //! (`norm`, `rope`, `activation`): at a few rows their cost is libtorch's per-op overhead, which
 //! between two weight streams was 10-20 µs an op on the AMX Xeon VM (our reading, not proven: the
-//! stream evicts libtorch's code and metadata from the caches). Every caller falls back to libtorch
-//! when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for comparison.
+//! stream evicts libtorch's code and metadata from the caches). So is the greedy token choice
+//! (`choice`): each row's argmax and its log-probability, the logits read from memory once. Every
+//! caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for
+//! comparison.
 
 mod activation;
 mod amx;
 pub mod attention;
+mod choice;
 mod element;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
@@ -29,6 +32,7 @@ mod threads;
 
 pub use activation::silu_mul;
 pub use attention::decode_attention;
+pub use choice::greedy;
 pub use norm::{add_rms_norm, rms_norm};
 pub use rope::{rope, rope_store};
 
