@@ -34,17 +34,26 @@ fn silu_mul_on(isa: Isa, gu: &Tensor) -> Option<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
         let (rows, f) = (rows as usize, f as usize);
-        let (src, dst) = (gu.data_ptr() as *const u8, y.data_ptr() as *mut u8);
-        // SAFETY: `gu` is a contiguous CPU `[rows, 2f]` tensor and `y` a new `[rows, f]` one,
-        // both of `kind`, the element type each call reads; the caller checked the CPU.
-        unsafe {
-            match (isa, kind == Kind::BFloat16) {
-                (Isa::Avx512, false) => rows_avx512::<false>(src, dst, rows, f),
-                (Isa::Avx512, true) => rows_avx512::<true>(src, dst, rows, f),
-                (Isa::Avx2, false) => rows_avx2::<false>(src, dst, rows, f),
-                (Isa::Avx2, true) => rows_avx2::<true>(src, dst, rows, f),
+        let (src, dst) = (gu.data_ptr() as usize, y.data_ptr() as usize);
+        let elt = if kind == Kind::BFloat16 { 2 } else { 4 };
+        let run = move |part: std::ops::Range<usize>| {
+            let src = (src as *const u8).wrapping_add(part.start * 2 * f * elt);
+            let dst = (dst as *mut u8).wrapping_add(part.start * f * elt);
+            let rows = part.len();
+            // SAFETY: `gu` is a contiguous CPU `[rows, 2f]` tensor and `y` a new `[rows, f]`
+            // one, both of `kind`, the element type each call reads, alive until `split`
+            // returns; the parts are disjoint ranges of rows; the caller checked the CPU.
+            unsafe {
+                match (isa, kind == Kind::BFloat16) {
+                    (Isa::Avx512, false) => rows_avx512::<false>(src, dst, rows, f),
+                    (Isa::Avx512, true) => rows_avx512::<true>(src, dst, rows, f),
+                    (Isa::Avx2, false) => rows_avx2::<false>(src, dst, rows, f),
+                    (Isa::Avx2, true) => rows_avx2::<true>(src, dst, rows, f),
+                }
             }
-        }
+        };
+        // As the norms: split once a step holds a few thousand elements.
+        super::threads::split(rows, 1, rows * f >= super::norm::SPLIT_ELEMENTS, &run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -124,7 +133,8 @@ mod tests {
             for isa in [best, Isa::Avx2] {
                 // Widths with and without a scalar tail; gates from -120 to 120, past where
                 // e^-g overflows and underflows, and ±inf.
-                for (rows, f) in [(1, 1536), (3, 37), (2, 8)] {
+                // 33 rows of 1,536 are split across threads (`SPLIT_ELEMENTS`).
+                for (rows, f) in [(1, 1536), (3, 37), (2, 8), (33, 1536)] {
                     let n = rows * 2 * f;
                     let gu = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.731).sin() * 6.0;
                     let _ = gu.narrow(0, 0, 1).fill_(-120.0);

@@ -109,15 +109,25 @@ fn pack(x: &Tensor, m: usize, k: usize) -> Vec<u32> {
     let blocks = m.div_ceil(32) * 2;
     let pairs = k / 2;
     let mut packed = vec![0u32; blocks * 16 * pairs];
-    // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor (checked by the callers), so it holds
-    // `m × k / 2` pairs of bf16 as `u32`s, and `k` is even.
-    let x = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const u32, m * pairs) };
-    for (row, line) in x.chunks_exact(pairs).enumerate() {
-        let (block, lane) = (row / 16, row % 16);
-        for (j, &pair) in line.iter().enumerate() {
-            packed[((j / 16) * blocks + block) * 256 + (j % 16) * 16 + lane] = pair;
+    let (src, dst) = (x.data_ptr() as usize, packed.as_mut_ptr() as usize);
+    // Split by steps along `k` across libtorch's threads, as the norms split their rows: at
+    // 32 rows it is a few µs of work a product, on the one thread the products wait for.
+    let run = move |steps: Range<usize>| {
+        for row in 0..m {
+            let (block, lane) = (row / 16, row % 16);
+            for j in steps.start * 16..steps.end * 16 {
+                // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor (checked by the callers),
+                // so it holds `m × k / 2` pairs of bf16 as `u32`s; `packed` holds every step's
+                // tiles, and the parts are disjoint ranges of steps.
+                unsafe {
+                    *(dst as *mut u32)
+                        .add(((j / 16) * blocks + block) * 256 + (j % 16) * 16 + lane) =
+                        *(src as *const u32).add(row * pairs + j);
+                }
+            }
         }
-    }
+    };
+    super::threads::split(k / 32, 1, m * pairs >= super::norm::SPLIT_ELEMENTS, &run);
     packed
 }
 
