@@ -104,7 +104,9 @@ fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<T
 
 /// The rows of `x` (bf16, contiguous) as AMX's right operand: for each step of 32 along `k`,
 /// tiles of 16 rows of `x`, each tile 16 lines of 16 `u32` that hold elements `2i` and `2i + 1`
-/// of the step for the tile's 16 rows. Rows are padded with zeros to a multiple of 32.
+/// of the step for the tile's 16 rows. Rows are padded with zeros to a multiple of 32. Each
+/// tile is a 16 × 16 transpose of `u32` pairs, done in registers (`tiles::pack`).
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn pack(x: &Tensor, m: usize, k: usize) -> Vec<u32> {
     let blocks = m.div_ceil(32) * 2;
     let pairs = k / 2;
@@ -113,19 +115,10 @@ fn pack(x: &Tensor, m: usize, k: usize) -> Vec<u32> {
     // Split by steps along `k` across libtorch's threads, as the norms split their rows: at
     // 32 rows it is a few µs of work a product, on the one thread the products wait for.
     let run = move |steps: Range<usize>| {
-        for row in 0..m {
-            let (block, lane) = (row / 16, row % 16);
-            for j in steps.start * 16..steps.end * 16 {
-                // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor (checked by the callers),
-                // so it holds `m × k / 2` pairs of bf16 as `u32`s; `packed` holds every step's
-                // tiles, and the parts are disjoint ranges of steps.
-                unsafe {
-                    *(dst as *mut u32)
-                        .add(((j / 16) * blocks + block) * 256 + (j % 16) * 16 + lane) =
-                        *(src as *const u32).add(row * pairs + j);
-                }
-            }
-        }
+        // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor (checked by the callers), so it
+        // holds `m × k / 2` pairs of bf16 as `u32`s; `packed` holds every step's tiles, and
+        // the parts are disjoint ranges of steps; `available` checked AVX-512.
+        unsafe { tiles::pack(src as *const u32, dst as *mut u32, (m, pairs), steps) }
     };
     super::threads::split(k / 32, 1, m * pairs >= super::norm::SPLIT_ELEMENTS, &run);
     packed
@@ -279,6 +272,71 @@ mod tiles {
         asm!("tilerelease", options(nostack));
     }
 
+    /// `pack`'s tiles for the steps `steps`: per step and block of 16 rows, 16 rows of 16
+    /// pairs are loaded (zeros past row `m`) and transposed with three rounds of interleaves.
+    ///
+    /// # Safety
+    /// `x` must hold `m × pairs` `u32`s and `packed` every tile of `m.div_ceil(32) * 2` blocks
+    /// for `pairs / 16` steps; `steps` must lie in `0..pairs / 16`; the CPU must have
+    /// AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn pack(
+        x: *const u32,
+        packed: *mut u32,
+        (m, pairs): (usize, usize),
+        steps: Range<usize>,
+    ) {
+        let blocks = m.div_ceil(32) * 2;
+        for step in steps {
+            for block in 0..blocks {
+                let r: [__m512i; 16] = std::array::from_fn(|i| {
+                    let row = block * 16 + i;
+                    if row < m {
+                        _mm512_loadu_si512(x.add(row * pairs + step * 16) as *const __m512i)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                // Rows 2i, 2i + 1 interleaved, then 4i..4i + 3: `u[4g + e]` holds, in its
+                // 128-bit lane `l`, rows 4g..4g + 3 of column 4l + e.
+                let t: [__m512i; 16] = std::array::from_fn(|i| {
+                    let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+                    if i % 2 == 0 {
+                        _mm512_unpacklo_epi32(a, b)
+                    } else {
+                        _mm512_unpackhi_epi32(a, b)
+                    }
+                });
+                let u: [__m512i; 16] = std::array::from_fn(|i| {
+                    let (g, e) = (i / 4, i % 4);
+                    let (a, b) = (t[g * 4 + e / 2], t[g * 4 + 2 + e / 2]);
+                    if e % 2 == 0 {
+                        _mm512_unpacklo_epi64(a, b)
+                    } else {
+                        _mm512_unpackhi_epi64(a, b)
+                    }
+                });
+                let tile = packed.add((step * blocks + block) * 256);
+                for e in 0..4 {
+                    // Lanes 0 and 2, then 1 and 3, of the four row groups' column 4l + e.
+                    let even = _mm512_shuffle_i32x4::<0x88>(u[e], u[4 + e]);
+                    let even2 = _mm512_shuffle_i32x4::<0x88>(u[8 + e], u[12 + e]);
+                    let odd = _mm512_shuffle_i32x4::<0xdd>(u[e], u[4 + e]);
+                    let odd2 = _mm512_shuffle_i32x4::<0xdd>(u[8 + e], u[12 + e]);
+                    let columns = [
+                        (e, _mm512_shuffle_i32x4::<0x88>(even, even2)),
+                        (8 + e, _mm512_shuffle_i32x4::<0xdd>(even, even2)),
+                        (4 + e, _mm512_shuffle_i32x4::<0x88>(odd, odd2)),
+                        (12 + e, _mm512_shuffle_i32x4::<0xdd>(odd, odd2)),
+                    ];
+                    for (column, v) in columns {
+                        _mm512_storeu_si512(tile.add(column * 16) as *mut __m512i, v);
+                    }
+                }
+            }
+        }
+    }
+
     /// One accumulator as stored: line `c` holds output column `c` for 16 rows.
     #[repr(C, align(64))]
     struct Out([[f32; 16]; 16]);
@@ -323,6 +381,41 @@ mod tests {
             (64, 64, 64),
         ] {
             check_product(Kind::BFloat16, shape, "amx", |x, w| gemm(x, w));
+        }
+    }
+
+    /// The transpose against the layout written out element by element.
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    #[test]
+    fn packs_pairs_of_x_in_amx_layout() {
+        if !available() {
+            return;
+        }
+        for (m, k) in [(9usize, 32usize), (32, 576), (33, 64), (64, 1536)] {
+            let x = (Tensor::arange((m * k) as i64, (Kind::Float, tch::Device::Cpu)) * 0.01)
+                .view([m as i64, k as i64])
+                .to_kind(Kind::BFloat16);
+            let packed = pack(&x, m, k);
+            let bits = x.view_dtype(Kind::Int16).flatten(0, -1);
+            let bits = Vec::<i16>::try_from(&bits).expect("bf16 bits");
+            let blocks = m.div_ceil(32) * 2;
+            for step in 0..k / 32 {
+                for row in 0..blocks * 16 {
+                    for pair in 0..16 {
+                        let at = (step * blocks + row / 16) * 256 + pair * 16 + row % 16;
+                        let want = if row < m {
+                            let i = row * k + step * 32 + pair * 2;
+                            (bits[i] as u16 as u32) | ((bits[i + 1] as u16 as u32) << 16)
+                        } else {
+                            0
+                        };
+                        assert_eq!(
+                            packed[at], want,
+                            "{m}x{k}: step {step} row {row} pair {pair}"
+                        );
+                    }
+                }
+            }
         }
     }
 
