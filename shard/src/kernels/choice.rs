@@ -8,11 +8,14 @@
 //! tie `argmax` breaks), and `Σ e^(x - max)`. The log-probability is then `-ln Σ`, which is what
 //! libtorch's `log_softmax` computes for the maximum (`x - max - ln Σ`, with `x - max` exactly
 //! 0); the sum differs from libtorch's only in rounding (2-ulp `exp`, another order of adds).
-//! Rows are split across libtorch's threads. A row with a NaN or an infinity declines the whole
-//! batch to libtorch, whose conventions for those stay the reference.
+//! Rows are split across libtorch's threads. A row with a NaN or +inf, or only -inf, declines
+//! the whole batch to libtorch, whose conventions for those stay the reference (-inf among
+//! finite logits is an ordinary logit).
 
 use tch::{Device, Kind, Tensor};
 
+#[cfg(target_arch = "x86_64")]
+use super::element::widen;
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512, Lanes};
 use super::{isa, Isa};
@@ -40,14 +43,14 @@ fn greedy_on(isa: Isa, logits: &Tensor, rows: &[usize]) -> Option<Vec<(i64, f32)
     #[cfg(target_arch = "x86_64")]
     {
         let (src, dst) = (logits.data_ptr() as usize, out.as_mut_ptr() as usize);
+        let logits_elt = kind.elt_size_in_bytes();
         let run = move |part: std::ops::Range<usize>| {
             for i in part {
                 // SAFETY: `logits` is a contiguous CPU `[height, vocab]` tensor of `kind`, alive
                 // until `split` returns, and `rows[i] < height`; each `i` is one thread's alone,
                 // and `out` holds `rows.len()` entries; the caller checked the CPU.
                 unsafe {
-                    let row = (src as *const u8)
-                        .add(rows[i] * vocab * if kind == Kind::Float { 4 } else { 2 });
+                    let row = (src as *const u8).add(rows[i] * vocab * logits_elt);
                     let choice = match (isa, kind == Kind::BFloat16) {
                         (Isa::Avx512, false) => row_avx512::<false>(row, vocab),
                         (Isa::Avx512, true) => row_avx512::<true>(row, vocab),
@@ -91,7 +94,7 @@ unsafe fn row_of<L: Lanes, const BF16: bool>(row: *const u8, vocab: usize) -> (i
     let elt = if BF16 { 2 } else { 4 };
     let get = |i: usize| {
         if BF16 {
-            f32::from_bits((*(row as *const u16).add(i) as u32) << 16)
+            widen(*(row as *const u16).add(i))
         } else {
             *(row as *const f32).add(i)
         }

@@ -39,14 +39,11 @@ pub use rope::{rope, rope_store};
 use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};
 
-/// `x @ w.T` for the rows of a decode step: AMX tiles where the CPU has them (bf16, 8-64
-/// rows), else the streaming kernel for a few rows and the GEMM for a few dozen, or `None`
+/// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows; for a few
+/// dozen, AMX tiles where the CPU has them (bf16, 9-64 rows), else the GEMM; or `None`
 /// where none applies and the caller should use libtorch.
 pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
-    if let Some(y) = amx::gemm(x, w) {
-        return Some(y);
-    }
     if rows <= MAX_ROWS {
         matvec(x, w)
     } else {
