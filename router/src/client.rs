@@ -3,8 +3,17 @@
 //! The router talks to rank 0's socket first, asks it for every rank's socket
 //! (ServiceDiscovery), and from then on sends each call to all ranks at once: tensor-parallel
 //! ranks must run the same batches in lockstep. Results are read from rank 0.
+//!
+//! A call that reaches some ranks but not others throws the group out of step: the ranks that
+//! got it wait in their collectives for a peer that never joins, then pair their collectives
+//! with the peer's *next* call. That happens when the launcher restarts the group and one new
+//! rank is serving before another. So a Prefill (the only call that can start a forward in a
+//! fresh group: Decode needs a batch the shard already holds) first checks with Info, which
+//! does not wait for the model, that every rank answers, and is not sent to any if one does
+//! not.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use futures::future::try_join_all;
 use hyper_util::rt::TokioIo;
@@ -45,6 +54,10 @@ async fn connect_uds(path: PathBuf) -> Result<TextGenerationServiceClient<Channe
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20))
 }
+
+/// How long a rank may take to answer Info before a Prefill: long enough for a busy host,
+/// short enough that a stopped rank fails the request rather than hanging it.
+const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One client per rank; calls fan out to all of them.
 #[derive(Clone)]
@@ -104,6 +117,31 @@ impl ShardedClient {
 
     pub fn world_size(&self) -> usize {
         self.clients.len()
+    }
+
+    /// Every rank answers Info within `REACH_TIMEOUT`; otherwise which one did not, and why.
+    async fn reach_all(&self) -> Result<()> {
+        if self.clients.len() < 2 {
+            return Ok(()); // a single rank has no peer to fall out of step with
+        }
+        let calls = self
+            .clients
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(rank, mut c)| async move {
+                match tokio::time::timeout(REACH_TIMEOUT, c.info(pb::InfoRequest {})).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(ClientError::Connection(format!(
+                        "shard {rank} is not serving: {}",
+                        e.message()
+                    ))),
+                    Err(_) => Err(ClientError::Connection(format!(
+                        "shard {rank} did not answer within {REACH_TIMEOUT:?}"
+                    ))),
+                }
+            });
+        try_join_all(calls).await.map(|_| ())
     }
 
     /// Sends a call to every rank at once; the results in rank order.
@@ -181,6 +219,7 @@ impl ShardedClient {
         batch: pb::Batch,
         cached_batch: Option<pb::CachedBatch>,
     ) -> Result<StepResult> {
+        self.reach_all().await?;
         let ranks = self
             .every(|mut c| {
                 let req = traced(pb::PrefillRequest {

@@ -33,6 +33,21 @@ impl Batch {
             current_tokens: current as u32,
         })
     }
+
+    /// Names the batch's next step identically on every tensor-parallel rank that runs it:
+    /// the batch id, and each sequence's id, cached length and chunk. A rank that ran a step
+    /// its peers never got has other lengths, so its collectives carry another tag and fail
+    /// rather than mix with theirs (`comm::shm`).
+    pub fn step_tag(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same on every rank, as they all run this binary.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.id.hash(&mut h);
+        for s in &self.seqs {
+            (s.id, s.cached, s.chunk, s.finished.is_some()).hash(&mut h);
+        }
+        h.finish()
+    }
 }
 
 #[derive(Default)]

@@ -248,10 +248,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.memory_fraction,
     )
     .with_pool_record(record.clone());
-    let result = tonic::transport::Server::builder()
+    let group_failed = service.group_failure();
+    let server = tonic::transport::Server::builder()
         .add_service(service.into_server())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal());
+    let result = tokio::select! {
+        // A broken group wins over a stop signal that came at the same time: either way the
+        // process ends, but only this exit tells the launcher why.
+        biased;
+        () = group_failed.notified() => {
+            let _ = std::fs::remove_file(&path);
+            // Not a graceful stop: other calls may wait on collectives that will never
+            // complete, and waiting for them would hold the group's restart.
+            tracing::error!(
+                "the tensor-parallel group broke (a collective failed); exiting so that the \
+                 launcher restarts the group"
+            );
+            std::process::exit(3);
+        }
+        result = server => result,
+    };
     let _ = std::fs::remove_file(&path);
     // The record stays: the launcher may restart this shard with its group after a peer's
     // crash; the launcher removes the records when it starts and when it stops for good.

@@ -305,6 +305,12 @@ impl Runner {
         self.batches.clear(id)
     }
 
+    /// Whether this rank's tensor-parallel group broke (a collective failed): the shard can
+    /// only exit, so that the launcher restarts the group.
+    pub fn group_broken(&self) -> bool {
+        self.model.parallel.as_ref().is_some_and(|p| p.broken())
+    }
+
     /// Builds the forward input: prompt chunks first, then single-token steps.
     fn layout(&self, batch: &Batch) -> Result<(Option<ForwardInput>, Vec<RowPlan>)> {
         let device = self.model.device();
@@ -418,6 +424,9 @@ impl Runner {
             for p in &plans {
                 let s = &batch.seqs[p.seq];
                 pool.mark_written(&s.slots[s.cached..s.cached + s.chunk]);
+            }
+            if let Some(group) = &self.model.parallel {
+                group.begin_step(batch.step_tag());
             }
             self.model.forward(&input, pool)
         };

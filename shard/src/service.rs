@@ -26,6 +26,8 @@ pub struct ShardService {
     memory_fraction: f64,
     /// Where Warmup records the pool geometry for a restarted shard (see `warmup`).
     pool_record: Option<PathBuf>,
+    /// Notified once a collective has failed: the process must exit (see `group_failure`).
+    group_failed: Arc<tokio::sync::Notify>,
 }
 
 /// The socket of `rank` for the base path `uds_path` (TGI's `{path}-{rank}` convention).
@@ -58,7 +60,15 @@ impl ShardService {
             urls,
             memory_fraction,
             pool_record: None,
+            group_failed: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Completes once this rank's tensor-parallel group has broken (a collective failed on a
+    /// dead, hung or out-of-step peer). No call can succeed after that, so the binary exits
+    /// and the launcher restarts the group, as for a crash.
+    pub fn group_failure(&self) -> Arc<tokio::sync::Notify> {
+        self.group_failed.clone()
     }
 
     pub fn with_pool_record(mut self, path: PathBuf) -> Self {
@@ -85,10 +95,15 @@ impl ShardService {
             let mut guard = runner
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut guard)))
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut guard)));
+            (out, guard.group_broken())
         })
         .await
         .map_err(|e| Status::internal(format!("worker thread failed: {e}")))?;
+        let (joined, broken) = joined;
+        if broken {
+            self.group_failed.notify_one();
+        }
         match joined {
             Ok(result) => result.map_err(|e| {
                 tracing::error!("{e}");

@@ -288,3 +288,56 @@ fn a_stopped_rank_fails_the_collective_after_the_timeout() {
         Duration::from_secs(8),
     );
 }
+
+/// A rank that ran a step its peer never got (a call that reached one rank only) meets the
+/// peer's next step in the same round: both fail with `OutOfStep` instead of summing
+/// unrelated tensors. Different sizes in one round fail the same way.
+#[test]
+fn ranks_in_different_steps_fail_instead_of_mixing() {
+    let x = || Tensor::ones([64], (Kind::Float, tch::Device::Cpu));
+    // Same tag: a normal round.
+    let same = on_ranks(2, 4096, |mut comm| {
+        comm.begin_step(7);
+        comm.all_reduce_sum(&x())
+            .map(|t| t.sum(Kind::Float).double_value(&[]))
+    });
+    assert!(
+        same.iter().all(|r| matches!(r, Ok(v) if *v == 128.0)),
+        "{same:?}"
+    );
+    // The orphan step: rank 0 is still in step 7, rank 1 has moved on to step 8.
+    // After that, the failed round is half done (each rank arrived and never departed): a
+    // later collective must fail at once, not wait for the rank itself (it would until the
+    // timeout, and hold the process's exit that long).
+    let mixed = on_ranks(2, 4096, |mut comm| {
+        comm.begin_step(if comm.rank() == 0 { 7 } else { 8 });
+        let first = comm.all_reduce_sum(&x());
+        let start = Instant::now();
+        let next = comm.all_reduce_sum(&x());
+        (first, next, start.elapsed())
+    });
+    for (rank, (first, next, took)) in mixed.iter().enumerate() {
+        match first {
+            Err(CommError::OutOfStep { rank: other, .. }) => assert_eq!(*other, 1 - rank),
+            other => panic!("rank {rank}: {other:?}"),
+        }
+        assert!(
+            matches!(next, Err(CommError::Broken(_))),
+            "rank {rank}: {next:?}"
+        );
+        assert!(
+            *took < Duration::from_secs(1),
+            "rank {rank} waited {took:?}"
+        );
+    }
+    let sizes = on_ranks(2, 4096, |mut comm| {
+        let n = if comm.rank() == 0 { 64 } else { 32 };
+        comm.all_gather(&Tensor::ones([n], (Kind::Float, tch::Device::Cpu)), 0)
+    });
+    assert!(
+        sizes
+            .iter()
+            .all(|r| matches!(r, Err(CommError::OutOfStep { .. }))),
+        "{sizes:?}"
+    );
+}

@@ -33,6 +33,17 @@ pub enum CommError {
         seq: u64,
         timeout_s: f64,
     },
+    #[error(
+        "rank {rank} is in another collective ({theirs}) than this rank ({ours}): the group is \
+         out of step (a call reached some ranks and not others)"
+    )]
+    OutOfStep {
+        rank: usize,
+        ours: String,
+        theirs: String,
+    },
+    #[error("an earlier collective failed, so this rank is out of step for good: {0}")]
+    Broken(String),
     #[error("cannot set up the shared-memory segment {path}: {reason}")]
     Setup { path: String, reason: String },
     #[error("unsupported tensor for a collective: {0}")]
@@ -54,6 +65,10 @@ pub trait Communicator: Send {
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor>;
     /// Every rank's `t` (same shape everywhere), concatenated in rank order along `dim`.
     fn all_gather(&mut self, t: &Tensor, dim: i64) -> Result<Tensor>;
+    /// Names the step whose collectives follow (equal on every rank for the same call), so
+    /// that a rank can tell a peer in a different call from one in the same call. Only a
+    /// communicator that can compare them cheaply does; the default ignores it.
+    fn begin_step(&mut self, _tag: u64) {}
 }
 
 /// Pins the calling thread, and every thread it starts afterwards, to cores `first..=last`.

@@ -10,7 +10,9 @@
 //! 4. publishes `depart = s`.
 //!
 //! Only a rank's own counters are ever written by it, so the protocol needs no locks and is
-//! correct under any interleaving. Waiting spins briefly, then yields, and sleeps only after
+//! correct under any interleaving. Beside `arrive`, a rank publishes the tag of the step it is
+//! in and the chunk's size; a peer with another tag or size is in another call (the group is
+//! out of step), which fails the round on every rank instead of summing unrelated tensors. Waiting spins briefly, then yields, and sleeps only after
 //! a few milliseconds. While it
 //! waits, a rank checks that its peers' processes still exist (a dead peer gives
 //! `PeerDied` at once) and gives up after the timeout (a stopped or hung peer gives `Timeout`).
@@ -33,11 +35,14 @@ use super::{CommError, Communicator, Result};
 const MAGIC: u64 = 0x7465_7373_6572_6131; // "tessera1"
 pub const MAX_RANKS: usize = 64;
 const LINE: usize = 64;
-// Header: magic, world, capacity, attached (one line); pids; arrive and depart, a line each per rank.
+// Header: magic, world, capacity, attached (one line); pids; arrive and depart, a line each per
+// rank. A rank's arrive line also holds its step tag and chunk size (`TAG`, `BYTES` past it).
 const PIDS: usize = LINE;
 const ARRIVE: usize = PIDS + MAX_RANKS * 8;
 const DEPART: usize = ARRIVE + MAX_RANKS * LINE;
 const HEADER: usize = (DEPART + MAX_RANKS * LINE).div_ceil(4096) * 4096;
+const TAG: usize = 8;
+const BYTES: usize = 16;
 
 pub struct ShmComm {
     map: MmapMut,
@@ -46,6 +51,12 @@ pub struct ShmComm {
     capacity: usize,
     seq: u64,
     timeout: Duration,
+    /// The step this rank's collectives belong to (`begin_step`).
+    tag: u64,
+    /// Why a round failed, once one has. The failed round was left half done (this rank
+    /// arrived and never departed), so a later round would wait for this very rank: every
+    /// later collective fails at once instead.
+    failed: Option<String>,
 }
 
 fn kind_size(kind: Kind) -> Option<usize> {
@@ -131,6 +142,8 @@ impl ShmComm {
             capacity,
             seq: 0,
             timeout,
+            tag: 0,
+            failed: None,
         };
         let pid = u64::from(std::process::id());
         if rank > 0 {
@@ -258,6 +271,22 @@ impl ShmComm {
         chunk: &Tensor,
         read: impl FnOnce(Vec<Tensor>) -> R,
     ) -> Result<R> {
+        if let Some(why) = &self.failed {
+            return Err(CommError::Broken(why.clone()));
+        }
+        let result = self.publish_and_read(op, chunk, read);
+        if let Err(e) = &result {
+            self.failed = Some(e.to_string());
+        }
+        result
+    }
+
+    fn publish_and_read<R>(
+        &mut self,
+        op: &'static str,
+        chunk: &Tensor,
+        read: impl FnOnce(Vec<Tensor>) -> R,
+    ) -> Result<R> {
         self.seq += 1;
         let s = self.seq;
         self.wait_all(DEPART, s - 1, op)?;
@@ -269,9 +298,25 @@ impl ShmComm {
             unsafe { Tensor::from_blob(self.slot(r), &shape, &[], kind, Device::Cpu) }
         };
         view(self.rank).copy_(chunk);
-        self.word(ARRIVE + self.rank * LINE)
-            .store(s, Ordering::Release);
+        let bytes = (chunk.numel() * chunk.kind().elt_size_in_bytes()) as u64;
+        let line = ARRIVE + self.rank * LINE;
+        self.word(line + TAG).store(self.tag, Ordering::Relaxed);
+        self.word(line + BYTES).store(bytes, Ordering::Relaxed);
+        self.word(line).store(s, Ordering::Release);
         self.wait_all(ARRIVE, s, op)?;
+        for r in 0..self.world {
+            let (tag, size) = (
+                self.word(ARRIVE + r * LINE + TAG).load(Ordering::Relaxed),
+                self.word(ARRIVE + r * LINE + BYTES).load(Ordering::Relaxed),
+            );
+            if (tag, size) != (self.tag, bytes) {
+                return Err(CommError::OutOfStep {
+                    rank: r,
+                    ours: format!("step {:#x}, {op} #{s} of {bytes} bytes", self.tag),
+                    theirs: format!("step {tag:#x}, {size} bytes"),
+                });
+            }
+        }
         let result = read((0..self.world).map(view).collect());
         self.word(DEPART + self.rank * LINE)
             .store(s, Ordering::Release);
@@ -301,6 +346,10 @@ impl Communicator for ShmComm {
 
     fn world_size(&self) -> usize {
         self.world
+    }
+
+    fn begin_step(&mut self, tag: u64) {
+        self.tag = tag;
     }
 
     fn all_reduce_sum(&mut self, t: &Tensor) -> Result<Tensor> {

@@ -16,6 +16,7 @@
 //! The vocabulary is cut into `ceil(vocab / world)` rows per rank, the last block padded with
 //! zero rows; head counts and the intermediate size must divide evenly.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tch::Tensor;
@@ -29,6 +30,8 @@ pub struct Parallel {
     pub rank: usize,
     pub world: usize,
     comm: Mutex<Box<dyn Communicator>>,
+    /// Set by the first failed collective: from then on the ranks are out of step for good.
+    broken: AtomicBool,
 }
 
 impl Parallel {
@@ -37,16 +40,34 @@ impl Parallel {
             rank: comm.rank(),
             world: comm.world_size(),
             comm: Mutex::new(comm),
+            broken: AtomicBool::new(false),
         }
     }
 
-    /// The sum over ranks. A failed collective (a dead or hung peer) leaves the group unusable,
-    /// so it panics; the gRPC service turns that into an error for the batch.
+    /// Names the step whose collectives follow (see `Communicator::begin_step`).
+    pub fn begin_step(&self, tag: u64) {
+        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        comm.begin_step(tag);
+    }
+
+    /// Whether a collective has failed. The ranks can no longer be brought back in step (some
+    /// finished a round the others never will), so the shard must exit and the launcher
+    /// restart the whole group.
+    pub fn broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// The sum over ranks. A failed collective (a dead, hung or out-of-step peer) leaves the
+    /// group unusable, so it marks the group broken and panics; the gRPC service turns that
+    /// into an error for the batch.
     pub fn all_reduce(&self, t: &Tensor) -> Tensor {
         let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         match comm.all_reduce_sum(t) {
             Ok(sum) => sum,
-            Err(e) => panic!("tensor-parallel all-reduce failed: {e}"),
+            Err(e) => {
+                self.broken.store(true, Ordering::SeqCst);
+                panic!("tensor-parallel all-reduce failed: {e}")
+            }
         }
     }
 
@@ -54,7 +75,10 @@ impl Parallel {
         let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         match comm.all_gather(t, dim) {
             Ok(all) => all,
-            Err(e) => panic!("tensor-parallel all-gather failed: {e}"),
+            Err(e) => {
+                self.broken.store(true, Ordering::SeqCst);
+                panic!("tensor-parallel all-gather failed: {e}")
+            }
         }
     }
 
