@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
+mod common;
+
 use tessera_proto as pb;
 use tessera_proto::text_generation_service_client::TextGenerationServiceClient;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// A rank process never outlives its test, whatever assertion fails first.
 struct Rank(Child);
@@ -51,15 +51,7 @@ async fn connect(path: PathBuf) -> TextGenerationServiceClient<Channel> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .expect("connect");
-    TextGenerationServiceClient::new(channel)
+    common::connect_uds(path).await
 }
 
 fn batch(id: u64, inputs: &str, blocks: Vec<u32>) -> pb::Batch {

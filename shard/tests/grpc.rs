@@ -3,17 +3,18 @@
 //! gRPC error and the shard keeps serving. KV blocks behave as the router relies on: a cached
 //! prefix is reused, and blocks freed by one request carry nothing into the next.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
 use tch::Device;
 use tessera_proto as pb;
 use tessera_proto::text_generation_service_client::TextGenerationServiceClient;
 use tessera_shard::service::{socket_path, ShardService};
 use tessera_shard::Runner;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 fn model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tiny/tiny-llama")
@@ -49,15 +50,7 @@ async fn serve(base: &str) -> TextGenerationServiceClient<Channel> {
             .add_service(service)
             .serve_with_incoming(UnixListenerStream::new(listener)),
     );
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-        .expect("connect");
-    TextGenerationServiceClient::new(channel)
+    common::connect_uds(path).await
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! Shared helpers of the shard's integration tests: the tiny checkpoints, their transformers
-//! references, protocol requests with KV blocks, and a driver that runs batches to completion.
+//! references, protocol requests with KV blocks, a driver that runs batches to completion, and
+//! a gRPC client for a shard's socket.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -26,6 +27,27 @@ pub const MODELS: &[&str] = &[
 ];
 
 pub const BLOCK: usize = 16;
+
+/// A tonic client on the shard socket at `path` (the URI is required by tonic but unused).
+pub async fn connect_uds(
+    path: PathBuf,
+) -> tessera_proto::text_generation_service_client::TextGenerationServiceClient<
+    tonic::transport::Channel,
+> {
+    use hyper_util::rt::TokioIo;
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        }))
+        .await
+        .expect("connect");
+    tessera_proto::text_generation_service_client::TextGenerationServiceClient::new(channel)
+}
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
