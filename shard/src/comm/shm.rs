@@ -12,10 +12,11 @@
 //! Only a rank's own counters are ever written by it, so the protocol needs no locks and is
 //! correct under any interleaving. Beside `arrive`, a rank publishes the tag of the step it is
 //! in and the chunk's size; a peer with another tag or size is in another call (the group is
-//! out of step), which fails the round on every rank instead of summing unrelated tensors. Waiting spins briefly, then yields, and sleeps only after
-//! a few milliseconds. While it
-//! waits, a rank checks that its peers' processes still exist (a dead peer gives
-//! `PeerDied` at once) and gives up after the timeout (a stopped or hung peer gives `Timeout`).
+//! out of step), which fails the round on every rank instead of summing unrelated tensors.
+//! Waiting spins briefly, then yields, and sleeps only after a few milliseconds. While it
+//! waits, a rank checks that its peers' processes still exist (a dead peer gives `PeerDied` at
+//! once) and gives up after the timeout (a stopped or hung peer gives `Timeout`). A failed
+//! round leaves the communicator failing every later collective (`Broken`).
 //!
 //! Set-up: rank 0 creates the segment, writes the geometry and its pid, and sets the magic
 //! number last. The other ranks map it once the magic is there and rank 0's pid is alive (a
