@@ -5,12 +5,12 @@
 //! grammar mask (structured output), then the warpers temperature, top-k, top-p and typical-p.
 //! As in TGI, setting any warper implies sampling. Each step runs only the processors some row
 //! asks for, with per-row parameters as `[batch, 1]` tensors (a neutral value for rows that did
-//! not ask), so the cost does not grow with per-request branching. Randomness is the one thing that stays per request: each
-//! sampling row draws one uniform number from its own seeded generator and picks its token by
-//! inverse CDF, so the same seed gives the same text whatever else shares the batch. A batch
-//! whose rows all take the plain argmax skips the tensor ops: `choose_greedy` reads each row's
-//! argmax and its log-probability straight out of the logits (`kernels::greedy`), where the
-//! ops would select, widen and log-softmax a copy of them first.
+//! not ask), so the cost does not grow with per-request branching. Randomness is the one thing
+//! that stays per request: each sampling row draws one uniform number from its own seeded
+//! generator and picks its token by inverse CDF, so the same seed gives the same text whatever
+//! else shares the batch. A batch whose rows all take the plain argmax skips the tensor ops:
+//! `choose_greedy` reads each row's argmax and its log-probability straight out of the logits
+//! (`kernels::greedy`), where the ops would select, widen and log-softmax a copy of them first.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

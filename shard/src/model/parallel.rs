@@ -61,23 +61,30 @@ impl Parallel {
     /// group unusable, so it marks the group broken and panics; the gRPC service turns that
     /// into an error for the batch.
     pub fn all_reduce(&self, t: &Tensor) -> Tensor {
-        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        match comm.all_reduce_sum(t) {
-            Ok(sum) => sum,
-            Err(e) => {
-                self.broken.store(true, Ordering::SeqCst);
-                panic!("tensor-parallel all-reduce failed: {e}")
-            }
-        }
+        self.collective("all-reduce", |comm| comm.all_reduce_sum(t))
     }
 
     pub fn all_gather(&self, t: &Tensor, dim: i64) -> Tensor {
+        self.collective("all-gather", |comm| comm.all_gather(t, dim))
+    }
+
+    /// Runs one collective, unless an earlier one failed: a communicator is never called
+    /// again after a failure (a half-done shared-memory round would wait for this rank
+    /// itself; NCCL after an error may hang).
+    fn collective(
+        &self,
+        op: &str,
+        run: impl FnOnce(&mut dyn Communicator) -> crate::comm::Result<Tensor>,
+    ) -> Tensor {
+        if self.broken() {
+            panic!("tensor-parallel {op} refused: an earlier collective failed");
+        }
         let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        match comm.all_gather(t, dim) {
-            Ok(all) => all,
+        match run(comm.as_mut()) {
+            Ok(t) => t,
             Err(e) => {
                 self.broken.store(true, Ordering::SeqCst);
-                panic!("tensor-parallel all-gather failed: {e}")
+                panic!("tensor-parallel {op} failed: {e}")
             }
         }
     }
