@@ -57,15 +57,15 @@ pub trait Lanes {
     unsafe fn min_(a: Self::V, b: Self::V) -> Self::V;
     /// Rounded to the nearest whole number (ties to even).
     unsafe fn nearest(v: Self::V) -> Self::V;
+    /// The totals of four vectors, in order, as the lanes of one SSE vector (which the
+    /// callers store as they need: four outputs, or four scores).
+    unsafe fn sum4v(v: [Self::V; 4]) -> __m128;
     /// The totals of four vectors, in order.
     #[inline(always)]
     unsafe fn sum4(v: [Self::V; 4]) -> [f32; 4] {
-        [
-            Self::sum(v[0]),
-            Self::sum(v[1]),
-            Self::sum(v[2]),
-            Self::sum(v[3]),
-        ]
+        let mut out = [0.0; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), Self::sum4v(v));
+        out
     }
 }
 
@@ -157,7 +157,7 @@ impl Lanes for Avx512 {
     /// Halves of two vectors folded into one, twice, then AVX2's horizontal adds: 11
     /// instructions for four totals where four `reduce_add`s take about 32.
     #[inline(always)]
-    unsafe fn sum4([a, b, c, d]: [__m512; 4]) -> [f32; 4] {
+    unsafe fn sum4v([a, b, c, d]: [__m512; 4]) -> __m128 {
         // [a's low 256 bits, b's low 256] + [a's high, b's high]: a and b folded to 8 lanes.
         let ab = _mm512_add_ps(
             _mm512_shuffle_f32x4(a, b, 0b01_00_01_00),
@@ -168,7 +168,7 @@ impl Lanes for Avx512 {
             _mm512_shuffle_f32x4(c, d, 0b11_10_11_10),
         );
         // The high 256 bits through the f64 view: its extract is AVX-512 F (the f32 one, DQ).
-        Avx2::sum4([
+        Avx2::sum4v([
             _mm512_castps512_ps256(ab),
             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ab), 1)),
             _mm512_castps512_ps256(cd),
@@ -277,13 +277,8 @@ impl Lanes for Avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
     #[inline(always)]
-    unsafe fn sum4([a, b, c, d]: [__m256; 4]) -> [f32; 4] {
+    unsafe fn sum4v([a, b, c, d]: [__m256; 4]) -> __m128 {
         let s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-        let mut out = [0.0; 4];
-        _mm_storeu_ps(
-            out.as_mut_ptr(),
-            _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)),
-        );
-        out
+        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1))
     }
 }

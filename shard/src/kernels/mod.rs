@@ -84,6 +84,32 @@ unsafe fn put<const BF16: bool>(y: *mut u8, i: usize, v: f32) {
     }
 }
 
+/// `put` for four consecutive outputs from `i`, from the lanes of `v`: one store instead of
+/// four scalar conversions, which at the end of a GEMM tile cost as much as a third of its
+/// products (docs/benchmarks.md).
+///
+/// # Safety
+/// `y` must hold at least `i + 4` elements of that type.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn put4<const BF16: bool>(y: *mut u8, i: usize, v: std::arch::x86_64::__m128) {
+    use std::arch::x86_64::*;
+    if BF16 {
+        // Round to nearest even on the bits, as `put`; a NaN keeps a set mantissa bit.
+        let bits = _mm_castps_si128(v);
+        let lsb = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
+        let rounded = _mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)), lsb);
+        let nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+        let quiet = _mm_or_si128(bits, _mm_set1_epi32(0x0040_0000));
+        let high = _mm_srli_epi32(_mm_blendv_epi8(rounded, quiet, nan), 16);
+        // Four 16-bit values in the low 8 bytes (the high halves are zero, so no saturation).
+        let packed = _mm_packus_epi32(high, high);
+        _mm_storel_epi64((y as *mut u16).add(i) as *mut __m128i, packed);
+    } else {
+        _mm_storeu_ps((y as *mut f32).add(i), v);
+    }
+}
+
 /// The instruction sets a kernel can be built on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
