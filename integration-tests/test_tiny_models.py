@@ -1,6 +1,7 @@
 """Greedy output over HTTP equals transformers' `generate()` for the tiny checkpoints, with all
 reference prompts sent at once so they run as one continuous batch."""
 import json
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -9,11 +10,24 @@ import requests
 from conftest import REFS, TINY, start
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral", "tiny-qwen2"])
-def test_concurrent_greedy_matches_transformers_generate(model):
+def shard_environ(server):
+    pids = subprocess.run(["pgrep", "-f", f"tessera-shard serve .*--uds-path {server.tmp}/shard"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, pids
+    with open(f"/proc/{pids[0]}/environ", "rb") as f:
+        return dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+
+
+# The last case runs every op on libtorch: `--disable-custom-kernels` turns off the shard's CPU
+# decode kernels (TGI's flag for its custom CUDA kernels).
+@pytest.mark.parametrize("model,extra", [("tiny-llama", []), ("tiny-mistral", []), ("tiny-qwen2", []),
+                                         ("tiny-llama", ["--disable-custom-kernels"])],
+                         ids=["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-llama-no-kernels"])
+def test_concurrent_greedy_matches_transformers_generate(model, extra):
     refs = json.loads((REFS / f"{model}.json").read_text())
-    server = start(TINY / model, "--dtype", "float32")
+    server = start(TINY / model, "--dtype", "float32", *extra)
     try:
+        assert (shard_environ(server).get(b"TESSERA_NO_KERNELS") == b"1") == bool(extra)
         def one(case):
             if case["kind"] == "chat":
                 body = {"messages": case["messages"], "temperature": 0, "max_tokens": refs["new_tokens"], "logprobs": True}

@@ -194,7 +194,8 @@ pub struct Args {
     /// Not supported: weights are always read from the model folder or the Hub cache.
     #[arg(long, env)]
     pub weights_cache_override: Option<String>,
-    /// Accepted for compatibility; Tessera has no custom kernels to disable.
+    /// Runs every op on libtorch, without the shard's hand-written CPU decode kernels (for
+    /// comparison, or should one misbehave on a CPU): slower decode.
     #[arg(long, env)]
     pub disable_custom_kernels: bool,
     /// Override the model's RoPE scaling (as TGI): `--rope-factor 2.0` alone is linear scaling by

@@ -142,6 +142,9 @@ fn shard_command(args: &Args, model_dir: &Path, rank: usize) -> Command {
     if args.json_output {
         cmd.arg("--json-output");
     }
+    if args.disable_custom_kernels {
+        cmd.env("TESSERA_NO_KERNELS", "1");
+    }
     if let Some(endpoint) = &args.otlp_endpoint {
         cmd.arg("--otlp-endpoint").arg(endpoint);
         cmd.arg("--otlp-service-name")

@@ -7,10 +7,11 @@
 //! token per sequence against its paged context). Each is built for AVX-512 (with AVX-512 BF16 for
 //! bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most client Intel), and
 //! runs its parts on libtorch's own threads (`threads`). A decode step of a few dozen sequences is
-//! bound by FMAs instead, and there `gemm` beats MKL, which packs the weights on every call, and
-//! `amx` (bf16 on Xeons with AMX tiles) beats oneDNN. The small ops between the products (RMSNorm
-//! with the residual add before it, RoPE with the KV cache write, SiLU × up) are single loops too
-//! (`norm`, `rope`, `activation`): at a few rows their cost is libtorch's per-op overhead, which
+//! bound by FMAs instead, and there `gemm` beats MKL (f32: it packs the weights on every call)
+//! and oneDNN (bf16, with AVX-512 BF16's pair dot products), and `amx` (bf16 on Xeons with AMX
+//! tiles) beats oneDNN too. The small ops between the products (RMSNorm with the residual add
+//! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
+//! `activation`): at a few rows their cost is libtorch's per-op overhead, which
 //! between two weight streams was 10-20 µs an op on the AMX Xeon VM (our reading, not proven: the
 //! stream evicts libtorch's code and metadata from the caches). So is the greedy token choice
 //! (`choice`): each row's argmax and its log-probability, the logits read from memory once. Every
