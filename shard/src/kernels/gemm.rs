@@ -231,9 +231,10 @@ mod tiles {
     }
 
     /// bf16 pairs: `w` and `x` both bf16, 32 elements a step, each `vdpbf16ps` adding two
-    /// products into each of 16 f32 lanes. The products are exact in f32 and the pair's sum
-    /// rounds to nearest even, so the result differs from libtorch's f32 accumulation only in
-    /// the order of the sums.
+    /// products into each of 16 f32 lanes. The products are exact in f32 and the sums round to
+    /// nearest even, with subnormal inputs and results taken as zero (as the instruction
+    /// defines), so the result differs from libtorch's f32 accumulation in the order of the
+    /// sums and in subnormals only.
     struct Pairs;
 
     impl Dot for Pairs {
@@ -429,6 +430,11 @@ mod tiles {
     /// Accumulators holding the products of the last `k - full` elements. Apart, and
     /// returned by value: its copies into padded buffers take the accumulators' address, which
     /// keeps them in memory (zeroed by `memset` on every tile, 4% of a batch-32 bf16 step).
+    /// Not built for the tile's instruction set (a generic function cannot be), so the vector
+    /// operations here are calls: slower, and run once per tile of a `k` with a tail.
+    ///
+    /// # Safety
+    /// As `tile`'s: the CPU has the instructions `D` uses, and the rows lie in `w` and `x`.
     #[inline(never)]
     unsafe fn tail_step<D: Dot, const R: usize, const C: usize>(
         w: *const u8,
