@@ -291,7 +291,9 @@ mod tiles {
             let cols = (part.end - col).min(NR);
             // The next columns' weight rows (contiguous in `w`) are fetched while these pass
             // every row of `x`, a share in each group of rows: all at once, the misses would
-            // queue behind the CPU's few outstanding-miss buffers.
+            // queue behind the CPU's few outstanding-miss buffers. Into L2: on the Zen 4 VM,
+            // whole batch-32 steps in four interleaved pairs went 44.0-45.4 → 39.5-43.5 ms
+            // (bf16) and 73.7-85.2 → 68.1-75.8 ms (f32) against prefetching into L1.
             let next_cols = (part.end - col - cols).min(NR);
             let next = w.add((col + cols) * k * D::W_BYTES);
             let lines = (next_cols * k * D::W_BYTES).div_ceil(64);
@@ -391,7 +393,7 @@ mod tiles {
         while i < full {
             for _ in 0..per_step {
                 if fetched < ahead.lines {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.start.add(fetched * 64) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.start.add(fetched * 64) as *const i8);
                     fetched += 1;
                 }
             }

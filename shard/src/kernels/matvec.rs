@@ -87,18 +87,20 @@ mod avx512 {
     /// does. Batch-1 decode step of SmolLM2 on the AMX Xeon VM (`step_profile bfloat16 1 100`,
     /// interleaved runs): 31.5-34.7 ms without, 23.7-28.0 ms at 6 KiB, and in a faster hour
     /// of the VM 23.5-26.4 against 20.5-22.3 ms over four pairs; f32 35.5-54.2 against
-    /// 35.0-42.9 ms. Distances of 2 to 12 KiB were within the noise of each other, and
-    /// prefetching into L2 instead of L1 was no better.
+    /// 35.0-42.9 ms. Distances of 2 to 12 KiB were within the noise of each other. The lines
+    /// go to L2 (`prefetcht1`): on the Xeon that was no better than L1, on the Zen 4 VM it
+    /// was faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
+    /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
     const AHEAD: usize = 6 << 10;
 
-    /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
-    /// either loop reads. Past the last row this names lines beyond the matrix: prefetches
+    /// Prefetches into L2 the two cache lines `AHEAD` bytes past `p`, the 128 bytes one
+    /// iteration of either loop reads. Past the last row this names lines beyond the matrix: prefetches
     /// never fault.
     #[inline(always)]
     unsafe fn ahead(p: *const u8) {
         let p = p.wrapping_add(AHEAD) as *const i8;
-        _mm_prefetch::<_MM_HINT_T0>(p);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T1>(p);
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
     }
 
     /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; all three f32, or all
