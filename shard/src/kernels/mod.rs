@@ -233,4 +233,43 @@ mod tests {
             }
         }
     }
+
+    /// `put4` writes what `put` writes, bit for bit (ties, NaN, infinities, subnormals), in
+    /// both dtypes, and nothing past its four elements.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn put4_writes_what_put_writes() {
+        use std::arch::x86_64::_mm_loadu_ps;
+        let values: Vec<f32> = vec![
+            1.0,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x3f80_8001),
+            -12.345_678,
+            1e-40,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+        ];
+        for chunk in values.chunks(4) {
+            let (mut one, mut four) = ([0u16; 6], [0u16; 6]);
+            let (mut one32, mut four32) = ([0f32; 6], [0f32; 6]);
+            // SAFETY: each buffer holds 6 elements, written at 1..5; `chunk` holds 4 f32.
+            unsafe {
+                let v = _mm_loadu_ps(chunk.as_ptr());
+                put4::<true>(four.as_mut_ptr() as *mut u8, 1, v);
+                put4::<false>(four32.as_mut_ptr() as *mut u8, 1, v);
+                for (i, &x) in chunk.iter().enumerate() {
+                    put::<true>(one.as_mut_ptr() as *mut u8, 1 + i, x);
+                    put::<false>(one32.as_mut_ptr() as *mut u8, 1 + i, x);
+                }
+            }
+            assert_eq!(four, one, "bf16 of {chunk:?}");
+            let bits = |a: [f32; 6]| a.map(f32::to_bits);
+            assert_eq!(bits(four32), bits(one32), "f32 of {chunk:?}");
+        }
+    }
 }
