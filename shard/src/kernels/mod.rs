@@ -197,25 +197,32 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
+    /// Values whose bf16 rounding is easy to get wrong.
+    #[cfg(target_arch = "x86_64")]
+    const AWKWARD: [f32; 14] = [
+        0.0,
+        -0.0,
+        1.0,
+        // Exact ties between two bf16 values: one rounds down to even, one up.
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0x3f80_8001),
+        -12.345_678,
+        1e-40,
+        f32::MAX,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        // A signalling NaN.
+        f32::from_bits(0x7f80_0001),
+    ];
+
     /// `put` rounds as libtorch converts f32 to bf16: to nearest, ties to even, NaN kept.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn put_rounds_bf16_as_libtorch() {
-        let values: Vec<f32> = vec![
-            0.0,
-            -0.0,
-            1.0,
-            // Exact ties between two bf16 values: one rounds down to even, one up.
-            f32::from_bits(0x3f80_8000),
-            f32::from_bits(0x3f81_8000),
-            f32::from_bits(0x3f80_8001),
-            -12.345_678,
-            1e-40,
-            f32::MAX,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-        ];
+        let values = AWKWARD.to_vec();
         let want = Tensor::from_slice(&values)
             .to_kind(Kind::BFloat16)
             .view_dtype(Kind::Int16);
@@ -240,20 +247,9 @@ mod tests {
     #[test]
     fn put4_writes_what_put_writes() {
         use std::arch::x86_64::_mm_loadu_ps;
-        let values: Vec<f32> = vec![
-            1.0,
-            f32::from_bits(0x3f80_8000),
-            f32::from_bits(0x3f81_8000),
-            f32::from_bits(0x3f80_8001),
-            -12.345_678,
-            1e-40,
-            f32::MAX,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::NAN,
-            -f32::NAN,
-            f32::from_bits(0x7f80_0001),
-        ];
+        // Padded to whole fours with a value of its own.
+        let mut values = AWKWARD.to_vec();
+        values.resize(AWKWARD.len().next_multiple_of(4), 3.0);
         for chunk in values.chunks(4) {
             let (mut one, mut four) = ([0u16; 6], [0u16; 6]);
             let (mut one32, mut four32) = ([0f32; 6], [0f32; 6]);
