@@ -60,7 +60,9 @@ fn main() {
             requests,
             ..Default::default()
         };
+        let start = std::time::Instant::now();
         let mut cached = runner.prefill(&b, None).expect("prefill").batch;
+        let prefill = start.elapsed();
         let (mut fwd, mut dec, mut n) = (0u64, 0u64, 0u64);
         while let Some(c) = cached {
             let out = runner.decode(&[c]).expect("decode");
@@ -70,7 +72,8 @@ fn main() {
             cached = out.batch;
         }
         println!(
-            "{dtype} batch {batch}: forward {:.2} ms, token choice {:.2} ms per step",
+            "{dtype} batch {batch}: prefill {:.1} ms; forward {:.2} ms, token choice {:.2} ms per step",
+            prefill.as_secs_f64() * 1e3,
             fwd as f64 / n as f64 / 1e6,
             dec as f64 / n as f64 / 1e6
         );

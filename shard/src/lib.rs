@@ -4,9 +4,11 @@
 //! shard protocol. The pieces, from the wire inwards: `service` (gRPC), `runner` (batches to
 //! forward passes), `batch`/`sequence` (request state), `model` (the network), `kv_cache`,
 //! `sampler`, `grammar` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint), `comm`
-//! (collectives between tensor-parallel ranks).
+//! (collectives between tensor-parallel ranks), `allocator` (the C heap's policy for libtorch's
+//! buffers).
 
 pub mod admission;
+pub mod allocator;
 pub mod batch;
 pub mod comm;
 pub mod config;

@@ -152,6 +152,9 @@ impl Runner {
         device: Device,
         comm: Option<Box<dyn crate::comm::Communicator>>,
     ) -> Result<Self> {
+        if device == Device::Cpu {
+            crate::allocator::keep_freed_memory();
+        }
         let config = ModelConfig::from_dir(dir)?;
         let kind = match dtype {
             Some(d) => {
