@@ -1,4 +1,5 @@
-//! The gated MLP's `silu(gate) * up` for decode rows, in one pass over the fused gate/up output.
+//! The gated MLP's `silu(gate) * up`, in one pass over the fused gate/up output, for decode and
+//! prompt rows alike.
 //!
 //! libtorch needs four ops for it (two narrows, `silu`, `mul`), about 12 µs on a batch-1 row of
 //! SmolLM2 on the AMX Xeon VM, nearly all of it per-op overhead: the arithmetic is 1,536

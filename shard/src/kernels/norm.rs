@@ -1,5 +1,5 @@
-//! RMSNorm of decode rows, alone or fused with the residual add before it: one pass instead of
-//! several libtorch ops.
+//! RMSNorm, alone or fused with the residual add before it: one pass instead of several libtorch
+//! ops, for decode and prompt rows alike.
 //!
 //! At one token per sequence these tensors hold a few hundred numbers, and libtorch's cost is
 //! the ops themselves: `rms_norm` is a composite of about eight ops and takes 27 µs on a

@@ -1,4 +1,4 @@
-//! Rotary embeddings of decode rows, alone or fused with the KV cache write: one pass instead
+//! Rotary embeddings, alone or (decode rows) fused with the KV cache write: one pass instead
 //! of several libtorch ops (RoPE alone is two products, a roll and a sum, 14 µs a batch-1 row
 //! on the Zen 3 VM). The roundings are libtorch's, as in `norm`.
 

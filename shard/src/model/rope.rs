@@ -106,13 +106,11 @@ impl Rope {
         (gather(&self.cos), signed)
     }
 
-    /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`; `stream` (decode rows)
-    /// takes the CPU kernel where it applies.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, stream: bool) -> Tensor {
-        if stream {
-            if let Some(y) = crate::kernels::rope(x, cos, sin) {
-                return y;
-            }
+    /// Rotates `x` (`[T, heads, head_dim]`) with tables from `tables`; through the CPU kernel
+    /// where it applies, for every row (a row's rotation does not depend on the others).
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        if let Some(y) = crate::kernels::rope(x, cos, sin) {
+            return y;
         }
         let d = x.size()[2];
         if self.rotary_dim < d {

@@ -103,18 +103,18 @@ impl Norm {
         })
     }
 
-    /// `stream`: decode rows, which take the CPU kernel where it applies (see `Linear`).
-    pub fn forward(&self, x: &Tensor, stream: bool) -> Tensor {
+    /// Every row takes the CPU kernel where it applies: unlike a product's, a norm's result
+    /// for a row does not depend on the other rows, so a prompt gets the same rows whether it
+    /// is computed whole, in chunks or after a cached prefix.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Norm::Rms {
                 weight,
                 eps,
                 unit_offset,
             } => {
-                if stream {
-                    if let Some(y) = crate::kernels::rms_norm(x, weight, *eps, *unit_offset) {
-                        return y;
-                    }
+                if let Some(y) = crate::kernels::rms_norm(x, weight, *eps, *unit_offset) {
+                    return y;
                 }
                 let kind = x.kind();
                 if !*unit_offset && kind == Kind::Float {
@@ -139,18 +139,15 @@ impl Norm {
         }
     }
 
-    /// The residual add and this norm: `x += a`, then the norm of `x`. Decode rows of an
-    /// RMSNorm take one kernel pass (`stream`, see `Linear`); `x` must not share storage with
-    /// any other tensor, which holds for the residual stream `Transformer::forward` owns.
-    fn add_forward(&self, x: &mut Tensor, a: &Tensor, stream: bool) -> Tensor {
-        if let (
-            true,
-            Norm::Rms {
-                weight,
-                eps,
-                unit_offset,
-            },
-        ) = (stream, self)
+    /// The residual add and this norm: `x += a`, then the norm of `x`. An RMSNorm takes one
+    /// kernel pass (row by row, as `forward`); `x` must not share storage with any other
+    /// tensor, which holds for the residual stream `Transformer::forward` owns.
+    fn add_forward(&self, x: &mut Tensor, a: &Tensor) -> Tensor {
+        if let Norm::Rms {
+            weight,
+            eps,
+            unit_offset,
+        } = self
         {
             // SAFETY: the residual stream is owned by the forward pass alone (each layer's
             // sum is a new tensor, and the embedding lookup that starts it is too), and `a`
@@ -162,7 +159,7 @@ impl Norm {
             }
         }
         *x = &*x + a;
-        self.forward(x, stream)
+        self.forward(x)
     }
 }
 
@@ -186,8 +183,9 @@ impl Mlp {
         match self {
             Mlp::Gated { gate_up, down } => {
                 let gu = gate_up.forward(x, stream);
+                // Row by row, so every row takes the kernel (as `Norm::forward`).
                 let fused = match act {
-                    Activation::Silu if stream => crate::kernels::silu_mul(&gu),
+                    Activation::Silu => crate::kernels::silu_mul(&gu),
                     _ => None,
                 };
                 let h = fused.unwrap_or_else(|| {
@@ -368,8 +366,8 @@ impl Transformer {
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = match pending.take() {
-                Some(m) => layer.input_norm.add_forward(&mut x, &m, stream),
-                None => layer.input_norm.forward(&x, stream),
+                Some(m) => layer.input_norm.add_forward(&mut x, &m),
+                None => layer.input_norm.forward(&x),
             };
             let qkv = layer.qkv.forward(&h, stream);
             let fused = match (&rope, &new_slots) {
@@ -390,14 +388,14 @@ impl Transformer {
                     if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                         qk = Tensor::cat(
                             &[
-                                qn.forward(&qk.narrow(1, 0, nh), stream),
-                                kn.forward(&qk.narrow(1, nh, nkv), stream),
+                                qn.forward(&qk.narrow(1, 0, nh)),
+                                kn.forward(&qk.narrow(1, nh, nkv)),
                             ],
                             1,
                         );
                     }
                     if let Some((rope, (cos, sin))) = &rope {
-                        qk = rope.apply(&qk, cos, sin, stream);
+                        qk = rope.apply(&qk, cos, sin);
                     }
                     let (q, k) = (qk.narrow(1, 0, nh), qk.narrow(1, nh, nkv));
                     pool.write(li, &input.slots, &k, &v);
@@ -416,12 +414,12 @@ impl Transformer {
             );
             let mut a = self.reduce(layer.o.forward(&attn, stream));
             if let Some(n) = &layer.post_attention_norm {
-                a = n.forward(&a, stream);
+                a = n.forward(&a);
             }
-            let h = layer.pre_mlp_norm.add_forward(&mut x, &a, stream);
+            let h = layer.pre_mlp_norm.add_forward(&mut x, &a);
             let mut m = self.reduce(layer.mlp.forward(self.config.activation, &h, stream));
             if let Some(n) = &layer.post_mlp_norm {
-                m = n.forward(&m, stream);
+                m = n.forward(&m);
             }
             pending = Some(m);
         }
@@ -429,7 +427,7 @@ impl Transformer {
             x = x + m;
         }
         let rows = x.index_select(0, &input.logit_rows);
-        let rows = self.final_norm.forward(&rows, stream);
+        let rows = self.final_norm.forward(&rows);
         let logits = self.lm_head.forward(&rows, stream);
         let logits = match &self.parallel {
             Some(p) => p
