@@ -1,6 +1,7 @@
 //! Shard microbenchmark on the default model (SmolLM2-135M-Instruct): prefill and decode at
 //! batch 1, 8 and 32 (128-token prompts, 128 new tokens), in f32 and bf16, each reported
-//! against baselines measured in the same run on the same machine:
+//! against baselines measured in the same run on the same machine, each batch's right next to
+//! its own runs (probes before and after them, then transformers on the same batch):
 //!
 //! - `transformers` `generate()` on the same checkpoint, dtype and thread count
 //!   (benchmark/transformers_baseline.py, run as a subprocess);
@@ -213,40 +214,41 @@ fn main() {
             (c.vocab_size * c.hidden_size + c.num_layers * layer) as f64
         };
         let weight_bytes = params * kind.elt_size_in_bytes() as f64;
-        // The rooflines are probed before and after the runs and the higher figure is kept:
-        // a shared VM's speed drifts within minutes, and a probe taken in a slow moment would
-        // flatter every ratio.
-        let probes = [(read_bandwidth(), matmul_flops(kind))];
+        // The rooflines are probed right before and right after each batch's runs, and the
+        // higher figure judges that batch: a shared VM's speed drifts within minutes (probes
+        // of one run have read 32 and 51 GB/s), so a probe minutes away from the runs it judges
+        // would measure another machine, and one taken in a slow moment would flatter them.
         // One untimed pass so first-touch allocations settle.
         run_batch(&mut runner, 1, 4);
-        let ours: Vec<(usize, f64, f64)> = batches
+        // transformers runs each batch right after ours, for the same reason.
+        let ours: Vec<(usize, f64, f64, [(f64, f64); 2], Option<(usize, f64, f64)>)> = batches
             .iter()
             .map(|&b| {
+                let before = (read_bandwidth(), matmul_flops(kind));
                 let (p, d) = run_batch(&mut runner, b, new);
-                (b, p, d)
+                let after = (read_bandwidth(), matmul_flops(kind));
+                let theirs = baseline
+                    .then(|| transformers_baseline(&root, dtype, &[b], new).pop())
+                    .flatten();
+                (b, p, d, [before, after], theirs)
             })
             .collect();
         drop(runner);
-        let probes = [probes[0], (read_bandwidth(), matmul_flops(kind))];
-        let bandwidth = probes[0].0.max(probes[1].0);
-        let flops = probes[0].1.max(probes[1].1);
         println!(
-            "\n{MODEL}, {dtype}: {:.1}M params ({:.0} MB), {} threads; read bandwidth {:.1} GB/s, matmul {:.0} GFLOP/s (the higher of {:.1} / {:.1} GB/s and {:.0} / {:.0} GFLOP/s, probed before / after the runs)",
+            "\n{MODEL}, {dtype}: {:.1}M params ({:.0} MB), {} threads; probes before / after each batch's runs, the higher one judging it:",
             params / 1e6,
             weight_bytes / 1e6,
             tch::get_num_threads(),
-            bandwidth / 1e9,
-            flops / 1e9,
-            probes[0].0 / 1e9,
-            probes[1].0 / 1e9,
-            probes[0].1 / 1e9,
-            probes[1].1 / 1e9,
         );
-        let theirs = if baseline {
-            transformers_baseline(&root, dtype, &batches, new)
-        } else {
-            Vec::new()
-        };
+        for (b, _, _, [before, after], _) in &ours {
+            println!(
+                "  batch {b}: read bandwidth {:.1} / {:.1} GB/s, matmul {:.0} / {:.0} GFLOP/s",
+                before.0 / 1e9,
+                after.0 / 1e9,
+                before.1 / 1e9,
+                after.1 / 1e9,
+            );
+        }
         // The bandwidth roofline counts the weights alone, as the shard issue defines it. A
         // decode step also reads every sequence's K/V: at batch 32 in bf16 over a mean context
         // of 192 that is half as much again as the weights. The last column is the bound that
@@ -256,8 +258,9 @@ fn main() {
         let mean_context = PROMPT as f64 + (new as f64 + 1.0) / 2.0;
         println!("| batch | phase | Tessera tok/s | transformers tok/s | vs transformers | bandwidth roofline | FLOP roofline | of binding roofline | of weights + KV bound |");
         println!("|---|---|---|---|---|---|---|---|---|");
-        for (b, p, d) in ours {
-            let hf = theirs.iter().find(|t| t.0 == b);
+        for (b, p, d, [before, after], hf) in ours {
+            let bandwidth = before.0.max(after.0);
+            let flops = before.1.max(after.1);
             let flop_roof = flops / (2.0 * params);
             for (phase, ours, hf) in [
                 ("prefill", p, hf.map(|h| h.1)),
