@@ -5,10 +5,12 @@
 //! the top of its heap back to the kernel once more than the trim threshold lies free there. A
 //! forward pass allocates and frees megabytes per op (a 32 × 128-token bf16 prefill: 25 MB for
 //! the gate/up product of every layer), so both rules hand memory back only to fault it in
-//! again, zeroed, a few microseconds later: 850 thousand page faults in a run of two such
-//! prefills, and 12% of a prefill's samples in the kernel (docs/benchmarks.md). Raising both thresholds keeps freed
-//! blocks in the heap for the next op. The heap then holds its high-water mark, which is what
-//! warmup's prefill at `max_prefill_tokens` already reserved, as a GPU caching allocator does.
+//! again, zeroed, at the next op: 876 thousand page faults in a run of two such prefills, and
+//! 12% of a prefill's samples in the kernel (docs/benchmarks.md). Raising both thresholds keeps
+//! freed blocks in the heap for the next op. The heap then holds its high-water mark, as a GPU
+//! caching allocator does: the mark of warmup's prefill at `max_prefill_tokens`, after which
+//! warmup measures the memory left for the KV pool, so the pool no longer counts as free the
+//! memory that the largest prefill will take back.
 //!
 //! Blocks over 32 MiB (glibc's ceiling for the mmap threshold) still come from `mmap`.
 
