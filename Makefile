@@ -91,6 +91,8 @@ audit:
 
 test-rust:
 	cargo test --release --workspace
+	# `cargo test` does not build bench targets: make sure they still compile.
+	cargo bench --workspace --bench '*' --no-run
 
 test-integration:
 	$(PY) -m pytest -q integration-tests

@@ -58,6 +58,16 @@ fn request(id: u64, new_tokens: u32, first_block: u32) -> pb::Request {
     }
 }
 
+/// One batch size's figures: tokens/s, the `(bytes/s, FLOP/s)` probes taken before and after
+/// them, and transformers' `(batch, prefill, decode)`.
+struct Measured {
+    batch: usize,
+    prefill: f64,
+    decode: f64,
+    probes: [(f64, f64); 2],
+    theirs: Option<(usize, f64, f64)>,
+}
+
 /// Prefill and decode throughput (tokens/s) of one batch run to completion.
 fn run_batch(runner: &mut Runner, batch: usize, new_tokens: u32) -> (f64, f64) {
     let per = (PROMPT + new_tokens as usize).div_ceil(BLOCK_SIZE) as u32;
@@ -214,23 +224,29 @@ fn main() {
             (c.vocab_size * c.hidden_size + c.num_layers * layer) as f64
         };
         let weight_bytes = params * kind.elt_size_in_bytes() as f64;
-        // The rooflines are probed right before and right after each batch's runs, and the
-        // higher figure judges that batch: a shared VM's speed drifts within minutes (probes
-        // of one run have read 32 and 51 GB/s), so a probe minutes away from the runs it judges
-        // would measure another machine, and one taken in a slow moment would flatter them.
         // One untimed pass so first-touch allocations settle.
         run_batch(&mut runner, 1, 4);
+        // The rooflines are probed right before and right after each batch's runs, and the
+        // higher figure judges that batch: a shared VM's speed drifts within minutes (probes
+        // of one run have read 27 and 54 GB/s), so a probe minutes away from the runs it judges
+        // would measure another machine, and one taken in a slow moment would flatter them.
         // transformers runs each batch right after ours, for the same reason.
-        let ours: Vec<(usize, f64, f64, [(f64, f64); 2], Option<(usize, f64, f64)>)> = batches
+        let ours: Vec<Measured> = batches
             .iter()
-            .map(|&b| {
+            .map(|&batch| {
                 let before = (read_bandwidth(), matmul_flops(kind));
-                let (p, d) = run_batch(&mut runner, b, new);
+                let (prefill, decode) = run_batch(&mut runner, batch, new);
                 let after = (read_bandwidth(), matmul_flops(kind));
                 let theirs = baseline
-                    .then(|| transformers_baseline(&root, dtype, &[b], new).pop())
+                    .then(|| transformers_baseline(&root, dtype, &[batch], new).pop())
                     .flatten();
-                (b, p, d, [before, after], theirs)
+                Measured {
+                    batch,
+                    prefill,
+                    decode,
+                    probes: [before, after],
+                    theirs,
+                }
             })
             .collect();
         drop(runner);
@@ -240,7 +256,12 @@ fn main() {
             weight_bytes / 1e6,
             tch::get_num_threads(),
         );
-        for (b, _, _, [before, after], _) in &ours {
+        for Measured {
+            batch: b,
+            probes: [before, after],
+            ..
+        } in &ours
+        {
             println!(
                 "  batch {b}: read bandwidth {:.1} / {:.1} GB/s, matmul {:.0} / {:.0} GFLOP/s",
                 before.0 / 1e9,
@@ -258,7 +279,14 @@ fn main() {
         let mean_context = PROMPT as f64 + (new as f64 + 1.0) / 2.0;
         println!("| batch | phase | Tessera tok/s | transformers tok/s | vs transformers | bandwidth roofline | FLOP roofline | of binding roofline | of weights + KV bound |");
         println!("|---|---|---|---|---|---|---|---|---|");
-        for (b, p, d, [before, after], hf) in ours {
+        for Measured {
+            batch: b,
+            prefill: p,
+            decode: d,
+            probes: [before, after],
+            theirs: hf,
+        } in ours
+        {
             let bandwidth = before.0.max(after.0);
             let flops = before.1.max(after.1);
             let flop_roof = flops / (2.0 * params);
