@@ -21,7 +21,7 @@ const MMAP_THRESHOLD: i32 = 32 << 20;
 
 /// Keeps freed blocks up to 32 MiB, and the heap's free top, for reuse. Once per process;
 /// a no-op off glibc.
-pub fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]

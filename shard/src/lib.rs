@@ -8,7 +8,7 @@
 //! buffers).
 
 pub mod admission;
-pub mod allocator;
+mod allocator;
 pub mod batch;
 pub mod comm;
 pub mod config;

@@ -221,6 +221,74 @@ mod tests {
         f32::from_bits(0x7f80_0001),
     ];
 
+    /// The row-wise kernels take prompt rows as well as decode rows because a row's result
+    /// does not depend on the rows around it: a prompt must get the same bits computed whole,
+    /// in chunks or after a cached prefix. Each part here is a few rows taken alone (one, a
+    /// few, and a thread split's worth) against the same rows of the whole batch.
+    #[test]
+    fn row_wise_kernels_give_a_row_the_same_bits_in_any_batch() {
+        use super::element::{kernels_on, testing::wave};
+        let (rows, n, heads, d) = (40i64, 576i64, 9i64, 64i64);
+        let parts = [(0i64, 1i64), (7, 3), (13, 27)];
+        let same = |whole: &Tensor, part: &Tensor, start: i64, len: i64, what: &str| {
+            let whole = whole.narrow(0, start, len).to_kind(Kind::Float);
+            assert!(
+                whole.equal(&part.to_kind(Kind::Float)),
+                "{what}: rows {start}..{} differ from the same rows in the whole batch",
+                start + len
+            );
+        };
+        for kind in [Kind::Float, Kind::BFloat16] {
+            if !kernels_on(kind) {
+                continue;
+            }
+            let x = wave(&[rows, n], 0.37).to_kind(kind);
+            let a = wave(&[rows, n], 0.23).to_kind(kind);
+            let weight = wave(&[n], 0.11).to_kind(kind);
+            let gu = wave(&[rows, 2 * n], 0.07).to_kind(kind);
+            let q = wave(&[rows, heads, d], 0.19).to_kind(kind);
+            let (cos, sin) = (
+                wave(&[rows, 1, d], 0.05).to_kind(kind),
+                wave(&[rows, 1, d], 0.09).to_kind(kind),
+            );
+            for unit_offset in [false, true] {
+                let whole = rms_norm(&x, &weight, 1e-5, unit_offset).expect("rms_norm");
+                let sum = x.copy();
+                // SAFETY: `sum` is a fresh copy that nothing else holds.
+                let added = unsafe { add_rms_norm(&sum, &a, &weight, 1e-5, unit_offset) }
+                    .expect("add_rms_norm");
+                for (start, len) in parts {
+                    let rows_of = |t: &Tensor| t.narrow(0, start, len).copy();
+                    let part = rms_norm(&rows_of(&x), &weight, 1e-5, unit_offset).expect("part");
+                    same(&whole, &part, start, len, &format!("rms_norm {kind:?}"));
+                    let part_sum = rows_of(&x);
+                    // SAFETY: as above.
+                    let part = unsafe {
+                        add_rms_norm(&part_sum, &rows_of(&a), &weight, 1e-5, unit_offset)
+                    }
+                    .expect("part");
+                    same(&added, &part, start, len, &format!("add_rms_norm {kind:?}"));
+                    same(
+                        &sum,
+                        &part_sum,
+                        start,
+                        len,
+                        &format!("add_rms_norm's sum {kind:?}"),
+                    );
+                }
+            }
+            let act = silu_mul(&gu).expect("silu_mul");
+            let rot = rope(&q, &cos, &sin).expect("rope");
+            for (start, len) in parts {
+                let rows_of = |t: &Tensor| t.narrow(0, start, len).copy();
+                let part = silu_mul(&rows_of(&gu)).expect("part");
+                same(&act, &part, start, len, &format!("silu_mul {kind:?}"));
+                let part = rope(&rows_of(&q), &rows_of(&cos), &rows_of(&sin)).expect("part");
+                same(&rot, &part, start, len, &format!("rope {kind:?}"));
+            }
+        }
+    }
+
     /// `put` rounds as libtorch converts f32 to bf16: to nearest, ties to even, NaN kept.
     #[cfg(target_arch = "x86_64")]
     #[test]
