@@ -202,7 +202,7 @@ impl Runner {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| id)
             .collect();
-        let model = {
+        let mut model = {
             let _guard = tch::no_grad_guard();
             let model = crate::model::load(config, &weights, kind, device)?;
             match comm {
@@ -212,6 +212,9 @@ impl Runner {
                 _ => model,
             }
         };
+        if device == Device::Cpu {
+            crate::allocator::pack_in_huge_pages(model.product_weights());
+        }
         Ok(Self {
             model,
             tokenizer,

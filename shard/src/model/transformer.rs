@@ -278,6 +278,26 @@ impl Transformer {
         ))
     }
 
+    /// Every product's weight matrix and the embedding table: what a decode step streams.
+    pub(crate) fn product_weights(&mut self) -> Vec<&mut Tensor> {
+        let mut out = vec![&mut self.embed, &mut self.lm_head.weight];
+        for l in &mut self.layers {
+            out.push(&mut l.qkv.weight);
+            out.push(&mut l.o.weight);
+            match &mut l.mlp {
+                Mlp::Gated { gate_up, down } => {
+                    out.push(&mut gate_up.weight);
+                    out.push(&mut down.weight);
+                }
+                Mlp::Plain { fc, proj } => {
+                    out.push(&mut fc.weight);
+                    out.push(&mut proj.weight);
+                }
+            }
+        }
+        out
+    }
+
     pub fn kv_layout(&self) -> KvLayout {
         KvLayout {
             num_layers: self.config.num_layers,
