@@ -55,7 +55,7 @@ const HUGE_PAGE: usize = 2 << 20;
 /// interleaved pairs (docs/benchmarks.md). `TESSERA_NO_HUGE_PAGES=1` leaves the weights where
 /// they are, for comparison.
 pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
-    use tch::{Device, Kind, Tensor};
+    use tch::Tensor;
     if std::env::var_os("TESSERA_NO_HUGE_PAGES").is_some() {
         return;
     }
@@ -74,16 +74,7 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
     if total == 0 {
         return;
     }
-    let block = Tensor::empty([(total + HUGE_PAGE) as i64], (Kind::Uint8, Device::Cpu));
-    let base = block.data_ptr() as usize;
-    let start = base.next_multiple_of(HUGE_PAGE);
-    #[cfg(target_os = "linux")]
-    // SAFETY: the range lies inside `block`, and madvise only records a hint on it; nothing has
-    // touched these pages yet, so the first write faults them in as 2 MiB pages where it can.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, total, libc::MADV_HUGEPAGE);
-    }
-    let block = block.narrow(0, (start - base) as i64, total as i64);
+    let block = empty_in_huge_pages(total);
     let mut moved: Vec<(usize, Tensor)> = Vec::new();
     for t in tensors {
         let p = t.data_ptr() as usize;
@@ -109,6 +100,23 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// `bytes` of uninitialised CPU memory as a `Uint8` tensor that starts on a 2 MiB boundary,
+/// whose pages the kernel is asked to back with 2 MiB pages when they are first touched (the
+/// weights here; the benchmarks' bandwidth probes, so that they stream as the weights do).
+pub fn empty_in_huge_pages(bytes: usize) -> tch::Tensor {
+    use tch::{Device, Kind, Tensor};
+    let block = Tensor::empty([(bytes + HUGE_PAGE) as i64], (Kind::Uint8, Device::Cpu));
+    let base = block.data_ptr() as usize;
+    let start = base.next_multiple_of(HUGE_PAGE);
+    #[cfg(target_os = "linux")]
+    // SAFETY: the range lies inside `block`, and madvise only records a hint on it; nothing has
+    // touched these pages yet, so the first write faults them in as 2 MiB pages where it can.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
+    }
+    block.narrow(0, (start - base) as i64, bytes as i64)
 }
 
 #[cfg(test)]

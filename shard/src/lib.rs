@@ -5,10 +5,10 @@
 //! forward passes), `batch`/`sequence` (request state), `model` (the network), `kv_cache`,
 //! `sampler`, `grammar` and `detokenizer` (per-token work), `weights`/`config` (the checkpoint), `comm`
 //! (collectives between tensor-parallel ranks), `allocator` (the C heap's policy for libtorch's
-//! buffers).
+//! buffers, and 2 MiB pages under the weights).
 
 pub mod admission;
-mod allocator;
+pub mod allocator;
 pub mod batch;
 pub mod comm;
 pub mod config;
