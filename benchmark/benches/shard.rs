@@ -333,10 +333,10 @@ fn main() {
             theirs: hf,
         } in ours
         {
-            // The bandwidth the machine gave while the steps ran. The peak probes catch bursts
-            // that last one pass (a VM's neighbours at rest: passes of 53-68 GB/s among
-            // 33-36 GB/s ones, docs/benchmarks.md), which no run of a second or more can
-            // sustain; their roofline is the last column.
+            // The bandwidth the machine gave while the steps ran. A peak probe can come from a
+            // phase the steps did not run in: on the development VM two-thread passes read
+            // about 35 or about 60 GB/s, phase by phase (docs/benchmarks.md). The peak's
+            // roofline is the last column.
             let bandwidth = median(&during);
             let peak = before.0.max(after.0);
             let flops = before.1.max(after.1);

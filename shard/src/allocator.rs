@@ -43,8 +43,8 @@ pub(crate) fn keep_freed_memory() {
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Moves `tensors` (CPU) into one block of memory the kernel is asked to back with 2 MiB pages,
-/// each contiguous and 64-byte aligned, with the same values. Tensors that share their data (a
-/// tied embedding and LM head) stay shared. Then returns the memory the old copies leave free in
+/// each contiguous and 64-byte aligned, with the same values. Tensors that are the same data
+/// (a tied embedding and LM head: one pointer, shape and dtype) stay shared. Then returns the memory the old copies leave free in
 /// the heap to the kernel, which `keep_freed_memory` would otherwise keep.
 ///
 /// A decode step reads every weight once: with 4 KiB pages that is a TLB miss, and under a
@@ -61,13 +61,13 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
     }
     const ALIGN: usize = 64;
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-    // Each distinct data pointer's offset in the block.
-    let mut offsets: Vec<(usize, usize)> = Vec::new();
+    // Two views of one storage that start at one address but differ in shape are two tensors.
+    let key = |t: &Tensor| (t.data_ptr() as usize, t.size(), t.kind());
+    let mut keys = Vec::new();
     let mut total = 0;
     for t in &tensors {
-        let p = t.data_ptr() as usize;
-        if !offsets.iter().any(|&(q, _)| q == p) {
-            offsets.push((p, total));
+        if !keys.iter().any(|(k, _)| *k == key(t)) {
+            keys.push((key(t), total));
             total += bytes(t).next_multiple_of(ALIGN);
         }
     }
@@ -75,23 +75,21 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
         return;
     }
     let block = empty_in_huge_pages(total);
-    let mut moved: Vec<(usize, Tensor)> = Vec::new();
+    // The new tensor of every key already moved, so that a tied pair stays one tensor.
+    let mut moved: Vec<(_, Tensor)> = Vec::new();
     for t in tensors {
-        let p = t.data_ptr() as usize;
-        if let Some((_, done)) = moved.iter().find(|(q, _)| *q == p) {
+        let k = key(t);
+        if let Some((_, done)) = moved.iter().find(|(m, _)| *m == k) {
             *t = done.shallow_clone();
             continue;
         }
-        let offset = offsets
-            .iter()
-            .find(|&&(q, _)| q == p)
-            .map_or(0, |&(_, o)| o);
+        let offset = keys.iter().find(|(q, _)| *q == k).map_or(0, |&(_, o)| o);
         let mut new = block
             .narrow(0, offset as i64, bytes(t) as i64)
             .view_dtype(t.kind())
             .view(t.size().as_slice());
         new.copy_(t);
-        moved.push((p, new.shallow_clone()));
+        moved.push((k, new.shallow_clone()));
         *t = new;
     }
     drop(moved);
@@ -130,7 +128,13 @@ mod tests {
         let (want_a, want_b) = (a.copy(), b.copy());
         let (mut a, mut b) = (a, b);
         let mut tied = a.shallow_clone();
-        super::pack_in_huge_pages(vec![&mut a, &mut b, &mut tied]);
+        // Starts where `a` does, with another shape.
+        let mut head = a.narrow(0, 0, 1);
+        super::pack_in_huge_pages(vec![&mut a, &mut b, &mut tied, &mut head]);
+        assert!(
+            head.equal(&want_a.narrow(0, 0, 1)),
+            "a view keeps its own shape"
+        );
         assert!(
             a.equal(&want_a) && b.equal(&want_b),
             "values moved unchanged"
