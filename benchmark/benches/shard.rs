@@ -129,7 +129,7 @@ fn run_batch(
 fn read_pass(probe: &Tensor) -> f64 {
     let start = Instant::now();
     let _ = f64::try_from(probe.sum(Kind::Float)).unwrap_or(0.0);
-    (probe.numel() * 4) as f64 / start.elapsed().as_secs_f64()
+    (probe.numel() * probe.kind().elt_size_in_bytes()) as f64 / start.elapsed().as_secs_f64()
 }
 
 fn median(xs: &[f64]) -> f64 {
@@ -139,8 +139,8 @@ fn median(xs: &[f64]) -> f64 {
 }
 
 /// A 1 GiB buffer of f32 ones (far beyond any cache) for the read probes. It lies on 2 MiB
-/// pages, as the shard's weights do: on 4 KiB pages the same passes read 10-25% less
-/// (docs/benchmarks.md), and a roofline must be the best the machine can stream.
+/// pages, as the shard's weights do: on 4 KiB pages the same passes read 12-19% less (medians
+/// on two and one threads, docs/benchmarks.md), and a roofline must be the best the machine can stream.
 fn probe_buffer() -> Tensor {
     let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(Kind::Float);
     let _ = t.fill_(1.0);

@@ -44,12 +44,12 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// Moves `tensors` (CPU) into one block of memory the kernel is asked to back with 2 MiB pages,
 /// each contiguous and 64-byte aligned, with the same values. Tensors that are the same data
-/// (a tied embedding and LM head: one pointer, shape and dtype) stay shared. Then returns the memory the old copies leave free in
-/// the heap to the kernel, which `keep_freed_memory` would otherwise keep.
+/// (a tied embedding and LM head: one pointer, shape and dtype) get one place, so they stay
+/// shared. Then returns the memory the old copies leave free in the heap to the kernel, which
+/// `keep_freed_memory` would otherwise keep.
 ///
-/// A decode step reads every weight once: with 4 KiB pages that is a TLB miss, and under a
-/// hypervisor a two-level page walk, every 4 KiB of the stream, and the hardware prefetcher stops
-/// at each 4 KiB boundary. The checkpoint's own pages (a file mapping) and libtorch's buffers
+/// A decode step reads every weight once: with 4 KiB pages that is a TLB miss every 4 KiB of
+/// the stream, and under a hypervisor each miss is a two-level page walk. The checkpoint's own pages (a file mapping) and libtorch's buffers
 /// get 2 MiB pages only when asked, where the kernel's THP mode is `madvise`, as on the
 /// development VM. A bf16 batch-1 step of SmolLM2 went from 8.9-10.3 to 7.1-9.3 ms over eight
 /// interleaved pairs (docs/benchmarks.md). `TESSERA_NO_HUGE_PAGES=1` leaves the weights where
@@ -63,11 +63,11 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
     let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
     // Two views of one storage that start at one address but differ in shape are two tensors.
     let key = |t: &Tensor| (t.data_ptr() as usize, t.size(), t.kind());
-    let mut keys = Vec::new();
+    let mut places = Vec::new();
     let mut total = 0;
     for t in &tensors {
-        if !keys.iter().any(|(k, _)| *k == key(t)) {
-            keys.push((key(t), total));
+        if !places.iter().any(|(k, _)| *k == key(t)) {
+            places.push((key(t), total));
             total += bytes(t).next_multiple_of(ALIGN);
         }
     }
@@ -75,24 +75,18 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
         return;
     }
     let block = empty_in_huge_pages(total);
-    // The new tensor of every key already moved, so that a tied pair stays one tensor.
-    let mut moved: Vec<(_, Tensor)> = Vec::new();
     for t in tensors {
         let k = key(t);
-        if let Some((_, done)) = moved.iter().find(|(m, _)| *m == k) {
-            *t = done.shallow_clone();
-            continue;
-        }
-        let offset = keys.iter().find(|(q, _)| *q == k).map_or(0, |&(_, o)| o);
+        let offset = places.iter().find(|(q, _)| *q == k).map_or(0, |&(_, o)| o);
         let mut new = block
             .narrow(0, offset as i64, bytes(t) as i64)
             .view_dtype(t.kind())
             .view(t.size().as_slice());
+        // The second of a tied pair copies the same values to the same place again: one extra
+        // copy at load, instead of a list of what has moved.
         new.copy_(t);
-        moved.push((k, new.shallow_clone()));
         *t = new;
     }
-    drop(moved);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only hands free heap pages back to the kernel.
     unsafe {
@@ -123,14 +117,15 @@ mod tests {
 
     #[test]
     fn packed_tensors_keep_their_values_and_sharing() {
-        let a = Tensor::arange(3 * 5, (Kind::Float, Device::Cpu)).view([3, 5]);
+        let a = Tensor::arange(3 * 64, (Kind::Float, Device::Cpu)).view([3, 64]);
         let b = (Tensor::arange(7, (Kind::Float, Device::Cpu)) * 0.5).to_kind(Kind::BFloat16);
         let (want_a, want_b) = (a.copy(), b.copy());
         let (mut a, mut b) = (a, b);
         let mut tied = a.shallow_clone();
-        // Starts where `a` does, with another shape.
+        // Starts where `a` does, with a smaller shape, and comes first: were places keyed by
+        // the address alone, `a` would get `head`'s room and overwrite `b`.
         let mut head = a.narrow(0, 0, 1);
-        super::pack_in_huge_pages(vec![&mut a, &mut b, &mut tied, &mut head]);
+        super::pack_in_huge_pages(vec![&mut head, &mut b, &mut a, &mut tied]);
         assert!(
             head.equal(&want_a.narrow(0, 0, 1)),
             "a view keeps its own shape"
@@ -139,7 +134,7 @@ mod tests {
             a.equal(&want_a) && b.equal(&want_b),
             "values moved unchanged"
         );
-        assert_eq!(a.size(), [3, 5]);
+        assert_eq!(a.size(), [3, 64]);
         assert_eq!(b.kind(), Kind::BFloat16);
         assert!(a.is_contiguous() && b.is_contiguous());
         assert_eq!(
@@ -148,7 +143,7 @@ mod tests {
             "a tied pair stays one tensor"
         );
         assert_eq!(
-            a.data_ptr() as usize % super::HUGE_PAGE,
+            head.data_ptr() as usize % super::HUGE_PAGE,
             0,
             "the block starts on a page"
         );
