@@ -91,16 +91,30 @@ mod avx512 {
     /// go to L2 (`prefetcht1`): on the Xeon that was no better than L1, on the Zen 4 VM it
     /// was faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
     /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
+    ///
+    /// Except for one row of `x`, where the lines are asked for as non-temporal
+    /// (`prefetchnta`). Our reading, not measured: lines read once and soon then push less of
+    /// the step's activations, K/V and code out of L2 and L3. With the hint switched every
+    /// other step of one run (Zen 4 VM,
+    /// `step_profile`, 300 steps each, four runs), bf16 batch-1 steps had medians 3-8% lower
+    /// (8.10 against 8.80 ms in one run) and f32 the same within 1%. At two rows it was 4%
+    /// slower and at eight 15%: slower loops leave the lines longer in L1, and the rows of `x`
+    /// (up to 24 KB for the down projection) evict them.
     const AHEAD: usize = 6 << 10;
 
-    /// Prefetches into L2 the two cache lines `AHEAD` bytes past `p`, the 128 bytes one
-    /// iteration of either loop reads. Past the last row this names lines beyond the matrix: prefetches
-    /// never fault.
+    /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
+    /// either loop reads: into L2, or non-temporal for `M` = 1 row (see `AHEAD`). Past the
+    /// last row this names lines beyond the matrix: prefetches never fault.
     #[inline(always)]
-    unsafe fn ahead(p: *const u8) {
+    unsafe fn ahead<const M: usize>(p: *const u8) {
         let p = p.wrapping_add(AHEAD) as *const i8;
-        _mm_prefetch::<_MM_HINT_T1>(p);
-        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
+        if M == 1 {
+            _mm_prefetch::<_MM_HINT_NTA>(p);
+            _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64));
+        } else {
+            _mm_prefetch::<_MM_HINT_T1>(p);
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
+        }
     }
 
     /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; all three f32, or all
@@ -146,7 +160,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead(wr.add(i) as *const u8);
+                ahead::<M>(wr.add(i) as *const u8);
                 let w0 = _mm512_loadu_ps(wr.add(i));
                 let w1 = _mm512_loadu_ps(wr.add(i + 16));
                 for j in 0..M {
@@ -202,7 +216,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead(wr.add(i) as *const u8);
+                ahead::<M>(wr.add(i) as *const u8);
                 let w0 = load(wr.add(i));
                 let w1 = load(wr.add(i + 32));
                 for j in 0..M {
