@@ -98,8 +98,8 @@ mod avx512 {
     /// other step of one run (Zen 4 VM,
     /// `step_profile`, 300 steps each, four runs), bf16 batch-1 steps had medians 3-8% lower
     /// (8.10 against 8.80 ms in one run) and f32 the same within 1%. At two rows it was 4%
-    /// slower and at eight 15%: slower loops leave the lines longer in L1, and the rows of `x`
-    /// (up to 24 KB for the down projection) evict them.
+    /// slower and at eight 15% (our reading: slower loops leave the lines longer in L1, and
+    /// the rows of `x`, up to 24 KB for the down projection, evict them).
     const AHEAD: usize = 6 << 10;
 
     /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
