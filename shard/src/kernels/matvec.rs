@@ -95,11 +95,11 @@ mod avx512 {
     /// Except for one row of `x`, where the lines are asked for as non-temporal
     /// (`prefetchnta`). Our reading, not measured: lines read once and soon then push less of
     /// the step's activations, K/V and code out of L2 and L3. With the hint switched every
-    /// other step of one run (Zen 4 VM,
-    /// `step_profile`, 300 steps each, four runs), bf16 batch-1 steps had medians 3-8% lower
-    /// (8.10 against 8.80 ms in one run) and f32 the same within 1%. At two rows it was 4%
-    /// slower and at eight 15% (our reading: slower loops leave the lines longer in L1, and
-    /// the rows of `x`, up to 24 KB for the down projection, evict them).
+    /// other step of one run (Zen 4 VM, `step_profile`, 300 steps each, four runs), bf16
+    /// batch-1 steps had medians 3-8% lower (8.10 against 8.80 ms in one run) and f32 the
+    /// same within 1%. At two rows it was 4% slower and at eight 15% (our reading: slower
+    /// loops leave the lines longer in L1, and the rows of `x`, up to 24 KB for the down
+    /// projection, evict them). Distances of 3 to 24 KiB were within 2% of each other.
     const AHEAD: usize = 6 << 10;
 
     /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
