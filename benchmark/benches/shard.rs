@@ -17,6 +17,9 @@
 //! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
 //! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
 //! TESSERA_BENCH_JSON=path (write every figure as JSON).
+//! TESSERA_BENCH_DEVICE=cuda runs the same measurements on a GPU (scripts/cuda_check.sh): the
+//! read probe is then a 1 GiB buffer in device memory, the matmul probe 8192-square, and
+//! transformers runs on the same device.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -125,7 +128,23 @@ fn run_batch(
     )
 }
 
-/// One summation over `probe` on all threads, in bytes/s.
+/// The device under test, from TESSERA_BENCH_DEVICE (`cpu` or `cuda`).
+fn bench_device() -> Device {
+    match std::env::var("TESSERA_BENCH_DEVICE").as_deref() {
+        Ok("cuda") | Ok("cuda:0") => Device::Cuda(0),
+        _ => Device::Cpu,
+    }
+}
+
+/// Waits for the GPU's queued work, so that a timer read after it covers that work.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// One summation over `probe` on all threads, in bytes/s. Reading the sum back waits for it,
+/// on either device.
 fn read_pass(probe: &Tensor) -> f64 {
     let start = Instant::now();
     let _ = f64::try_from(probe.sum(Kind::Float)).unwrap_or(0.0);
@@ -141,7 +160,10 @@ fn median(xs: &[f64]) -> f64 {
 /// A 1 GiB buffer of f32 ones (far beyond any cache) for the read probes. It lies on 2 MiB
 /// pages, as the shard's weights do: on 4 KiB pages the same passes read 12-19% less (medians
 /// on two and one threads, docs/benchmarks.md), and a roofline must be the best the machine can stream.
-fn probe_buffer() -> Tensor {
+fn probe_buffer(device: Device) -> Tensor {
+    if device.is_cuda() {
+        return Tensor::ones([1 << 28], (Kind::Float, device));
+    }
     let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(Kind::Float);
     let _ = t.fill_(1.0);
     t
@@ -163,16 +185,22 @@ fn read_bandwidth(probe: &Tensor) -> f64 {
     best
 }
 
-/// Large-matmul throughput in FLOP/s for `kind`.
-fn matmul_flops(kind: Kind) -> f64 {
-    let n = 2048;
-    let a = Tensor::randn([n, n], (kind, Device::Cpu));
+/// Large-matmul throughput in FLOP/s for `kind` on `device` (a GPU needs a larger product to
+/// reach its rate, and more of them to outlast the timer's resolution).
+fn matmul_flops(kind: Kind, device: Device) -> f64 {
+    let (n, reps) = if device.is_cuda() {
+        (8192, 20)
+    } else {
+        (2048, 5)
+    };
+    let a = Tensor::randn([n, n], (kind, device));
     let _ = a.matmul(&a);
+    sync(device);
     let start = Instant::now();
-    let reps = 5;
     for _ in 0..reps {
         let _ = a.matmul(&a);
     }
+    sync(device);
     (2 * n * n * n * reps) as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -180,6 +208,7 @@ fn matmul_flops(kind: Kind) -> f64 {
 fn transformers_baseline(
     root: &Path,
     dtype: &str,
+    device: Device,
     batches: &[usize],
     new: u32,
 ) -> Vec<(usize, f64, f64)> {
@@ -190,6 +219,7 @@ fn transformers_baseline(
         .arg("--model")
         .arg(root.join(MODEL))
         .args(["--dtype", dtype])
+        .args(["--device", if device.is_cuda() { "cuda" } else { "cpu" }])
         .args(["--threads", &tch::get_num_threads().to_string()])
         .args([
             "--batches",
@@ -243,10 +273,11 @@ fn main() {
         .unwrap_or(128);
     let baseline = std::env::var("TESSERA_BENCH_BASELINE").map_or(true, |v| v != "0");
     let _guard = tch::no_grad_guard();
-    let probe = probe_buffer();
+    let device = bench_device();
+    let probe = probe_buffer(device);
     let mut records = Vec::new();
     for dtype in &dtypes {
-        let mut runner = Runner::load(&dir, Some(dtype), Device::Cpu).expect("load");
+        let mut runner = Runner::load(&dir, Some(dtype), device).expect("load");
         let per = (PROMPT + new as usize).div_ceil(BLOCK_SIZE);
         let most = batches.iter().copied().max().unwrap_or(1);
         runner.allocate_pool(1 + most * per).expect("pool");
@@ -270,11 +301,11 @@ fn main() {
         let ours: Vec<Measured> = batches
             .iter()
             .map(|&batch| {
-                let before = (read_bandwidth(&probe), matmul_flops(kind));
+                let before = (read_bandwidth(&probe), matmul_flops(kind, device));
                 let (prefill, decode, during) = run_batch(&mut runner, batch, new, &probe);
-                let after = (read_bandwidth(&probe), matmul_flops(kind));
+                let after = (read_bandwidth(&probe), matmul_flops(kind, device));
                 let theirs = baseline
-                    .then(|| transformers_baseline(&root, dtype, &[batch], new).pop())
+                    .then(|| transformers_baseline(&root, dtype, device, &[batch], new).pop())
                     .flatten();
                 Measured {
                     batch,
@@ -288,7 +319,7 @@ fn main() {
             .collect();
         drop(runner);
         println!(
-            "\n{MODEL}, {dtype}: {:.1}M params ({:.0} MB), {} threads; peak probes before / after each batch's runs (the higher matmul rate judges it), and the read passes between its decode steps (their median judges it):",
+            "\n{MODEL}, {dtype}, {device:?}: {:.1}M params ({:.0} MB), {} threads; peak probes before / after each batch's runs (the higher matmul rate judges it), and the read passes between its decode steps (their median judges it):",
             params / 1e6,
             weight_bytes / 1e6,
             tch::get_num_threads(),

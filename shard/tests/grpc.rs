@@ -7,7 +7,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use tch::Device;
 use tessera_proto as pb;
 use tessera_proto::text_generation_service_client::TextGenerationServiceClient;
 use tessera_shard::service::{socket_path, ShardService};
@@ -40,8 +39,8 @@ fn request(id: u64, inputs: &str, max_new_tokens: u32, blocks: Vec<u32>) -> pb::
 }
 
 async fn serve(base: &str) -> TextGenerationServiceClient<Channel> {
-    let runner =
-        Runner::load(&model(), Some("float32"), Device::Cpu).expect("run `make test-models` first");
+    let runner = Runner::load(&model(), Some("float32"), common::device())
+        .expect("run `make test-models` first");
     let path = socket_path(base, 0);
     let listener = UnixListener::bind(&path).expect("bind");
     let service = ShardService::new(runner, base, 1, 0.5).into_server();
@@ -67,7 +66,15 @@ async fn v3_call_sequence_and_errors() {
             info.device_type.as_str(),
             info.requires_padding
         ),
-        ("float32", "cpu", false)
+        (
+            "float32",
+            if common::device().is_cuda() {
+                "cuda"
+            } else {
+                "cpu"
+            },
+            false
+        )
     );
     let urls = c
         .service_discovery(pb::ServiceDiscoveryRequest {})

@@ -28,6 +28,43 @@ pub const MODELS: &[&str] = &[
 
 pub const BLOCK: usize = 16;
 
+/// The device the tests run on: `TESSERA_TEST_DEVICE=cuda` (or `cuda:N`) runs the same suite on
+/// a GPU (scripts/cuda_check.sh); CPU otherwise. Asking for CUDA where there is none fails
+/// loudly rather than quietly testing the CPU again.
+pub fn device() -> Device {
+    match std::env::var("TESSERA_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok(name) => {
+            let index = match name.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| {
+                        panic!("TESSERA_TEST_DEVICE={name}: want cpu, cuda or cuda:N")
+                    }),
+                None => panic!("TESSERA_TEST_DEVICE={name}: want cpu, cuda or cuda:N"),
+            };
+            assert!(
+                tch::Cuda::is_available() && index < tch::Cuda::device_count() as usize,
+                "TESSERA_TEST_DEVICE={name}, but libtorch sees {} CUDA devices",
+                tch::Cuda::device_count()
+            );
+            Device::Cuda(index)
+        }
+    }
+}
+
+/// The half-precision dtypes the tests check on `device()`: bf16 on CPU (f16 is not served
+/// there), bf16 and f16 on CUDA.
+pub fn half_dtypes() -> &'static [&'static str] {
+    if device().is_cuda() {
+        &["bfloat16", "float16"]
+    } else {
+        &["bfloat16"]
+    }
+}
+
 /// A tonic client on the shard socket at `path` (the URI is required by tonic but unused).
 pub async fn connect_uds(
     path: PathBuf,
@@ -75,7 +112,7 @@ pub fn load(model: &str, dtype: &str, blocks: usize) -> Runner {
     let mut runner = Runner::load(
         &root().join("models/tiny").join(model),
         Some(dtype),
-        Device::Cpu,
+        device(),
     )
     .expect("load model");
     runner.allocate_pool(blocks).expect("pool");
@@ -207,15 +244,20 @@ pub fn last_logits(runner: &Runner, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
         start += n;
         rows.push(start - 1);
     }
+    let on = |v: &[i64]| Tensor::from_slice(v).to_device(runner.model.device());
     let input = ForwardInput {
-        input_ids: Tensor::from_slice(&flat),
-        positions: Tensor::from_slice(&positions),
-        slots: Tensor::from_slice(&slots),
+        input_ids: on(&flat),
+        positions: on(&positions),
+        slots: on(&slots),
         prefills: spans,
         decode: None,
-        logit_rows: Tensor::from_slice(&rows),
+        logit_rows: on(&rows),
     };
-    let logits = runner.model.forward(&input, &mut pool);
+    let logits = runner
+        .model
+        .forward(&input, &mut pool)
+        .to_device(Device::Cpu)
+        .to_kind(tch::Kind::Float);
     (0..prompts.len() as i64)
         .map(|i| Vec::<f32>::try_from(logits.get(i)).expect("row"))
         .collect()
