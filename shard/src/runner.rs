@@ -434,7 +434,14 @@ impl Runner {
             if let Some(group) = &self.model.parallel {
                 group.begin_step(batch.step_tag());
             }
-            self.model.forward(&input, pool)
+            let logits = self.model.forward(&input, pool);
+            // A GPU runs the pass asynchronously: wait for it, so that the forward time (the
+            // metric and the trace span) is the pass's, not its launches'. Sampling would wait
+            // for it a few microseconds later anyway.
+            if let Device::Cuda(i) = self.model.device() {
+                tch::Cuda::synchronize(i as i64);
+            }
+            logits
         };
         let forward_ns = start.elapsed().as_nanos() as u64;
         let decode_start = Instant::now();
