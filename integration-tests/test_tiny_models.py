@@ -1,6 +1,7 @@
 """Greedy output over HTTP equals transformers' `generate()` for the tiny checkpoints, with all
 reference prompts sent at once so they run as one continuous batch."""
 import json
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,11 @@ def test_concurrent_greedy_matches_transformers_generate(model, extra):
     server = start(TINY / model, "--dtype", "float32", *extra)
     try:
         assert (shard_environ(server).get(b"TESSERA_NO_KERNELS") == b"1") == bool(extra)
+        # scripts/cuda_check.sh runs this file with DEVICE=cuda (the launcher's `--device`).
+        device = os.environ.get("DEVICE", "auto")
+        if device != "auto":
+            info = requests.get(server.url + "/info", timeout=10).json()
+            assert info["device_type"] == device.split(":")[0], info
         def one(case):
             if case["kind"] == "chat":
                 body = {"messages": case["messages"], "temperature": 0, "max_tokens": refs["new_tokens"], "logprobs": True}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The shard's CUDA checks: its correctness suites (tests/reference, batching, grpc, nccl) with
-# TESSERA_TEST_DEVICE=cuda, then the shard benchmark with TESSERA_BENCH_DEVICE=cuda.
+# TESSERA_TEST_DEVICE=cuda, the whole server (launcher, router, shard) with `--device cuda`
+# through integration-tests/test_tiny_models.py, then the shard benchmark with
+# TESSERA_BENCH_DEVICE=cuda.
 #
 # A GPU machine here has no Rust toolchain and no network, so the work is split in two:
 #   scripts/cuda_check.sh build   (on the development machine) builds the test and bench
@@ -23,6 +25,9 @@ build() {
     cargo test --release --no-run --message-format=json -p tessera-shard \
         --test reference --test batching --test grpc --test nccl > "$DIR/artifacts.json"
     cargo bench --no-run --message-format=json -p tessera-benchmark --bench shard >> "$DIR/artifacts.json"
+    cargo build --release -p tessera-launcher -p tessera-router -p tessera-shard --bins
+    mkdir -p "$DIR/release"
+    cp target/release/tessera-{launcher,router,shard} "$DIR/release/"
     # Each test and bench executable, named after its target (reference, ..., shard).
     python3 - "$DIR" <<'EOF'
 import json, shutil, sys
@@ -32,9 +37,9 @@ for line in open(f"{sys.argv[1]}/artifacts.json"):
     if m.get("reason") == "compiler-artifact" and m.get("executable") and kinds in (["test"], ["bench"]):
         shutil.copy(m["executable"], f"{sys.argv[1]}/bin/{m['target']['name']}")
 EOF
-    strip --strip-debug "$DIR"/bin/*
-    # xz takes them from 40 to 9 MB: what travels to a GPU machine is limited to 64 MiB.
-    tar -C "$DIR" -cf - bin | xz -T2 -6 > "$DIR/bin.tar.xz" && rm -rf "$DIR/bin" "$DIR/artifacts.json"
+    strip --strip-debug "$DIR"/bin/* "$DIR"/release/*
+    # xz takes them from 90 to 20 MB: what travels to a GPU machine is limited to 64 MiB.
+    tar -C "$DIR" -cf - bin release | xz -T2 -6 > "$DIR/bin.tar.xz" && rm -rf "$DIR/bin" "$DIR/release" "$DIR/artifacts.json"
     # The executables find the models through the workspace path they were built in.
     pwd > "$DIR/root"
     cp models/SmolLM2-135M-Instruct/{config.json,generation_config.json,tokenizer.json,tokenizer_config.json,special_tokens_map.json} "$DIR/smollm2/"
@@ -47,6 +52,11 @@ run() {
     local bin=/tmp/tessera-cuda-check
     rm -rf "$bin" && mkdir -p "$bin"
     python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$DIR/bin.tar.xz" "$bin"
+    # The servers go where the integration tests look for them, unless a build is there.
+    mkdir -p target/release
+    for f in "$bin"/release/*; do
+        [ -e "target/release/${f##*/}" ] || cp "$f" target/release/
+    done
     bin=$bin/bin
     local root site
     root=$(cat "$DIR/root")
@@ -64,6 +74,10 @@ run() {
         timeout 90 "$bin/$t" --test-threads=4 --nocapture > "$out/test-$t.log" 2>&1 || { echo "FAILED: $t"; failed=1; }
         grep -E "^test |test result|panicked|max abs" "$out/test-$t.log"
     done
+    echo "== whole server, --device $TESSERA_TEST_DEVICE"
+    DEVICE=$TESSERA_TEST_DEVICE timeout 300 python3 -m pytest -q -p no:cacheprovider \
+        integration-tests/test_tiny_models.py > "$out/test-server.log" 2>&1 || { echo "FAILED: server"; failed=1; }
+    tail -3 "$out/test-server.log"
     [ "${SKIP_BENCH:-0}" = 1 ] && return $failed
     echo "== benchmark"
     local model=models/SmolLM2-135M-Instruct
