@@ -141,6 +141,59 @@ fn explicit(
     probs.matmul(v).view([b, p.num_heads, lq, p.head_dim])
 }
 
+/// `n` fresh prompts of equal length, their rows side by side: `q` `[n * len, heads, hd]`, `k`
+/// and `v` `[n * len, kv_heads, hd]`. One causal SDPA call for all of them, since each call has
+/// a fixed cost (on a GPU, a handful of kernel launches) and equal prompts are common: a
+/// batch of 32 would otherwise make 32 calls per layer. Returns `[n * len, heads * hd]`.
+fn fresh_prompts(p: &AttentionParams, q: &Tensor, k: &Tensor, v: &Tensor, n: i64) -> Tensor {
+    let rows = q.size()[0];
+    let split =
+        |t: &Tensor, heads: i64| t.reshape([n, rows / n, heads, p.head_dim]).transpose(1, 2);
+    Tensor::scaled_dot_product_attention(
+        &split(q, p.num_heads),
+        &split(k, p.num_kv_heads),
+        &split(v, p.num_kv_heads),
+        None::<Tensor>,
+        0.0,
+        true,
+        Some(p.scale),
+        p.num_kv_heads != p.num_heads,
+    )
+    .transpose(1, 2)
+    .reshape([rows, -1])
+}
+
+/// One prompt chunk that reads a cached context through its block table, or needs a mask (a
+/// sliding window, or soft-capping, which only the explicit path can express). `q`
+/// `[len, heads, hd]`; `k`, `v` `[context, kv_heads, hd]`. Returns `[len, heads * hd]`.
+fn span_attention(
+    p: &AttentionParams,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Tensor {
+    let len = q.size()[0];
+    let qi = q.transpose(0, 1).unsqueeze(0);
+    let ki = k.transpose(0, 1).unsqueeze(0);
+    let vi = v.transpose(0, 1).unsqueeze(0);
+    let o = if p.softcap.is_some() {
+        explicit(p, &qi, &ki, &vi, mask)
+    } else {
+        Tensor::scaled_dot_product_attention(
+            &qi,
+            &ki,
+            &vi,
+            mask.map(|m| m.unsqueeze(0).unsqueeze(0)),
+            0.0,
+            mask.is_none(),
+            Some(p.scale),
+            p.num_kv_heads != p.num_heads,
+        )
+    };
+    o.squeeze_dim(0).transpose(0, 1).reshape([len, -1])
+}
+
 /// Attention for every row of the batch. `q` is `[T, heads, hd]`, `new_kv` the new tokens'
 /// `[T, kv_heads, hd]` keys and values when the caller has them as tensors (they are in `pool`
 /// either way; a fused decode step writes them there directly). Returns `[T, heads * hd]`.
@@ -156,36 +209,41 @@ pub fn attend(
 ) -> Tensor {
     let variant = plan.variant(window);
     let mut outs = Vec::with_capacity(input.prefills.len() + 1);
-    for (span, mask) in input.prefills.iter().zip(&variant.prefill) {
-        let qi = q
-            .narrow(0, span.start, span.len)
-            .transpose(0, 1)
-            .unsqueeze(0);
-        let (ki, vi) = match (&span.context, new_kv) {
-            (Some(ctx), _) => pool.gather(layer, ctx),
-            (None, Some((k, v))) => (
-                k.narrow(0, span.start, span.len),
-                v.narrow(0, span.start, span.len),
-            ),
-            (None, None) => pool.gather(layer, &input.slots.narrow(0, span.start, span.len)),
-        };
-        let ki = ki.transpose(0, 1).unsqueeze(0);
-        let vi = vi.transpose(0, 1).unsqueeze(0);
-        let o = if p.softcap.is_some() {
-            explicit(p, &qi, &ki, &vi, mask.as_ref())
-        } else {
-            Tensor::scaled_dot_product_attention(
-                &qi,
-                &ki,
-                &vi,
-                mask.as_ref().map(|m| m.unsqueeze(0).unsqueeze(0)),
-                0.0,
-                mask.is_none(),
-                Some(p.scale),
-                p.num_kv_heads != p.num_heads,
-            )
-        };
-        outs.push(o.squeeze_dim(0).transpose(0, 1).reshape([span.len, -1]));
+    let spans = &input.prefills;
+    // The new tokens' own keys and values, rows `start..start + rows`.
+    let own = |start: i64, rows: i64| match new_kv {
+        Some((k, v)) => (k.narrow(0, start, rows), v.narrow(0, start, rows)),
+        None => pool.gather(layer, &input.slots.narrow(0, start, rows)),
+    };
+    // A prompt with nothing cached and no mask (plain causal attention over its own new keys).
+    let fresh = |i: usize| spans[i].context.is_none() && variant.prefill[i].is_none();
+    let mut i = 0;
+    while i < spans.len() {
+        let span = &spans[i];
+        if !fresh(i) {
+            let (k, v) = match &span.context {
+                Some(ctx) => pool.gather(layer, ctx),
+                None => own(span.start, span.len),
+            };
+            let q = q.narrow(0, span.start, span.len);
+            outs.push(span_attention(p, &q, &k, &v, variant.prefill[i].as_ref()));
+            i += 1;
+            continue;
+        }
+        // Fresh prompts of one length, side by side in the batch, run as one batched call.
+        let mut n = 1;
+        while i + n < spans.len()
+            && fresh(i + n)
+            && spans[i + n].len == span.len
+            && spans[i + n].start == span.start + n as i64 * span.len
+        {
+            n += 1;
+        }
+        let rows = n as i64 * span.len;
+        let (k, v) = own(span.start, rows);
+        let q = q.narrow(0, span.start, rows);
+        outs.push(fresh_prompts(p, &q, &k, &v, n as i64));
+        i += n;
     }
     if let Some(d) = &input.decode {
         let b = d.lens.len() as i64;
