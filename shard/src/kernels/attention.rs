@@ -206,10 +206,6 @@ impl Job<'_> {
         scores.resize(G * n, 0.0);
         let qh = |h: usize, c: usize| q.add(((first + h) * hd + c * width) * elt);
         let key = |j: usize| k.add((seen[j] as usize * row + self.kv_head * hd) * elt);
-        // The next sequence's rows that its own job will read (its window's).
-        let next = self
-            .next
-            .map(|next| &next[s.window.map_or(0, |w| next.len().saturating_sub(w))..]);
         // Keys four at a time: 4 × G independent accumulators keep the FMA units busy (one
         // key's dot product alone is a chain of dependent FMAs).
         let mut j = 0;
@@ -222,8 +218,9 @@ impl Job<'_> {
                     prefetch(k.add(seen[j + t] as usize * row * elt), row * elt);
                 }
             }
-            if let Some(next) = next {
-                for &slot in next.get(j..).unwrap_or_default().iter().take(4) {
+            if let Some(next) = self.next {
+                let from = s.window.map_or(0, |w| next.len().saturating_sub(w));
+                for &slot in next.iter().skip(from + j).take(4) {
                     prefetch(k.add(slot as usize * row * elt), row * elt);
                     prefetch(v.add(slot as usize * row * elt), row * elt);
                 }
