@@ -3,8 +3,9 @@
 //! Masks depend only on the batch layout and a layer's sliding window, so `AttentionPlan`
 //! builds them once per forward pass (one variant per distinct window) and every layer reuses
 //! them. Prompt chunks go through SDPA, which has fused CPU and CUDA kernels and matches
-//! transformers' own numerics; decode tokens, and any model with logit soft-capping (which SDPA
-//! cannot express), use an explicit grouped-query attention that never repeats K/V heads.
+//! transformers' own numerics (fresh prompts of one length, side by side, share one call);
+//! decode tokens (where no CPU kernel applies), and any model with logit soft-capping (which
+//! SDPA cannot express), use an explicit grouped-query attention that never repeats K/V heads.
 
 use tch::{Kind, Tensor};
 
