@@ -17,7 +17,7 @@
 //! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
 //! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
 //! TESSERA_BENCH_JSON=path (write every figure as JSON).
-//! TESSERA_BENCH_DEVICE=cuda runs the same measurements on a GPU (scripts/cuda_check.sh): the
+//! TESSERA_BENCH_DEVICE=cuda (any `--device` name; cpu by default) runs the same measurements on a GPU (scripts/cuda_check.sh): the
 //! read probe is then a 1 GiB buffer in device memory, the matmul probe 8192-square, and
 //! transformers runs on the same device.
 
@@ -126,14 +126,6 @@ fn run_batch(
         (batch * steps) as f64 / decode,
         during,
     )
-}
-
-/// The device under test, from TESSERA_BENCH_DEVICE (`cpu` or `cuda`).
-fn bench_device() -> Device {
-    match std::env::var("TESSERA_BENCH_DEVICE").as_deref() {
-        Ok("cuda") | Ok("cuda:0") => Device::Cuda(0),
-        _ => Device::Cpu,
-    }
 }
 
 /// Waits for the GPU's queued work, so that a timer read after it covers that work.
@@ -273,7 +265,7 @@ fn main() {
         .unwrap_or(128);
     let baseline = std::env::var("TESSERA_BENCH_BASELINE").map_or(true, |v| v != "0");
     let _guard = tch::no_grad_guard();
-    let device = bench_device();
+    let device = tessera_benchmark::device();
     let probe = probe_buffer(device);
     let mut records = Vec::new();
     for dtype in &dtypes {

@@ -1,12 +1,11 @@
 //! Splits a decode step's time into the forward pass and token choice (sampling, detokenizing,
 //! stop checks), at a few batch sizes: the first question when decode is slower than its roofline.
 //! Run: `cargo run --release -p tessera-benchmark --example step_profile -- [dtype] [batches] [steps]`,
-//! e.g. `-- float32 32 100` (defaults: float32, 1,8,32, 32 steps). `TESSERA_DEVICE=cuda` runs it
+//! e.g. `-- float32 32 100` (defaults: float32, 1,8,32, 32 steps). `TESSERA_BENCH_DEVICE=cuda` runs it
 //! on a GPU.
 
 use std::path::PathBuf;
 
-use tch::Device;
 use tessera_proto as pb;
 use tessera_shard::runner::BLOCK_SIZE;
 use tessera_shard::Runner;
@@ -15,10 +14,7 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dtype = std::env::args().nth(1).unwrap_or_else(|| "float32".into());
     let _guard = tch::no_grad_guard();
-    let device = match std::env::var("TESSERA_DEVICE").as_deref() {
-        Ok("cuda") => Device::Cuda(0),
-        _ => Device::Cpu,
-    };
+    let device = tessera_benchmark::device();
     let mut runner = Runner::load(
         &root.join("models/SmolLM2-135M-Instruct"),
         Some(&dtype),

@@ -27,6 +27,8 @@ pub enum ShardError {
     BatchNotFound(u64),
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, ShardError>;

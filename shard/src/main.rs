@@ -69,21 +69,6 @@ struct ServeArgs {
     otlp_service_name: String,
 }
 
-fn parse_device(d: Option<&str>) -> anyhow::Result<Device> {
-    Ok(match d {
-        None | Some("auto") => Device::cuda_if_available(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") if !tch::Cuda::is_available() => {
-            anyhow::bail!("--device cuda: no CUDA device is available to libtorch")
-        }
-        Some("cuda") => Device::Cuda(0),
-        Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => anyhow::bail!("unknown device `{other}` (use cpu, cuda or cuda:N)"),
-        },
-    })
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -196,7 +181,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let device = rank_device(
-        parse_device(args.device.as_deref())?,
+        tessera_shard::device::parse_device(args.device.as_deref())?,
         args.rank,
         args.world_size,
     )?;

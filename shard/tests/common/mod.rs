@@ -28,31 +28,13 @@ pub const MODELS: &[&str] = &[
 
 pub const BLOCK: usize = 16;
 
-/// The device the tests run on: `TESSERA_TEST_DEVICE=cuda` (or `cuda:N`) runs the same suite on
-/// a GPU (scripts/cuda_check.sh); CPU otherwise. Asking for CUDA where there is none fails
-/// loudly rather than quietly testing the CPU again.
+/// The device the tests run on: `TESSERA_TEST_DEVICE=cuda` (or `cuda:N`, any name `--device`
+/// takes) runs the same suite on a GPU (scripts/cuda_check.sh); CPU otherwise. Asking for CUDA
+/// where there is none fails loudly rather than quietly testing the CPU again.
 pub fn device() -> Device {
-    match std::env::var("TESSERA_TEST_DEVICE").as_deref() {
-        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
-        Ok(name) => {
-            let index = match name.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(n) => n
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| {
-                        panic!("TESSERA_TEST_DEVICE={name}: want cpu, cuda or cuda:N")
-                    }),
-                None => panic!("TESSERA_TEST_DEVICE={name}: want cpu, cuda or cuda:N"),
-            };
-            assert!(
-                tch::Cuda::is_available() && index < tch::Cuda::device_count() as usize,
-                "TESSERA_TEST_DEVICE={name}, but libtorch sees {} CUDA devices",
-                tch::Cuda::device_count()
-            );
-            Device::Cuda(index)
-        }
-    }
+    let name = std::env::var("TESSERA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    tessera_shard::device::parse_device(Some(&name))
+        .unwrap_or_else(|e| panic!("TESSERA_TEST_DEVICE={name}: {e}"))
 }
 
 /// The half-precision dtypes the tests check on `device()`: bf16 on CPU (f16 is not served
