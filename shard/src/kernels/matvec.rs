@@ -92,23 +92,25 @@ mod avx512 {
     /// was faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
     /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
     ///
-    /// Except for one row of `x`, where the lines are asked for as non-temporal
-    /// (`prefetchnta`). Our reading, not measured: lines read once and soon then push less of
-    /// the step's activations, K/V and code out of L2 and L3. With the hint switched every
-    /// other step of one run (Zen 4 VM, `step_profile`, 300 steps each, four runs), bf16
+    /// Except for one row of `x` on AMD CPUs, where the lines are asked for as non-temporal
+    /// (`prefetchnta`, `NTA`). Our reading, not measured: lines read once and soon then push
+    /// less of the step's activations, K/V and code out of L2 and L3. With the hint switched
+    /// every other step of one run (Zen 4 VM, `step_profile`, 300 steps each, four runs), bf16
     /// batch-1 steps had medians 3-8% lower (8.10 against 8.80 ms in one run) and f32 the
     /// same within 1%. At two rows it was 4% slower and at eight 15% (our reading: slower
     /// loops leave the lines longer in L1, and the rows of `x`, up to 24 KB for the down
-    /// projection, evict them). Distances of 3 to 24 KiB were within 2% of each other.
+    /// projection, evict them). Distances of 3 to 24 KiB were within 2% of each other. On an
+    /// Intel Xeon with AMX (a 480 MiB L3) the same hint made bf16 batch-1 steps 2.4 times
+    /// slower (27.3-27.8 against 11.2-11.5 ms, interleaved runs), so Intel keeps L2 there.
     const AHEAD: usize = 6 << 10;
 
     /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
-    /// either loop reads: into L2, or non-temporal for `M` = 1 row (see `AHEAD`). Past the
-    /// last row this names lines beyond the matrix: prefetches never fault.
+    /// either loop reads: into L2, or non-temporal with `NTA` (see `AHEAD`). Past the last
+    /// row this names lines beyond the matrix: prefetches never fault.
     #[inline(always)]
-    unsafe fn ahead<const M: usize>(p: *const u8) {
+    unsafe fn ahead<const NTA: bool>(p: *const u8) {
         let p = p.wrapping_add(AHEAD) as *const i8;
-        if M == 1 {
+        if NTA {
             _mm_prefetch::<_MM_HINT_NTA>(p);
             _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64));
         } else {
@@ -131,11 +133,14 @@ mod avx512 {
         (m, n, k): (usize, usize, usize),
         part: Range<usize>,
     ) {
+        let nta = m == 1 && super::super::amd();
         macro_rules! run {
             ($($rows:literal)*) => {
                 match (bf16, m) {
-                    $((false, $rows) => matvec_f32::<$rows>(w as *const f32, x as *const f32, y, n, k, part),)*
-                    $((true, $rows) => matvec_bf16::<$rows>(w as *const u16, x as *const u16, y, n, k, part),)*
+                    (false, 1) if nta => matvec_f32::<1, true>(w as *const f32, x as *const f32, y, n, k, part),
+                    (true, 1) if nta => matvec_bf16::<1, true>(w as *const u16, x as *const u16, y, n, k, part),
+                    $((false, $rows) => matvec_f32::<$rows, false>(w as *const f32, x as *const f32, y, n, k, part),)*
+                    $((true, $rows) => matvec_bf16::<$rows, false>(w as *const u16, x as *const u16, y, n, k, part),)*
                     _ => unreachable!("1 to 8 rows"),
                 }
             };
@@ -144,7 +149,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn matvec_f32<const M: usize>(
+    unsafe fn matvec_f32<const M: usize, const NTA: bool>(
         w: *const f32,
         x: *const f32,
         y: *mut u8,
@@ -160,7 +165,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead::<M>(wr.add(i) as *const u8);
+                ahead::<NTA>(wr.add(i) as *const u8);
                 let w0 = _mm512_loadu_ps(wr.add(i));
                 let w1 = _mm512_loadu_ps(wr.add(i + 16));
                 for j in 0..M {
@@ -197,7 +202,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn matvec_bf16<const M: usize>(
+    unsafe fn matvec_bf16<const M: usize, const NTA: bool>(
         w: *const u16,
         x: *const u16,
         y: *mut u8,
@@ -216,7 +221,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead::<M>(wr.add(i) as *const u8);
+                ahead::<NTA>(wr.add(i) as *const u8);
                 let w0 = load(wr.add(i));
                 let w1 = load(wr.add(i + 32));
                 for j in 0..M {
