@@ -97,16 +97,27 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
 /// `bytes` of uninitialised CPU memory as a `Uint8` tensor that starts on a 2 MiB boundary,
 /// whose pages the kernel is asked to back with 2 MiB pages when they are first touched (the
 /// weights here; the benchmarks' bandwidth probes, so that they stream as the weights do).
+///
+/// The block is not always fresh from `mmap`: with `keep_freed_memory`, a free chunk of the
+/// heap large enough for it is reused, and its pages were already faulted in as 4 KiB pages,
+/// which the hint does not change. So the range's pages are also dropped (`MADV_DONTNEED`: the
+/// contents are undefined anyway), and the first write faults them in afresh. Without that,
+/// bf16 weights loaded after an f32 model had run a batch-32 prefill in the same process got
+/// 20 MB of their 269 MB on 2 MiB pages, and batch-1 decode ran at 0.60-0.72 of the bandwidth
+/// roofline instead of 0.76-0.80 (docs/benchmarks.md, ninth session).
 pub fn empty_in_huge_pages(bytes: usize) -> tch::Tensor {
     use tch::{Device, Kind, Tensor};
     let block = Tensor::empty([(bytes + HUGE_PAGE) as i64], (Kind::Uint8, Device::Cpu));
     let base = block.data_ptr() as usize;
     let start = base.next_multiple_of(HUGE_PAGE);
     #[cfg(target_os = "linux")]
-    // SAFETY: the range lies inside `block`, and madvise only records a hint on it; nothing has
-    // touched these pages yet, so the first write faults them in as 2 MiB pages where it can.
+    // SAFETY: the range lies inside `block`, which this function owns and nothing has read or
+    // written since `empty`; madvise records a hint on it, and dropping its pages only makes
+    // them read as zeros until written, so no one's data is lost.
     unsafe {
-        libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
+        let range = start as *mut libc::c_void;
+        libc::madvise(range, bytes, libc::MADV_HUGEPAGE);
+        libc::madvise(range, bytes, libc::MADV_DONTNEED);
     }
     block.narrow(0, (start - base) as i64, bytes as i64)
 }
@@ -148,5 +159,44 @@ mod tests {
             "the block starts on a page"
         );
         assert_eq!(b.data_ptr() as usize % 64, 0);
+    }
+
+    /// `AnonHugePages` of the mapping that holds `addr`, in KiB, from `/proc/self/smaps`.
+    fn anon_huge_kib(addr: usize) -> Option<usize> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            // A mapping's header starts with its range; its fields start with "Name:".
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((from, to)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+                let parse = |h: &str| usize::from_str_radix(h, 16).ok();
+                inside = matches!((parse(from), parse(to)), (Some(a), Some(b)) if (a..b).contains(&addr));
+            } else if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+                return kib.trim().trim_end_matches("kB").trim().parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_block_the_heap_reuses_still_gets_huge_pages() {
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !(thp.contains("[always]") || thp.contains("[madvise]")) {
+            eprintln!("skipped: this kernel gives no transparent huge pages ({thp:?})");
+            return;
+        }
+        super::keep_freed_memory();
+        // Below glibc's mmap threshold once raised, so both come from this thread's heap: the
+        // block reuses the freed buffer's pages, which were faulted in as 4 KiB pages.
+        let bytes = 16 << 20;
+        drop(Tensor::ones([24 << 20], (Kind::Uint8, Device::Cpu)));
+        let mut block = super::empty_in_huge_pages(bytes);
+        let _ = block.fill_(1);
+        let huge = anon_huge_kib(block.data_ptr() as usize).expect("the block's mapping");
+        assert!(
+            huge * 1024 >= bytes / 2,
+            "{huge} KiB of a {bytes}-byte block on 2 MiB pages"
+        );
     }
 }
