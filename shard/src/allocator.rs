@@ -104,7 +104,8 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
 /// contents are undefined anyway), and the first write faults them in afresh. Without that,
 /// bf16 weights loaded after an f32 model had run a batch-32 prefill in the same process got
 /// 20 MB of their 269 MB on 2 MiB pages, and batch-1 decode ran at 0.60-0.72 of the bandwidth
-/// roofline instead of 0.76-0.80 (docs/benchmarks.md, ninth session).
+/// roofline; with the pages dropped first, 256 MiB and 0.74 (docs/benchmarks.md, ninth
+/// session).
 pub fn empty_in_huge_pages(bytes: usize) -> tch::Tensor {
     use tch::{Device, Kind, Tensor};
     let block = Tensor::empty([(bytes + HUGE_PAGE) as i64], (Kind::Uint8, Device::Cpu));
