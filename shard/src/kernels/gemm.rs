@@ -389,6 +389,7 @@ mod tiles {
         } else {
             [[D::zero(); C]; R]
         };
+        let (xr, wr) = starts::<D, R, C>(w, x, k, (row, col));
         let mut i = 0;
         while i < full {
             for _ in 0..per_step {
@@ -397,7 +398,7 @@ mod tiles {
                     fetched += 1;
                 }
             }
-            step::<D, R, C, false>(&mut acc, w, x, k, (row, col), i);
+            step::<D, R, C, false>(&mut acc, &xr, &wr, k, i);
             i += D::STEP;
         }
         // Row by row by hand: with a loop over the rows the compiler kept all the accumulators
@@ -446,8 +447,28 @@ mod tiles {
         full: usize,
     ) -> [[D::Acc; C]; R] {
         let mut acc = [[D::zero(); C]; R];
-        step::<D, R, C, true>(&mut acc, w, x, k, at, full);
+        let (xr, wr) = starts::<D, R, C>(w, x, k, at);
+        step::<D, R, C, true>(&mut acc, &xr, &wr, k, full);
         acc
+    }
+
+    /// Where the tile's rows of `x` and of `w` start. Taken once per tile, so that the loop
+    /// along `k` adds one offset to each instead of recomputing `(row + j) * k + i`, whose
+    /// terms the compiler kept on the stack and reloaded every step (48 instructions a step
+    /// for 16 FMAs). On the AMX Xeon VM, f32 at 32 rows in the `gemm` example went from
+    /// 228-229 to 255-259 GFLOP/s, and batch-32 f32 steps from 58.6-60.5 to 52.5-54.9 ms
+    /// (interleaved runs); bf16 pairs were level (193-203 GFLOP/s both).
+    #[inline(always)]
+    unsafe fn starts<D: Dot, const R: usize, const C: usize>(
+        w: *const u8,
+        x: *const u8,
+        k: usize,
+        (row, col): (usize, usize),
+    ) -> ([*const u8; R], [*const u8; C]) {
+        (
+            std::array::from_fn(|j| x.add((row + j) * k * D::X_BYTES)),
+            std::array::from_fn(|a| w.add((col + a) * k * D::W_BYTES)),
+        )
     }
 
     /// One step along `k` from `i`: a whole one, or the last `k - i` elements (`PART`), the
@@ -457,10 +478,9 @@ mod tiles {
     #[inline(always)]
     unsafe fn step<D: Dot, const R: usize, const C: usize, const PART: bool>(
         acc: &mut [[D::Acc; C]; R],
-        w: *const u8,
-        x: *const u8,
+        xr: &[*const u8; R],
+        wr: &[*const u8; C],
         k: usize,
-        (row, col): (usize, usize),
         i: usize,
     ) {
         let load = |p: *const u8, bytes: usize, whole: unsafe fn(*const u8) -> D::In| {
@@ -472,19 +492,10 @@ mod tiles {
                 whole(p)
             }
         };
-        let xv: [D::In; R] = std::array::from_fn(|j| {
-            load(
-                x.add(((row + j) * k + i) * D::X_BYTES),
-                D::X_BYTES,
-                D::load_x,
-            )
-        });
+        let xv: [D::In; R] =
+            std::array::from_fn(|j| load(xr[j].add(i * D::X_BYTES), D::X_BYTES, D::load_x));
         for a in 0..C {
-            let wv = load(
-                w.add(((col + a) * k + i) * D::W_BYTES),
-                D::W_BYTES,
-                D::load_w,
-            );
+            let wv = load(wr[a].add(i * D::W_BYTES), D::W_BYTES, D::load_w);
             for j in 0..R {
                 acc[j][a] = D::madd(acc[j][a], wv, xv[j]);
             }
