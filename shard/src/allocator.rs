@@ -92,6 +92,55 @@ pub(crate) fn pack_in_huge_pages(tensors: Vec<&mut tch::Tensor>) {
     unsafe {
         libc::malloc_trim(0);
     }
+    report_huge_pages(block.data_ptr() as usize, total);
+}
+
+/// Logs how much of the weights the kernel put on 2 MiB pages, and warns when it is under
+/// half: a decode step then reads them through 4 KiB pages, which cost a bf16 batch-1 step
+/// 10-20% on the development VMs (docs/benchmarks.md), and nothing else would show it (a
+/// host with THP off, or memory too fragmented to compact).
+fn report_huge_pages(start: usize, bytes: usize) {
+    let Some(huge) = huge_page_bytes(start) else {
+        return;
+    };
+    let mib = |b: usize| b >> 20;
+    // Only whole 2 MiB pages can be huge: tiny models have none to judge.
+    if huge * 2 >= bytes / HUGE_PAGE * HUGE_PAGE {
+        tracing::info!(
+            weights_mib = mib(bytes),
+            huge_mib = mib(huge),
+            "weights packed on 2 MiB pages"
+        );
+    } else {
+        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        tracing::warn!(
+            weights_mib = mib(bytes),
+            huge_mib = mib(huge),
+            transparent_hugepage = mode.trim(),
+            "the kernel put less than half of the weights on 2 MiB pages: decode will be slower"
+        );
+    }
+}
+
+/// Bytes on 2 MiB pages (`AnonHugePages`) in the mapping that holds `addr`, from
+/// `/proc/self/smaps`; `None` where that cannot be read (not Linux, no procfs).
+fn huge_page_bytes(addr: usize) -> Option<usize> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        // A mapping's header starts with its range; its fields start with "Name:".
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((from, to)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let parse = |h: &str| usize::from_str_radix(h, 16).ok();
+            inside =
+                matches!((parse(from), parse(to)), (Some(a), Some(b)) if (a..b).contains(&addr));
+        } else if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            let kib: usize = kib.trim().trim_end_matches("kB").trim().parse().ok()?;
+            return Some(kib << 10);
+        }
+    }
+    None
 }
 
 /// `bytes` of uninitialised CPU memory as a `Uint8` tensor that starts on a 2 MiB boundary,
@@ -162,23 +211,6 @@ mod tests {
         assert_eq!(b.data_ptr() as usize % 64, 0);
     }
 
-    /// `AnonHugePages` of the mapping that holds `addr`, in KiB, from `/proc/self/smaps`.
-    fn anon_huge_kib(addr: usize) -> Option<usize> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut inside = false;
-        for line in smaps.lines() {
-            // A mapping's header starts with its range; its fields start with "Name:".
-            let first = line.split_whitespace().next().unwrap_or("");
-            if let Some((from, to)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
-                let parse = |h: &str| usize::from_str_radix(h, 16).ok();
-                inside = matches!((parse(from), parse(to)), (Some(a), Some(b)) if (a..b).contains(&addr));
-            } else if let Some(kib) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
-                return kib.trim().trim_end_matches("kB").trim().parse().ok();
-            }
-        }
-        None
-    }
-
     #[test]
     fn a_block_the_heap_reuses_still_gets_huge_pages() {
         let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -194,10 +226,10 @@ mod tests {
         drop(Tensor::ones([24 << 20], (Kind::Uint8, Device::Cpu)));
         let mut block = super::empty_in_huge_pages(bytes);
         let _ = block.fill_(1);
-        let huge = anon_huge_kib(block.data_ptr() as usize).expect("the block's mapping");
+        let huge = super::huge_page_bytes(block.data_ptr() as usize).expect("the block's mapping");
         assert!(
-            huge * 1024 >= bytes / 2,
-            "{huge} KiB of a {bytes}-byte block on 2 MiB pages"
+            huge >= bytes / 2,
+            "{huge} bytes of a {bytes}-byte block on 2 MiB pages"
         );
     }
 }
