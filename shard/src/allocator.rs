@@ -112,15 +112,21 @@ fn report_huge_pages(start: usize, bytes: usize) {
             "weights packed on 2 MiB pages"
         );
     } else {
-        let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .unwrap_or_default();
         tracing::warn!(
             weights_mib = mib(bytes),
             huge_mib = mib(huge),
-            transparent_hugepage = mode.trim(),
+            transparent_hugepage = transparent_hugepage_mode(),
             "the kernel put less than half of the weights on 2 MiB pages: decode will be slower"
         );
     }
+}
+
+/// The host's transparent huge page mode, as the kernel prints it (`always [madvise] never`),
+/// or empty where it cannot be read.
+fn transparent_hugepage_mode() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .map(|m| m.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Bytes on 2 MiB pages (`AnonHugePages`) in the mapping that holds `addr`, from
@@ -213,8 +219,7 @@ mod tests {
 
     #[test]
     fn a_block_the_heap_reuses_still_gets_huge_pages() {
-        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-            .unwrap_or_default();
+        let thp = super::transparent_hugepage_mode();
         if !(thp.contains("[always]") || thp.contains("[madvise]")) {
             eprintln!("skipped: this kernel gives no transparent huge pages ({thp:?})");
             return;
