@@ -51,15 +51,16 @@ fn f32_greedy_batch_matches_transformers_token_for_token() {
     }
 }
 
-/// The same prompts, each several times in one batch of at least 12: decode steps of 9 rows
-/// or more take other CPU kernels (`kernels::gemm`) than small batches do. A prompt's copies
+/// The same prompts, each several times in one batch of at least 24: decode steps of 9 rows
+/// or more take other CPU kernels than small batches do (`kernels::gemm`, and from 17 rows
+/// `kernels::outer` for f32 on AVX-512). A prompt's copies
 /// are side by side, so their prefill attention runs as one batched call (`fresh_prompts`).
 #[test]
 fn f32_greedy_matches_transformers_in_a_batch_of_many() {
     for model in MODELS {
         let r = refs(model);
         let cases = cases(&r);
-        let copies = 12usize.div_ceil(cases.len()).max(2);
+        let copies = 24usize.div_ceil(cases.len()).max(2);
         let mut runner = load(model, "float32", 256);
         let mut blocks = Blocks::default();
         let requests = (0..cases.len() * copies)

@@ -44,7 +44,8 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
 /// 128 (MKL is 1.4x behind there on the Zen 3 VM, and wins on some shapes at 192); on AVX-512
 /// up to 48: f32 1.33-1.36x ahead of MKL at 32 rows on the AVX-512 Xeon VM, level at 64,
 /// mostly behind at 128; bf16 1.2-1.4x ahead of oneDNN at 32 rows on the Zen 4 VM, level at
-/// 64, 0.8-0.9x at 96 and 128. (Where the CPU has AMX, `amx` takes bf16 first.)
+/// 64, 0.8-0.9x at 96 and 128. (Where the CPU has AMX, `amx` takes bf16 first, and `outer`
+/// takes f32 from 17 rows on AVX-512: this tile is left f32 at 9 to 16 rows there.)
 fn takes(isa: Isa, rows: usize) -> bool {
     match isa {
         Isa::Avx2 => ROWS.contains(&rows),

@@ -8,8 +8,9 @@
 //! bf16) and for AVX2 + FMA, the many CPUs without AVX-512 (Zen 2 and 3, most client Intel), and
 //! runs its parts on libtorch's own threads (`threads`). A decode step of a few dozen sequences is
 //! bound by FMAs instead, and there `gemm` beats MKL (f32: it packs the weights on every call)
-//! and oneDNN (bf16, with AVX-512 BF16's pair dot products), and `amx` (bf16 on Xeons with AMX
-//! tiles) beats oneDNN too. The small ops between the products (RMSNorm with the residual add
+//! and oneDNN (bf16, with AVX-512 BF16's pair dot products), `outer` beats `gemm` (f32 from 17
+//! rows on AVX-512: sums of outer products, no horizontal sums), and `amx` (bf16 on Xeons with
+//! AMX tiles) beats oneDNN too. The small ops between the products (RMSNorm with the residual add
 //! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
 //! `activation`): at a few rows their cost is libtorch's per-op overhead, which
 //! between two weight streams was 10-20 µs an op on the AMX Xeon VM (our reading, not proven: the
@@ -31,6 +32,7 @@ mod gemm;
 mod lanes;
 mod matvec;
 mod norm;
+mod outer;
 mod rope;
 mod threads;
 
@@ -44,14 +46,17 @@ use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};
 
 /// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows; for a few
-/// dozen, AMX tiles where the CPU has them (bf16, 9-64 rows), else the GEMM; or `None`
-/// where none applies and the caller should use libtorch.
+/// dozen, AMX tiles where the CPU has them (bf16, 9-64 rows), outer products on AVX-512 (f32,
+/// 17-48 rows), else the GEMM; or `None` where none applies and the caller should use
+/// libtorch.
 pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
     if rows <= MAX_ROWS {
         matvec(x, w)
     } else {
-        amx::gemm(x, w).or_else(|| gemm(x, w))
+        amx::gemm(x, w)
+            .or_else(|| outer::gemm(x, w))
+            .or_else(|| gemm(x, w))
     }
 }
 
