@@ -94,11 +94,17 @@ fn decode_attention_on(
             let mut scores = Vec::new();
             for index in jobs.clone() {
                 let (seq, kvh) = (index / num_kv_heads, index % num_kv_heads);
-                // The second KV head's job asks for the next sequence's rows, when that
-                // sequence is this part's too (`Job::next`).
-                let next = (kvh == 1 && (seq + 1) * num_kv_heads < jobs.end)
+                // Each KV head's job asks for its share of the next sequence's rows, when
+                // that sequence is this part's too (`Job::next`).
+                let next = ((seq + 1) * num_kv_heads < jobs.end)
                     .then(|| context.get(seq + 1).copied())
-                    .flatten();
+                    .flatten()
+                    .map(|slots| {
+                        let from = shape.window.map_or(0, |w| slots.len().saturating_sub(w));
+                        let seen = &slots[from..];
+                        let per = seen.len().div_ceil(num_kv_heads);
+                        &seen[(kvh * per).min(seen.len())..((kvh + 1) * per).min(seen.len())]
+                    });
                 let job = Job {
                     shape,
                     ctx: context[seq],
@@ -138,13 +144,13 @@ fn decode_attention_on(
 struct Job<'a> {
     shape: DecodeShape,
     ctx: &'a [i64],
-    /// The next sequence's slots, whose K and V rows this job asks for (whole rows, into L2)
-    /// as it goes. A sequence's first job reads its rows from memory and its other KV heads'
-    /// jobs find them in L2, so without this a thread's reads of memory pause for the jobs
-    /// after the first. Switched every other decode step of `step_profile` (bf16, Zen 4
-    /// VM): batch-32 step medians 1.6-1.9% lower in three runs of 150 steps each way; batch
-    /// 8, 1.7% lower and 1.5% higher in two. Interleaved runs of the `attention` example were
-    /// noisier: batch 32 faster in 13 of 19 pairs (over two builds of this).
+    /// This job's share of the next sequence's slots (a third each for three KV heads),
+    /// whose K and V rows it asks for (whole rows, into L2) evenly over its keys and values
+    /// (`NextRows`). A sequence's rows are then in L2 when its jobs start, and a thread reads
+    /// memory at an even pace instead of in bursts. Against the whole next sequence asked for
+    /// by the second job's scores (`attention` example, 32 sequences of 192 tokens, AMX Xeon
+    /// VM, three interleaved pairs): f32 13.6-14.2 → 11.9-12.3 ms, bf16 7.9-8.0 → 6.3-6.8 ms;
+    /// whole bf16 batch-32 steps 30.5-31.9 → 29.7-30.3 ms, f32 ones within the noise.
     next: Option<&'a [i64]>,
     kv_head: usize,
     first_head: usize,
@@ -171,13 +177,25 @@ impl Job<'_> {
     #[inline(always)]
     unsafe fn run<L: Lanes, const BF16: bool>(&self, ptrs: Ptrs, scores: &mut Vec<f32>) {
         let group = self.shape.num_heads / self.shape.num_kv_heads;
+        let s = self.shape;
+        let row = s.num_kv_heads * s.head_dim * if BF16 { 2 } else { 4 };
+        let seen = s.window.map_or(self.ctx.len(), |w| self.ctx.len().min(w));
+        let mut next = NextRows {
+            slots: self.next.unwrap_or(&[]),
+            pools: (ptrs.1, ptrs.2),
+            row,
+            // Every key is passed twice, once for its score and once for its value.
+            ticks: 2 * seen.max(1),
+            passed: 0,
+            asked: 0,
+        };
         let mut g = 0;
         while g < group {
             let head = self.first_head + g;
             g += match group - g {
-                3.. => self.heads::<L, BF16, 3>(ptrs, head, scores),
-                2 => self.heads::<L, BF16, 2>(ptrs, head, scores),
-                _ => self.heads::<L, BF16, 1>(ptrs, head, scores),
+                3.. => self.heads::<L, BF16, 3>(ptrs, head, scores, &mut next),
+                2 => self.heads::<L, BF16, 2>(ptrs, head, scores, &mut next),
+                _ => self.heads::<L, BF16, 1>(ptrs, head, scores, &mut next),
             };
         }
     }
@@ -191,6 +209,7 @@ impl Job<'_> {
         (q, k, v, out): Ptrs,
         first: usize,
         scores: &mut Vec<f32>,
+        next: &mut NextRows,
     ) -> usize {
         let elt = if BF16 { 2 } else { 4 };
         let s = self.shape;
@@ -218,15 +237,7 @@ impl Job<'_> {
                     prefetch(k.add(seen[j + t] as usize * row * elt), row * elt);
                 }
             }
-            if let Some(next) = self.next {
-                // Recomputed every four keys on purpose: slicing the window once per job
-                // measured 0.3-1.6% slower (docs/benchmarks.md, eighth session).
-                let from = s.window.map_or(0, |w| next.len().saturating_sub(w));
-                for &slot in next.iter().skip(from + j).take(4) {
-                    prefetch(k.add(slot as usize * row * elt), row * elt);
-                    prefetch(v.add(slot as usize * row * elt), row * elt);
-                }
-            }
+            next.pass(4);
             let kr = [key(j), key(j + 1), key(j + 2), key(j + 3)];
             let mut acc = [[L::zero(); 4]; G];
             for c in 0..chunks {
@@ -247,6 +258,7 @@ impl Job<'_> {
             j += 4;
         }
         while j < n {
+            next.pass(1);
             let kr = key(j);
             let mut acc = [L::zero(); G];
             for c in 0..chunks {
@@ -274,9 +286,9 @@ impl Job<'_> {
             let span = (self.kv_head * hd * elt, row * elt);
             let block = (&value, &scores[..], n, at, &norms[..], &outs, span);
             c += match chunks - c {
-                4.. => weigh::<L, BF16, G, 4>(block),
-                2 | 3 => weigh::<L, BF16, G, 2>(block),
-                _ => weigh::<L, BF16, G, 1>(block),
+                4.. => weigh::<L, BF16, G, 4>(block, next),
+                2 | 3 => weigh::<L, BF16, G, 2>(block, next),
+                _ => weigh::<L, BF16, G, 1>(block, next),
             };
         }
         G
@@ -357,6 +369,39 @@ unsafe fn prefetch(p: *const u8, bytes: usize) {
     }
 }
 
+/// The K and V rows a job asks for ahead of the next sequence's jobs (`Job::next`): as the
+/// job passes its keys (`ticks` passes in all), it asks for as many of `slots` as have fallen
+/// due, so that the last is asked for as it ends.
+#[cfg(target_arch = "x86_64")]
+struct NextRows<'a> {
+    slots: &'a [i64],
+    /// The key and value pools.
+    pools: (*const u8, *const u8),
+    /// Bytes of a slot's row (every KV head).
+    row: usize,
+    ticks: usize,
+    passed: usize,
+    asked: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl NextRows<'_> {
+    /// `keys` more keys passed: asks for the rows now due.
+    #[inline(always)]
+    unsafe fn pass(&mut self, keys: usize) {
+        self.passed += keys;
+        let due = (self.slots.len() * self.passed)
+            .div_ceil(self.ticks)
+            .min(self.slots.len());
+        while self.asked < due {
+            let at = self.slots[self.asked] as usize * self.row;
+            prefetch(self.pools.0.add(at), self.row);
+            prefetch(self.pools.1.add(at), self.row);
+            self.asked += 1;
+        }
+    }
+}
+
 /// What `weigh` reads: the value rows by key, the G heads' scores (`n` each), the byte offset
 /// of the block within a head, each head's softmax normaliser and output head, and how far
 /// before a value the slot's whole row starts and its bytes (for the prefetches).
@@ -381,6 +426,7 @@ unsafe fn weigh<L: Lanes, const BF16: bool, const G: usize, const N: usize>(
         impl Fn(usize) -> *const u8,
         impl Fn(usize) -> *mut u8,
     >,
+    next: &mut NextRows,
 ) -> usize {
     let step = L::WIDTH * if BF16 { 2 } else { 4 };
     let mut acc = [[L::zero(); N]; G];
@@ -388,6 +434,7 @@ unsafe fn weigh<L: Lanes, const BF16: bool, const G: usize, const N: usize>(
         if j + AHEAD < n {
             prefetch(value(j + AHEAD).wrapping_sub(back), whole_bytes);
         }
+        next.pass(1);
         let row = value(j).add(at);
         let mut p = [L::zero(); G];
         for h in 0..G {
