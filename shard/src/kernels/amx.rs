@@ -140,7 +140,7 @@ mod tiles {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::super::lanes::{Avx512, Lanes};
+    use super::super::lanes::{transpose16, Avx512, Lanes};
 
     /// Asks Linux for the AMX tile state (`ARCH_REQ_XCOMP_PERM` for `XFEATURE_XTILEDATA`), once
     /// the CPU says it has AMX-TILE and AMX-BF16.
@@ -283,7 +283,7 @@ mod tiles {
     }
 
     /// `pack`'s tiles for the steps `steps`: per step and block of 16 rows, 16 rows of 16
-    /// pairs are loaded (zeros past row `m`) and transposed with three rounds of interleaves.
+    /// pairs are loaded (zeros past row `m`) and transposed (`transpose16`).
     ///
     /// # Safety
     /// `x` must hold `m × pairs` `u32`s and `packed` every tile of `m.div_ceil(32) * 2` blocks
@@ -307,41 +307,9 @@ mod tiles {
                         _mm512_setzero_si512()
                     }
                 });
-                // Rows 2i, 2i + 1 interleaved, then 4i..4i + 3: `u[4g + e]` holds, in its
-                // 128-bit lane `l`, rows 4g..4g + 3 of column 4l + e.
-                let t: [__m512i; 16] = std::array::from_fn(|i| {
-                    let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-                    if i % 2 == 0 {
-                        _mm512_unpacklo_epi32(a, b)
-                    } else {
-                        _mm512_unpackhi_epi32(a, b)
-                    }
-                });
-                let u: [__m512i; 16] = std::array::from_fn(|i| {
-                    let (g, e) = (i / 4, i % 4);
-                    let (a, b) = (t[g * 4 + e / 2], t[g * 4 + 2 + e / 2]);
-                    if e % 2 == 0 {
-                        _mm512_unpacklo_epi64(a, b)
-                    } else {
-                        _mm512_unpackhi_epi64(a, b)
-                    }
-                });
                 let tile = packed.add((step * blocks + block) * 256);
-                for e in 0..4 {
-                    // Lanes 0 and 2, then 1 and 3, of the four row groups' column 4l + e.
-                    let even = _mm512_shuffle_i32x4::<0x88>(u[e], u[4 + e]);
-                    let even2 = _mm512_shuffle_i32x4::<0x88>(u[8 + e], u[12 + e]);
-                    let odd = _mm512_shuffle_i32x4::<0xdd>(u[e], u[4 + e]);
-                    let odd2 = _mm512_shuffle_i32x4::<0xdd>(u[8 + e], u[12 + e]);
-                    let columns = [
-                        (e, _mm512_shuffle_i32x4::<0x88>(even, even2)),
-                        (8 + e, _mm512_shuffle_i32x4::<0xdd>(even, even2)),
-                        (4 + e, _mm512_shuffle_i32x4::<0x88>(odd, odd2)),
-                        (12 + e, _mm512_shuffle_i32x4::<0xdd>(odd, odd2)),
-                    ];
-                    for (column, v) in columns {
-                        _mm512_storeu_si512(tile.add(column * 16) as *mut __m512i, v);
-                    }
+                for (column, v) in transpose16(r).into_iter().enumerate() {
+                    _mm512_storeu_si512(tile.add(column * 16) as *mut __m512i, v);
                 }
             }
         }

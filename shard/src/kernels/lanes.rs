@@ -282,3 +282,42 @@ impl Lanes for Avx2 {
         _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1))
     }
 }
+
+/// A 16 × 16 block of 32-bit elements transposed in registers: lane `c` of `r[i]` becomes lane
+/// `i` of the result's `c`. Rows 2i and 2i + 1 are interleaved, then pairs of those, and the
+/// 128-bit lanes shuffled into place: 64 shuffles. Both packings of `x` use it (`amx`'s bf16
+/// pairs, `outer`'s f32 rows). The caller must be built with AVX-512F.
+#[inline(always)]
+pub unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // `u[4g + e]` holds, in its 128-bit lane `l`, rows 4g..4g + 3 of column 4l + e.
+    let t: [__m512i; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    let u: [__m512i; 16] = std::array::from_fn(|i| {
+        let (g, e) = (i / 4, i % 4);
+        let (a, b) = (t[g * 4 + e / 2], t[g * 4 + 2 + e / 2]);
+        if e % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    let mut out = [_mm512_setzero_si512(); 16];
+    for e in 0..4 {
+        // Lanes 0 and 2, then 1 and 3, of the four row groups' column 4l + e.
+        let even = _mm512_shuffle_i32x4::<0x88>(u[e], u[4 + e]);
+        let even2 = _mm512_shuffle_i32x4::<0x88>(u[8 + e], u[12 + e]);
+        let odd = _mm512_shuffle_i32x4::<0xdd>(u[e], u[4 + e]);
+        let odd2 = _mm512_shuffle_i32x4::<0xdd>(u[8 + e], u[12 + e]);
+        out[e] = _mm512_shuffle_i32x4::<0x88>(even, even2);
+        out[8 + e] = _mm512_shuffle_i32x4::<0xdd>(even, even2);
+        out[4 + e] = _mm512_shuffle_i32x4::<0x88>(odd, odd2);
+        out[12 + e] = _mm512_shuffle_i32x4::<0xdd>(odd, odd2);
+    }
+    out
+}

@@ -80,6 +80,7 @@ mod tiles {
     use std::cell::RefCell;
     use std::ops::Range;
 
+    use super::super::lanes::transpose16;
     use super::LANES;
 
     /// `$body` 16 times, `$j` a constant `0..16` in each: as a loop, the compiler kept it
@@ -128,7 +129,7 @@ mod tiles {
     }
 
     /// `x` `[m, k]` into `xt` as `[k, width]`, the rows past `m` zero: 16 × 16 blocks
-    /// transposed in registers, the last `k % 16` columns one element at a time.
+    /// transposed in registers (`transpose16`), the last `k % 16` columns one element at a time.
     #[inline(always)]
     unsafe fn pack(x: *const f32, (m, k): (usize, usize), width: usize, xt: &mut Vec<f32>) {
         // Every element is written below, so a longer buffer needs no clearing.
@@ -139,48 +140,21 @@ mod tiles {
         let whole = k / LANES * LANES;
         for r0 in (0..width).step_by(LANES) {
             for i0 in (0..whole).step_by(LANES) {
-                let mut v: [__m512; LANES] = std::array::from_fn(|j| {
+                let v: [__m512i; LANES] = std::array::from_fn(|j| {
                     if r0 + j < m {
-                        _mm512_loadu_ps(x.add((r0 + j) * k + i0))
+                        _mm512_loadu_si512(x.add((r0 + j) * k + i0) as *const _)
                     } else {
-                        _mm512_setzero_ps()
+                        _mm512_setzero_si512()
                     }
                 });
-                transpose(&mut v);
-                for (c, v) in v.iter().enumerate() {
-                    _mm512_storeu_ps(out.add((i0 + c) * width + r0), *v);
+                for (c, v) in transpose16(v).into_iter().enumerate() {
+                    _mm512_storeu_si512(out.add((i0 + c) * width + r0) as *mut _, v);
                 }
             }
             for i in whole..k {
                 for j in 0..LANES {
                     let r = r0 + j;
                     *out.add(i * width + r) = if r < m { *x.add(r * k + i) } else { 0.0 };
-                }
-            }
-        }
-    }
-
-    /// A 16 × 16 block transposed: four rounds, each swapping one bit of the row index with
-    /// the same bit of the lane index (halves, then quarters, eighths, pairs), one two-source
-    /// permute per row a round.
-    #[inline(always)]
-    unsafe fn transpose(v: &mut [__m512; LANES]) {
-        for h in [8usize, 4, 2, 1] {
-            // Rows `j` and `j + h` (bit `h` of `j` clear): the low one takes the other's low
-            // lanes into its high ones, the high one its partner's high lanes into its low ones.
-            let low: [i32; LANES] =
-                std::array::from_fn(|c| (if c & h == 0 { c } else { 16 + c - h }) as i32);
-            let high: [i32; LANES] =
-                std::array::from_fn(|c| (if c & h == 0 { c + h } else { 16 + c }) as i32);
-            let (low, high) = (
-                _mm512_loadu_si512(low.as_ptr() as *const _),
-                _mm512_loadu_si512(high.as_ptr() as *const _),
-            );
-            for j in 0..LANES {
-                if j & h == 0 {
-                    let (a, b) = (v[j], v[j + h]);
-                    v[j] = _mm512_permutex2var_ps(a, low, b);
-                    v[j + h] = _mm512_permutex2var_ps(a, high, b);
                 }
             }
         }
