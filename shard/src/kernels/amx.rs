@@ -9,8 +9,9 @@
 //! Nothing of the weights is packed: the left operand is 16 weight rows × 32 of `k`, which
 //! `tileloadd` reads straight out of `w` `[n, k]` with the row stride, and the right operand
 //! is the rows of `x` in AMX's pair-interleaved layout, packed by each thread at the start of
-//! its part of a call (a few dozen rows, 1-2 µs). The accumulators so hold `yᵀ`, transposed as they are stored. Two weight tiles
-//! by two tiles of `x` make four accumulators: all eight tile registers. The loads of the next
+//! its part of a call (a few dozen rows, 1-2 µs). The accumulators so hold `yᵀ`, transposed as
+//! they are stored. Two weight tiles by two tiles of `x` make four accumulators: all eight
+//! tile registers. The loads of the next
 //! step along `k` are issued right after the last product that reads each register, so they
 //! overlap the products instead of waiting for all four (single-threaded, from memory: 4.2
 //! GB/s of weights with the loads grouped, 5-7 GB/s interleaved). The next 32 weight rows
@@ -81,12 +82,12 @@ fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<T
         );
         let run = move |part: Range<usize>| {
             let mut packed = PACKED.take();
-            pack(xp as *const u32, m, k, &mut packed);
-            // SAFETY: `w` `[n, k]` and `y` `[m, n]` (bf16, contiguous) are alive until `split`
-            // returns, `packed` is `x` padded to whole pairs of tiles; the parts are disjoint
-            // ranges of output columns in blocks of 32; `available` checked the CPU and the
-            // tile state.
+            // SAFETY: `x` `[m, k]`, `w` `[n, k]` and `y` `[m, n]` (bf16, contiguous) are alive
+            // until `split` returns, and `packed` is then `x` padded to whole pairs of tiles;
+            // the parts are disjoint ranges of output columns in blocks of 32; `available`
+            // checked the CPU and the tile state.
             unsafe {
+                pack(xp as *const u32, m, k, &mut packed);
                 tiles::columns(
                     wp as *const u16,
                     packed.as_ptr(),
@@ -113,8 +114,12 @@ fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<T
 /// threads, or on one while the other waited) cost a second region start and end per
 /// product. bf16 steps (`step_profile`, AMX Xeon VM, interleaved): batch 32 faster in four
 /// pairs of six (means 28.87 → 28.38 ms), batch 16 22.94 / 23.39 → 21.77 / 22.72 ms.
+///
+/// # Safety
+/// `x` must be a contiguous bf16 `[m, k]` tensor's data (`k` a multiple of 32), and the CPU
+/// must have AVX-512F.
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn pack(x: *const u32, m: usize, k: usize, packed: &mut Vec<u32>) {
+unsafe fn pack(x: *const u32, m: usize, k: usize, packed: &mut Vec<u32>) {
     let blocks = m.div_ceil(32) * 2;
     let pairs = k / 2;
     // Every element of every tile is written (zeros past row `m`), so a longer buffer from an
@@ -122,9 +127,8 @@ fn pack(x: *const u32, m: usize, k: usize, packed: &mut Vec<u32>) {
     if packed.len() < blocks * 16 * pairs {
         packed.resize(blocks * 16 * pairs, 0);
     }
-    // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor (checked by the callers), so it holds
-    // `m × k / 2` pairs of bf16 as `u32`s; `packed` holds every step's tiles; `available`
-    // checked AVX-512.
+    // SAFETY: `x` holds `m × k / 2` pairs of bf16 as `u32`s (the caller's promise), and
+    // `packed` every step's tiles.
     unsafe { tiles::pack(x, packed.as_mut_ptr(), (m, pairs), 0..k / 32) }
 }
 
@@ -376,7 +380,8 @@ mod tests {
             // A longer buffer full of garbage, as an earlier product may leave: every element
             // of the tiles must still be written.
             let mut packed = vec![0xdead_beef_u32; 50_000];
-            pack(x.data_ptr() as *const u32, m, k, &mut packed);
+            // SAFETY: `x` is a contiguous bf16 `[m, k]` tensor and `available` found AVX-512.
+            unsafe { pack(x.data_ptr() as *const u32, m, k, &mut packed) };
             let bits = x.view_dtype(Kind::Int16).flatten(0, -1);
             let bits = Vec::<i16>::try_from(&bits).expect("bf16 bits");
             let blocks = m.div_ceil(32) * 2;

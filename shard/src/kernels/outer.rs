@@ -113,19 +113,20 @@ mod tiles {
         part: Range<usize>,
     ) {
         let vectors = m.div_ceil(LANES);
-        PACKED.with_borrow_mut(|xt| {
-            pack(x, (m, k), vectors * LANES, xt);
-            let xt = xt.as_ptr();
-            // Eight weight rows: the compiler loads a step's broadcast weights all at once,
-            // so accumulators, weights and `x`'s vectors must fit the 32 registers together.
-            // With 12 rows at two vectors (38) it spilled: 237-279 against 295-317 GFLOP/s
-            // at 32 rows (`gemm` example, interleaved).
-            if vectors == 2 {
-                run::<2, 8>(w, xt, y, (m, n, k), part)
-            } else {
-                run::<3, 8>(w, xt, y, (m, n, k), part)
-            }
-        });
+        // Taken out of the thread-local and put back, rather than borrowed in a closure, so
+        // that everything here is built for AVX-512 whatever closures inherit.
+        let mut xt = PACKED.take();
+        pack(x, (m, k), vectors * LANES, &mut xt);
+        // Eight weight rows: the compiler loads a step's broadcast weights all at once, so
+        // accumulators, weights and `x`'s vectors must fit the 32 registers together. With 12
+        // rows at two vectors (38) it spilled: 237-279 against 295-317 GFLOP/s at 32 rows
+        // (`gemm` example, interleaved).
+        if vectors == 2 {
+            run::<2, 8>(w, xt.as_ptr(), y, (m, n, k), part)
+        } else {
+            run::<3, 8>(w, xt.as_ptr(), y, (m, n, k), part)
+        }
+        PACKED.set(xt);
     }
 
     /// `x` `[m, k]` into `xt` as `[k, width]`, the rows past `m` zero: 16 × 16 blocks
