@@ -32,7 +32,12 @@ use super::{isa, Isa};
 /// (1.08x libtorch at 64, 1.64x at 32; 0.99x at 128, where oneDNN's own AMX kernels catch up).
 /// At 8 rows the tiles beat `matvec` on weights in cache (1.5-1.8x libtorch against 1.2-1.5x)
 /// but not in a decode step, where the weights come from memory and `matvec` streams them
-/// better (batch-8 steps were level or slower with AMX).
+/// better (batch-8 steps were level or slower with AMX). Since each thread packs `x` itself
+/// the tiles win whole steps from 5 rows (tenth session, bf16, interleaved: batch 8
+/// 19.70-20.43 → 17.77-17.86 ms, batches 5-7 3-7% faster; batch 4 and below slower), but up to
+/// 8 rows a row's product must keep its bits whatever the batch (a seeded request samples
+/// the same text alone and in a batch of 8), which `matvec`, row by row, gives and the tiles
+/// do not.
 const ROWS: Range<usize> = 9..65;
 
 /// `x @ w.T` for bf16 `x` `[m, k]` and `w` `[n, k]`, or `None` when AMX is not there or the

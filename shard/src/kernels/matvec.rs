@@ -380,6 +380,29 @@ mod tests {
     use super::super::testing::{check_product, wave};
     use super::*;
 
+    /// A row's product has the same bits in any batch of up to 8 rows: a seeded request must
+    /// sample the same text alone and in a batch of 8 (issue #3), in either dtype, so the
+    /// decode products of 1 to 8 rows must not depend on the rows beside it.
+    #[test]
+    fn a_row_gets_the_same_bits_in_any_batch_up_to_8() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            if isa(kind).is_none() {
+                continue;
+            }
+            let (n, k) = (96i64, 576i64);
+            let x = wave(8 * k, 0.37).view([8, k]).to_kind(kind);
+            let w = wave(n * k, 0.11).view([n, k]).to_kind(kind);
+            let whole = super::super::decode_product(&x, &w).expect("kernel");
+            for rows in 1..8 {
+                let part = super::super::decode_product(&x.narrow(0, 0, rows), &w).expect("kernel");
+                assert!(
+                    part.equal(&whole.narrow(0, 0, rows)),
+                    "{kind:?}: {rows} rows differ from the same rows in a batch of 8"
+                );
+            }
+        }
+    }
+
     #[test]
     fn matches_libtorch_for_every_row_count_and_odd_widths() {
         for kind in [Kind::Float, Kind::BFloat16] {
