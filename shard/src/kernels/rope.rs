@@ -57,17 +57,27 @@ unsafe fn rope_rows<E: Element>(
     y: &Tensor,
     (t, heads, d, row_stride): (usize, usize, usize, usize),
 ) {
-    let (xp, yp) = (x.data_ptr() as *const E, y.data_ptr() as *mut E);
-    let cos = std::slice::from_raw_parts(cos.data_ptr() as *const E, t * d);
-    let sin = std::slice::from_raw_parts(sin.data_ptr() as *const E, t * d);
-    for row in 0..t {
-        let (c, s) = (&cos[row * d..][..d], &sin[row * d..][..d]);
-        for head in 0..heads {
-            let xr = std::slice::from_raw_parts(xp.add(row * row_stride + head * d), d);
-            let yr = std::slice::from_raw_parts_mut(yp.add((row * heads + head) * d), d);
-            rotate(xr, c, s, yr);
+    let ptrs = [x, cos, sin, y].map(|t| t.data_ptr() as usize);
+    let run = |rows: std::ops::Range<usize>| {
+        let [xp, cos, sin, yp] = ptrs;
+        let (xp, yp) = (xp as *const E, yp as *mut E);
+        // SAFETY: the layouts are as the caller promises, and parts are disjoint ranges of
+        // rows, each writing only its own rows of `y`.
+        unsafe {
+            let cos = std::slice::from_raw_parts(cos as *const E, t * d);
+            let sin = std::slice::from_raw_parts(sin as *const E, t * d);
+            for row in rows {
+                let (c, s) = (&cos[row * d..][..d], &sin[row * d..][..d]);
+                for head in 0..heads {
+                    let xr = std::slice::from_raw_parts(xp.add(row * row_stride + head * d), d);
+                    let yr = std::slice::from_raw_parts_mut(yp.add((row * heads + head) * d), d);
+                    rotate(xr, c, s, yr);
+                }
+            }
         }
-    }
+    };
+    // Split as the norms are: a prompt's rows ran on one thread while the other waited.
+    super::threads::split(t, 1, t * heads * d >= super::norm::SPLIT_ELEMENTS, &run);
 }
 
 /// One head `x` rotated into `y` by a position's `cos` and signed `sin` rows: with vectors
