@@ -84,8 +84,15 @@ impl KvPool {
 
     /// Stores the new tokens' `k`/`v` (`[T, kv_heads, head_dim]`) of `layer` at `slots` (`[T]`).
     pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
-        let _ = self.keys[layer].index_copy_(0, slots, k);
-        let _ = self.values[layer].index_copy_(0, slots, v);
+        // SAFETY: `&mut self` holds the pool's tensors exclusively for the call, and they are
+        // the pool's own storage, never a view of `k` or `v`.
+        if !unsafe { crate::kernels::store_rows(&self.keys[layer], slots, k) } {
+            let _ = self.keys[layer].index_copy_(0, slots, k);
+        }
+        // SAFETY: as above.
+        if !unsafe { crate::kernels::store_rows(&self.values[layer], slots, v) } {
+            let _ = self.values[layer].index_copy_(0, slots, v);
+        }
     }
 
     /// Decode rows' fused `qkv` rotated, their keys and values stored at `slots` of `layer`,

@@ -34,6 +34,7 @@ mod matvec;
 mod norm;
 mod outer;
 mod rope;
+mod store;
 mod threads;
 
 pub use activation::silu_mul;
@@ -41,6 +42,7 @@ pub use attention::decode_attention;
 pub use choice::greedy;
 pub use norm::{add_rms_norm, rms_norm};
 pub use rope::{rope, rope_store};
+pub use store::store_rows;
 
 use gemm::gemm;
 use matvec::{matvec, MAX_ROWS};
