@@ -10,15 +10,16 @@
 //! bound by FMAs instead, and there `gemm` beats MKL (f32: it packs the weights on every call)
 //! and oneDNN (bf16, with AVX-512 BF16's pair dot products), `outer` beats `gemm` (f32 from 17
 //! rows on AVX-512: sums of outer products, no horizontal sums), and `amx` (bf16 on Xeons with
-//! AMX tiles) beats oneDNN too. The small ops between the products (RMSNorm with the residual add
-//! before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`, `rope`,
-//! `activation`): at a few rows their cost is libtorch's per-op overhead, which
+//! AMX tiles) beats oneDNN too. The small ops between the products (RMSNorm with the residual
+//! add before it, RoPE with the KV cache write, SiLU × up) are single loops too (`norm`,
+//! `rope`, `activation`): at a few rows their cost is libtorch's per-op overhead, which
 //! between two weight streams was 10-20 µs an op on the AMX Xeon VM (our reading, not proven: the
 //! stream evicts libtorch's code and metadata from the caches). So is the greedy token choice
 //! (`choice`): each row's argmax and its log-probability, the logits read from memory once. The
 //! row-wise kernels (`norm`, `rope`, `activation`) take prompt rows too: a row's result does not
 //! depend on the other rows, and in a prefill each saves libtorch several passes over the
-//! activations (a bf16 prefill of 32 × 128 tokens: see docs/benchmarks.md). Every
+//! activations (a bf16 prefill of 32 × 128 tokens: see docs/benchmarks.md); a prompt's keys
+//! and values go into the pool by a row copy on both threads (`store`). Every
 //! caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for
 //! comparison.
 

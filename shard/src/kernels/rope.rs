@@ -264,11 +264,7 @@ unsafe fn rope_store_rows<E: Element>(
             }
         }
     };
-    let split = t * width >= super::norm::SPLIT_ELEMENTS && {
-        let mut sorted = slots.to_vec();
-        sorted.sort_unstable();
-        sorted.windows(2).all(|p| p[0] != p[1])
-    };
+    let split = t * width >= super::norm::SPLIT_ELEMENTS && super::store::distinct(slots);
     super::threads::split(t, 1, split, &run);
 }
 

@@ -64,13 +64,16 @@ pub unsafe fn store_rows(pool: &Tensor, slots: &Tensor, rows: &Tensor) -> bool {
             }
         }
     };
-    let split = t * (heads * d) as usize >= super::norm::SPLIT_ELEMENTS && {
-        let mut sorted = slots.to_vec();
-        sorted.sort_unstable();
-        sorted.windows(2).all(|p| p[0] != p[1])
-    };
+    let split = t * (heads * d) as usize >= super::norm::SPLIT_ELEMENTS && distinct(slots);
     super::threads::split(t, 1, split, &run);
     true
+}
+
+/// Whether no slot repeats: only then may threads write rows of the pool side by side.
+pub(super) fn distinct(slots: &[i64]) -> bool {
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    sorted.windows(2).all(|p| p[0] != p[1])
 }
 
 #[cfg(test)]
