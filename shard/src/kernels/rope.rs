@@ -57,6 +57,10 @@ unsafe fn rope_rows<E: Element>(
     y: &Tensor,
     (t, heads, d, row_stride): (usize, usize, usize, usize),
 ) {
+    if t == 0 {
+        // An empty tensor's data pointer may be null, which the slices below must not be.
+        return;
+    }
     let ptrs = [x, cos, sin, y].map(|t| t.data_ptr() as usize);
     let run = |rows: std::ops::Range<usize>| {
         let [xp, cos, sin, yp] = ptrs;

@@ -42,7 +42,12 @@ pub unsafe fn store_rows(pool: &Tensor, slots: &Tensor, rows: &Tensor) -> bool {
         return false;
     }
     let t = t as usize;
-    // SAFETY: `slots` is a contiguous CPU i64 tensor of `t` elements.
+    if t == 0 {
+        // Nothing to copy (and an empty tensor's data pointer may be null, which a slice
+        // must not be).
+        return true;
+    }
+    // SAFETY: `slots` is a contiguous CPU i64 tensor of `t` elements, `t` > 0.
     let slots = std::slice::from_raw_parts(slots.data_ptr() as *const i64, t);
     if slots.iter().any(|&s| !(0..size).contains(&s)) {
         return false;
@@ -123,6 +128,14 @@ mod tests {
                 !store_rows(&pool, &Tensor::from_slice(&[1i64, -1]), &rows),
                 "slot -1"
             );
+            let none = Tensor::ones([0, 2, 16], (Kind::Float, Device::Cpu));
+            let no_slots = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
+            if kernels_on(Kind::Float) {
+                assert!(
+                    store_rows(&pool, &no_slots, &none),
+                    "no rows: done, nothing written"
+                );
+            }
             let other = Tensor::ones([2, 3, 16], (Kind::Float, Device::Cpu));
             assert!(
                 !store_rows(&pool, &Tensor::from_slice(&[1i64, 2]), &other),
