@@ -84,13 +84,11 @@ impl KvPool {
 
     /// Stores the new tokens' `k`/`v` (`[T, kv_heads, head_dim]`) of `layer` at `slots` (`[T]`).
     pub fn write(&mut self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) {
+        let pools = [&self.keys[layer], &self.values[layer]];
         // SAFETY: `&mut self` holds the pool's tensors exclusively for the call, and they are
         // the pool's own storage, never a view of `k` or `v`.
-        if !unsafe { crate::kernels::store_rows(&self.keys[layer], slots, k) } {
+        if !unsafe { crate::kernels::store_rows(pools, slots, [k, v]) } {
             let _ = self.keys[layer].index_copy_(0, slots, k);
-        }
-        // SAFETY: as above.
-        if !unsafe { crate::kernels::store_rows(&self.values[layer], slots, v) } {
             let _ = self.values[layer].index_copy_(0, slots, v);
         }
     }

@@ -9,8 +9,8 @@
 //! Nothing of the weights is packed: the left operand is 16 weight rows × 32 of `k`, which
 //! `tileloadd` reads straight out of `w` `[n, k]` with the row stride, and the right operand
 //! is the rows of `x` in AMX's pair-interleaved layout, packed by each thread at the start of
-//! its part of a call (a few dozen rows, 1-2 µs). The accumulators so hold `yᵀ`, transposed as
-//! they are stored. Two weight tiles by two tiles of `x` make four accumulators: all eight
+//! its part of a call (a few dozen rows). The accumulators so hold `yᵀ`, transposed as they
+//! are stored. Two weight tiles by two tiles of `x` make four accumulators: all eight
 //! tile registers. The loads of the next
 //! step along `k` are issued right after the last product that reads each register, so they
 //! overlap the products instead of waiting for all four (single-threaded, from memory: 4.2
@@ -114,11 +114,12 @@ fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<T
 /// tiles of 16 rows of `x`, each tile 16 lines of 16 `u32` that hold elements `2i` and `2i + 1`
 /// of the step for the tile's 16 rows. Rows are padded with zeros to a multiple of 32. Each
 /// tile is a 16 × 16 transpose of `u32` pairs, done in registers (`tiles::pack`). Every thread
-/// of a product packs the whole of `x` for itself, at the start of its part: 1-2 µs at 32
-/// rows, where packing once in a region of its own before the product's (split across the
-/// threads, or on one while the other waited) cost a second region start and end per
-/// product. bf16 steps (`step_profile`, AMX Xeon VM, interleaved): batch 32 faster in four
-/// pairs of six (means 28.87 → 28.38 ms), batch 16 22.94 / 23.39 → 21.77 / 22.72 ms.
+/// of a product packs the whole of `x` for itself, at the start of its part (not timed
+/// alone; the step times below include it), where packing once in a region of its own
+/// before the product's (split across the threads, or on one while the other waited) cost a
+/// second region start and end per product. bf16 steps (`step_profile`, AMX Xeon VM,
+/// interleaved): batch 32 faster in four pairs of six (means 28.87 → 28.38 ms), batch 16
+/// 22.94 / 23.39 → 21.77 / 22.72 ms.
 ///
 /// # Safety
 /// `x` must be a contiguous bf16 `[m, k]` tensor's data (`k` a multiple of 32), and the CPU

@@ -10,8 +10,8 @@
 //! accumulators then hold `yᵀ` whole, no sums are left at the end, and a step reads 10 or 11
 //! operands for 16 or 24 FMAs. Every weight is read once per call, straight into a broadcast;
 //! the next tile's weights are prefetched meanwhile, as in `gemm`. The output columns are split
-//! across libtorch's threads, and each thread packs `x` for itself (a few µs) rather than wait
-//! for one to pack it.
+//! across libtorch's threads, and each thread packs `x` for itself rather than wait for one
+//! to pack it (the packing was not timed alone; the figures below include it).
 //!
 //! On the AMX Xeon VM, f32 at 32 rows (`gemm` example, interleaved with `gemm`'s tiles): a
 //! layer's products 295-317 against 266-276 GFLOP/s (0.83-0.91 of the 2048² matmul rate

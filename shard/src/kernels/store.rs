@@ -13,32 +13,47 @@ use tch::{Device, Tensor};
 
 use super::element::kernels_on;
 
-/// Copies `rows` (`[T, kv_heads, head_dim]`, each row's elements contiguous) into `pool`
-/// (`[slots, kv_heads, head_dim]`, contiguous) at `slots` (`[T]`, i64), as
-/// `pool.index_copy_(0, slots, rows)` would; returns false, having written nothing, where the
-/// kernel does not apply and the caller should use libtorch.
+/// Copies each of `rows` (keys and values, `[T, kv_heads, head_dim]`, each row's elements
+/// contiguous) into its pool tensor of `pools` (`[slots, kv_heads, head_dim]`, contiguous) at
+/// `slots` (`[T]`, i64), as `pool.index_copy_(0, slots, rows)` would; returns false, having
+/// written nothing, where the kernel does not apply and the caller should use libtorch. Both in
+/// one call, so that the slots are checked once and the copies share one parallel region.
 ///
 /// # Safety
-/// `pool` is written through its data pointer: the caller must hold it exclusively (the KV
-/// pool's `&mut self`), and `rows` must not share its storage.
-pub unsafe fn store_rows(pool: &Tensor, slots: &Tensor, rows: &Tensor) -> bool {
-    let kind = pool.kind();
-    let (Ok((size, heads, d)), Ok((t, rh, rd))) = (pool.size3(), rows.size3()) else {
+/// The pools are written through their data pointers: the caller must hold them exclusively
+/// (the KV pool's `&mut self`), and no tensor of `rows` may share storage with them.
+pub unsafe fn store_rows(pools: [&Tensor; 2], slots: &Tensor, rows: [&Tensor; 2]) -> bool {
+    let t = slots.size().first().copied().unwrap_or(-1);
+    // `(pool slots, bytes of a row, bytes between rows of `rows`)` where a pair fits.
+    let fits = |pool: &Tensor, rows: &Tensor| {
+        let (Ok((size, heads, d)), Ok(shape)) = (pool.size3(), rows.size3()) else {
+            return None;
+        };
+        let ok = kernels_on(pool.kind())
+            && pool.device() == Device::Cpu
+            && rows.device() == Device::Cpu
+            && rows.kind() == pool.kind()
+            && pool.is_contiguous()
+            && shape == (t, heads, d)
+            && rows.stride()[2] == 1
+            && rows.stride()[1] == d;
+        let elt = pool.kind().elt_size_in_bytes();
+        ok.then(|| {
+            (
+                size,
+                (heads * d) as usize * elt,
+                rows.stride()[0] as usize * elt,
+            )
+        })
+    };
+    let (Some(k), Some(v)) = (fits(pools[0], rows[0]), fits(pools[1], rows[1])) else {
         return false;
     };
-    let fits = kernels_on(kind)
-        && [pool, slots, rows]
-            .iter()
-            .all(|x| x.device() == Device::Cpu)
-        && rows.kind() == kind
-        && slots.kind() == tch::Kind::Int64
-        && slots.size() == [t]
-        && slots.is_contiguous()
-        && pool.is_contiguous()
-        && (rh, rd) == (heads, d)
-        && rows.stride()[2] == 1
-        && rows.stride()[1] == d;
-    if !fits {
+    if slots.device() != Device::Cpu
+        || slots.kind() != tch::Kind::Int64
+        || slots.dim() != 1
+        || !slots.is_contiguous()
+    {
         return false;
     }
     let t = t as usize;
@@ -49,27 +64,30 @@ pub unsafe fn store_rows(pool: &Tensor, slots: &Tensor, rows: &Tensor) -> bool {
     }
     // SAFETY: `slots` is a contiguous CPU i64 tensor of `t` elements, `t` > 0.
     let slots = std::slice::from_raw_parts(slots.data_ptr() as *const i64, t);
-    if slots.iter().any(|&s| !(0..size).contains(&s)) {
+    if slots.iter().any(|&s| !(0..k.0.min(v.0)).contains(&s)) {
         return false;
     }
-    let bytes = (heads * d) as usize * kind.elt_size_in_bytes();
-    let row_stride = rows.stride()[0] as usize * kind.elt_size_in_bytes();
-    let (src, dst) = (rows.data_ptr() as usize, pool.data_ptr() as usize);
+    let ptrs = [rows[0], pools[0], rows[1], pools[1]].map(|x| x.data_ptr() as usize);
     let run = |part: std::ops::Range<usize>| {
+        let [k_src, k_dst, v_src, v_dst] = ptrs;
         for row in part {
-            // SAFETY: row `row` of `rows` holds `bytes` contiguous bytes at its stride, the
-            // slot lies in the pool (checked above), and the two do not overlap (the caller's
-            // promise); parts are disjoint rows, with distinct slots when split.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (src as *const u8).add(row * row_stride),
-                    (dst as *mut u8).add(slots[row] as usize * bytes),
-                    bytes,
-                )
+            let slot = slots[row] as usize;
+            for (src, dst, (_, bytes, stride)) in [(k_src, k_dst, k), (v_src, v_dst, v)] {
+                // SAFETY: row `row` of the rows holds `bytes` contiguous bytes at its stride,
+                // the slot lies in the pool (checked above), and the two do not overlap (the
+                // caller's promise); parts are disjoint rows, with distinct slots when split.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (src as *const u8).add(row * stride),
+                        (dst as *mut u8).add(slot * bytes),
+                        bytes,
+                    )
+                }
             }
         }
     };
-    let split = t * (heads * d) as usize >= super::norm::SPLIT_ELEMENTS && distinct(slots);
+    let elements = t * k.1 / pools[0].kind().elt_size_in_bytes();
+    let split = elements >= super::norm::SPLIT_ELEMENTS && distinct(slots);
     super::threads::split(t, 1, split, &run);
     true
 }
@@ -99,16 +117,24 @@ mod tests {
                 // The keys as a view into a wider row, as they come out of the fused qkv.
                 let wide = wave(&[t, heads + 2, d], 0.29).to_kind(kind);
                 let rows = wide.narrow(1, 1, heads);
+                let values = (&rows * 3.0).contiguous();
                 let slots = Tensor::from_slice(&(0..t).map(|i| (i * 7) % size).collect::<Vec<_>>());
                 let before = wave(&[size, heads, d], 0.41).to_kind(kind);
-                let pool = before.copy();
-                // SAFETY: `pool` is this test's own, not a view of `rows`.
-                assert!(unsafe { store_rows(&pool, &slots, &rows) }, "{kind:?} {t}");
+                let (k_pool, v_pool) = (before.copy(), before.copy() * 2.0);
+                // SAFETY: the pools are this test's own, not views of the rows.
+                let stored = unsafe { store_rows([&k_pool, &v_pool], &slots, [&rows, &values]) };
+                assert!(stored, "{kind:?} {t}");
                 let mut want = before.copy();
                 let _ = want.index_copy_(0, &slots, &rows);
                 assert!(
-                    pool.equal(&want),
+                    k_pool.equal(&want),
                     "{kind:?} {t}: as index_copy_, no other slot touched"
+                );
+                let mut want = before.copy() * 2.0;
+                let _ = want.index_copy_(0, &slots, &values);
+                assert!(
+                    v_pool.equal(&want),
+                    "{kind:?} {t}: values as index_copy_, no other slot touched"
                 );
             }
         }
@@ -118,29 +144,30 @@ mod tests {
     fn declines_slots_outside_the_pool_and_mismatched_rows() {
         let pool = Tensor::zeros([8, 2, 16], (Kind::Float, Device::Cpu));
         let rows = Tensor::ones([2, 2, 16], (Kind::Float, Device::Cpu));
+        let both = |pool| [pool, pool];
         // SAFETY: as above.
         unsafe {
-            assert!(
-                !store_rows(&pool, &Tensor::from_slice(&[1i64, 8]), &rows),
-                "slot 8"
-            );
-            assert!(
-                !store_rows(&pool, &Tensor::from_slice(&[1i64, -1]), &rows),
-                "slot -1"
-            );
+            let store = |slots: &[i64], rows: &Tensor| {
+                store_rows(both(&pool), &Tensor::from_slice(slots), [rows, rows])
+            };
+            assert!(!store(&[1, 8], &rows), "slot 8");
+            assert!(!store(&[1, -1], &rows), "slot -1");
             let none = Tensor::ones([0, 2, 16], (Kind::Float, Device::Cpu));
             let no_slots = Tensor::zeros([0], (Kind::Int64, Device::Cpu));
             if kernels_on(Kind::Float) {
                 assert!(
-                    store_rows(&pool, &no_slots, &none),
+                    store_rows(both(&pool), &no_slots, [&none, &none]),
                     "no rows: done, nothing written"
                 );
             }
             let other = Tensor::ones([2, 3, 16], (Kind::Float, Device::Cpu));
-            assert!(
-                !store_rows(&pool, &Tensor::from_slice(&[1i64, 2]), &other),
-                "3 heads"
+            assert!(!store(&[1, 2], &other), "3 heads");
+            let mixed = store_rows(
+                both(&pool),
+                &Tensor::from_slice(&[1i64, 2]),
+                [&rows, &other],
             );
+            assert!(!mixed, "values of 3 heads beside keys of 2");
         }
         assert_eq!(
             pool.abs().sum(Kind::Float).double_value(&[]),
