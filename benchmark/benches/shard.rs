@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
+use tessera_benchmark::read_pass;
 use tessera_proto as pb;
 use tessera_shard::runner::BLOCK_SIZE;
 use tessera_shard::Runner;
@@ -135,14 +136,6 @@ fn sync(device: Device) {
     }
 }
 
-/// One summation over `probe` on all threads, in bytes/s. Reading the sum back waits for it,
-/// on either device.
-fn read_pass(probe: &Tensor) -> f64 {
-    let start = Instant::now();
-    let _ = f64::try_from(probe.sum(Kind::Float)).unwrap_or(0.0);
-    (probe.numel() * probe.kind().elt_size_in_bytes()) as f64 / start.elapsed().as_secs_f64()
-}
-
 fn median(xs: &[f64]) -> f64 {
     let mut xs = xs.to_vec();
     xs.sort_by(f64::total_cmp);
@@ -168,7 +161,7 @@ fn read_bandwidth(probe: &Tensor) -> f64 {
     let mut best = 0f64;
     for n in [1, threads] {
         tch::set_num_threads(n);
-        let _ = probe.sum(Kind::Float);
+        let _ = read_pass(probe);
         for _ in 0..3 {
             best = best.max(read_pass(probe));
         }

@@ -18,17 +18,14 @@ const KV_HEADS: i64 = 3;
 const HEAD_DIM: i64 = 64;
 const BLOCK: usize = 16;
 
-/// Sustained read bandwidth in bytes/s: the best of a few summations over 1 GiB on all threads.
+/// Sustained read bandwidth in bytes/s: the best of a few passes over 1 GiB on 2 MiB pages, on
+/// all threads (`read_pass`, as the shard benchmark's probe).
 fn read_bandwidth() -> f64 {
-    let bytes: i64 = 1 << 30;
-    let t = Tensor::ones([bytes / 4], (Kind::Float, Device::Cpu));
-    let _ = t.sum(Kind::Float);
+    let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(Kind::Float);
+    let _ = t.fill_(1.0);
+    let _ = tessera_benchmark::read_pass(&t);
     (0..3)
-        .map(|_| {
-            let start = Instant::now();
-            let _ = f64::try_from(t.sum(Kind::Float)).unwrap_or(0.0);
-            bytes as f64 / start.elapsed().as_secs_f64()
-        })
+        .map(|_| tessera_benchmark::read_pass(&t))
         .fold(0.0, f64::max)
 }
 

@@ -36,7 +36,7 @@ mod norm;
 mod outer;
 mod rope;
 mod store;
-mod threads;
+pub mod threads;
 
 pub use activation::silu_mul;
 pub use attention::decode_attention;
