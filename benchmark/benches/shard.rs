@@ -13,6 +13,10 @@
 //! - for decode, also the bound of reading the weights and every sequence's K/V cache once a
 //!   step (mean context of the run) at the measured bandwidth.
 //!
+//! Each batch's probe line also gives our timed prefill passes and the share of CPU time the
+//! hypervisor took (steal, from /proc/stat) during our runs and during transformers', so that a
+//! slow moment of a shared VM shows as one.
+//!
 //! Run: `cargo bench -p tessera-benchmark` (after `make model`; `make bench` does both).
 //! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
 //! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
@@ -74,6 +78,32 @@ struct Measured {
     probes: [(f64, f64); 2],
     during: Vec<f64>,
     theirs: Option<(usize, f64, f64)>,
+    /// The timed prefill passes, in seconds.
+    prefills: Vec<f64>,
+    /// The share of the vCPUs' time the hypervisor took (steal) during our runs and during
+    /// transformers' subprocess.
+    steal: [Option<f64>; 2],
+}
+
+/// The machine's `(steal, total)` CPU time in ticks from /proc/stat (Linux), to tell a slow
+/// moment of a shared VM (its host running someone else) from a slow kernel.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*fields.get(7)?, fields.iter().sum()))
+}
+
+/// The steal share of CPU time between two `cpu_ticks` readings.
+fn steal_between(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (before?, after?);
+    (t1 > t0).then(|| (s1 - s0) as f64 / (t1 - t0) as f64)
 }
 
 /// Decode steps between two read passes of `run_batch`.
@@ -87,7 +117,7 @@ fn run_batch(
     batch: usize,
     new_tokens: u32,
     probe: &Tensor,
-) -> (f64, f64, Vec<f64>) {
+) -> (f64, f64, Vec<f64>, Vec<f64>) {
     let per = (PROMPT + new_tokens as usize).div_ceil(BLOCK_SIZE) as u32;
     let b = pb::Batch {
         id: 1,
@@ -110,8 +140,7 @@ fn run_batch(
             prefills.push(start.elapsed().as_secs_f64());
         }
     }
-    prefills.sort_by(f64::total_cmp);
-    let prefill = prefills[prefills.len() / 2];
+    let prefill = median(&prefills);
     let (mut steps, mut decode, mut during) = (0, 0.0, Vec::new());
     while let Some(c) = cached {
         if steps % PROBE_EVERY == 0 {
@@ -126,6 +155,7 @@ fn run_batch(
         (batch * PROMPT) as f64 / prefill,
         (batch * steps) as f64 / decode,
         during,
+        prefills,
     )
 }
 
@@ -287,11 +317,19 @@ fn main() {
             .iter()
             .map(|&batch| {
                 let before = (read_bandwidth(&probe), matmul_flops(kind, device));
-                let (prefill, decode, during) = run_batch(&mut runner, batch, new, &probe);
+                let ticks = cpu_ticks();
+                let (prefill, decode, during, prefills) =
+                    run_batch(&mut runner, batch, new, &probe);
+                let ours_done = cpu_ticks();
                 let after = (read_bandwidth(&probe), matmul_flops(kind, device));
+                let their_start = cpu_ticks();
                 let theirs = baseline
                     .then(|| transformers_baseline(&root, dtype, device, &[batch], new).pop())
                     .flatten();
+                let steal = [
+                    steal_between(ticks, ours_done),
+                    theirs.and(steal_between(their_start, cpu_ticks())),
+                ];
                 Measured {
                     batch,
                     prefill,
@@ -299,6 +337,8 @@ fn main() {
                     probes: [before, after],
                     during,
                     theirs,
+                    prefills,
+                    steal,
                 }
             })
             .collect();
@@ -313,6 +353,8 @@ fn main() {
             batch: b,
             probes: [before, after],
             during,
+            prefills,
+            steal,
             ..
         } in &ours
         {
@@ -329,6 +371,17 @@ fn main() {
                 during.len(),
                 low / 1e9,
                 high / 1e9,
+            );
+            let share = |s: &Option<f64>| s.map_or("-".into(), |s| format!("{:.1}%", s * 100.0));
+            println!(
+                "    prefill passes {} ms; steal {} of the CPU time during our runs, {} during transformers'",
+                prefills
+                    .iter()
+                    .map(|p| format!("{:.1}", p * 1e3))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                share(&steal[0]),
+                share(&steal[1]),
             );
         }
         // The bandwidth roofline counts the weights alone, as the shard issue defines it. A
@@ -347,6 +400,8 @@ fn main() {
             probes: [before, after],
             during,
             theirs: hf,
+            steal,
+            ..
         } in ours
         {
             // The bandwidth the machine gave while the steps ran. A peak probe can come from a
@@ -402,6 +457,7 @@ fn main() {
                     "peak_bandwidth_gb_s": peak / 1e9,
                     "matmul_gflop_s": flops / 1e9,
                     "weights_and_kv_bound_tok_s": (phase == "decode").then_some(kv_bound),
+                    "steal_share": steal[0], "transformers_steal_share": steal[1],
                 }));
             }
         }
