@@ -14,34 +14,41 @@ pub fn device() -> tch::Device {
     }
 }
 
-/// One read of every byte of `probe`, in bytes/s: on a CPU with AVX-512, a summation of its
-/// 64-bit words four vectors at a time on all of libtorch's threads (the team the shard's
-/// kernels run on); elsewhere libtorch's sum. On the AMX Xeon VM the loop read 30.3-31.8 GB/s
-/// where libtorch's sum, the probe before, read 26.6-30.6 in the same processes; a C loop
-/// built by gcc read 10-14% more than either (docs/benchmarks.md, eleventh session).
+/// The read bandwidth of one pass over `probe`, in bytes/s. On a CPU with AVX-512 it reads the
+/// buffer twice on all of libtorch's threads (the team the shard's kernels run on), once with
+/// each of `read`'s two loops, and keeps the faster; elsewhere it times libtorch's sum.
+///
+/// Which loop reads faster depends on the machine. On the AMX Xeon VM (eleventh session,
+/// docs/benchmarks.md), over 1 GiB on two threads, libtorch's sum (the probe before) read
+/// 26.6-30.6 GB/s, four independent vectors of adds 30.3-31.8, and one chain of adds with
+/// eight `nop`s a cache line 33-34: the fewer loads a core has waiting, the better the
+/// hardware's own prefetching keeps up. A roofline must be the best the machine streams.
 pub fn read_pass(probe: &tch::Tensor) -> f64 {
     let bytes = probe.numel() * probe.kind().elt_size_in_bytes();
-    let start = std::time::Instant::now();
-    if probe.device() == tch::Device::Cpu && probe.is_contiguous() && read::wide() {
-        let words = bytes / 8;
-        let base = probe.data_ptr() as usize;
-        let run = |part: std::ops::Range<usize>| {
-            // SAFETY: `probe` is a contiguous CPU tensor of `bytes` bytes, alive until `split`
-            // returns, parts lie within its whole 8-byte words, and `wide` found AVX-512.
-            let sum = unsafe {
-                read::fold(std::slice::from_raw_parts(
-                    (base as *const u64).add(part.start),
-                    part.len(),
-                ))
-            };
-            std::hint::black_box(sum);
-        };
-        // Parts of whole 4 KiB pages.
-        tessera_shard::kernels::threads::split(words, 512, true, &run);
-    } else {
+    if probe.device() != tch::Device::Cpu || !probe.is_contiguous() || !read::wide() {
+        let start = std::time::Instant::now();
         let _ = f64::try_from(probe.sum(tch::Kind::Float)).unwrap_or(0.0);
+        return bytes as f64 / start.elapsed().as_secs_f64();
     }
-    bytes as f64 / start.elapsed().as_secs_f64()
+    let lines = bytes / 64;
+    let base = probe.data_ptr() as usize;
+    [false, true]
+        .into_iter()
+        .map(|paced| {
+            let run = |part: std::ops::Range<usize>| {
+                // SAFETY: `probe` is a contiguous CPU tensor of `bytes` bytes, alive until
+                // `split` returns, parts lie within its whole 64-byte lines, and `wide` found
+                // AVX-512.
+                let sum =
+                    unsafe { read::fold((base + part.start * 64) as *const u8, part.len(), paced) };
+                std::hint::black_box(sum);
+            };
+            let start = std::time::Instant::now();
+            // Parts of whole 4 KiB pages.
+            tessera_shard::kernels::threads::split(lines, 64, true, &run);
+            bytes as f64 / start.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
 }
 
 mod read {
@@ -53,36 +60,50 @@ mod read {
         false
     }
 
-    /// The wrapping sum of `words`, four vectors of lanes at a time (as a plain loop the
-    /// compiler kept it scalar, and it read a sixth less than libtorch's sum).
+    /// Reads `lines` cache lines from `p`: four independent vectors of adds (as a plain loop
+    /// the compiler kept this scalar, and it read a sixth less than libtorch's sum), or, when
+    /// `paced`, one chain of adds with eight `nop`s after each line's, so that fewer loads
+    /// wait at once (written in assembly: the compiler would drop or move the `nop`s).
     ///
     /// # Safety
-    /// The CPU must have AVX-512F (`wide`).
+    /// `p` must be valid for `lines × 64` bytes, and the CPU must have AVX-512F (`wide`).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn fold(words: &[u64]) -> u64 {
+    pub unsafe fn fold(p: *const u8, lines: usize, paced: bool) -> u64 {
         use std::arch::x86_64::*;
+        if paced {
+            let mut acc = _mm512_setzero_si512();
+            for line in 0..lines {
+                std::arch::asm!(
+                    "vpaddq {acc}, {acc}, [{at}]",
+                    "nop", "nop", "nop", "nop", "nop", "nop", "nop", "nop",
+                    acc = inout(zmm_reg) acc,
+                    at = in(reg) p.add(line * 64),
+                    options(nostack, readonly, preserves_flags),
+                );
+            }
+            return _mm512_reduce_add_epi64(acc) as u64;
+        }
         let mut acc = [_mm512_setzero_si512(); 4];
-        let chunks = words.chunks_exact(32);
-        let tail = chunks
-            .remainder()
-            .iter()
-            .fold(0u64, |a, &w| a.wrapping_add(w));
-        for c in chunks {
+        let whole = lines / 4 * 4;
+        for line in (0..whole).step_by(4) {
             for (v, a) in acc.iter_mut().enumerate() {
-                let x = _mm512_loadu_si512(c.as_ptr().add(8 * v) as *const _);
+                let x = _mm512_loadu_si512(p.add((line + v) * 64) as *const _);
                 *a = _mm512_add_epi64(*a, x);
             }
+        }
+        for line in whole..lines {
+            acc[0] = _mm512_add_epi64(acc[0], _mm512_loadu_si512(p.add(line * 64) as *const _));
         }
         let sum = _mm512_add_epi64(
             _mm512_add_epi64(acc[0], acc[1]),
             _mm512_add_epi64(acc[2], acc[3]),
         );
-        tail.wrapping_add(_mm512_reduce_add_epi64(sum) as u64)
+        _mm512_reduce_add_epi64(sum) as u64
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    pub unsafe fn fold(_: &[u64]) -> u64 {
+    pub unsafe fn fold(_: *const u8, _: usize, _: bool) -> u64 {
         0
     }
 }
