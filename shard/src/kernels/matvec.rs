@@ -87,7 +87,13 @@ mod avx512 {
     /// does. Batch-1 decode step of SmolLM2 on the AMX Xeon VM (`step_profile bfloat16 1 100`,
     /// interleaved runs): 31.5-34.7 ms without, 23.7-28.0 ms at 6 KiB, and in a faster hour
     /// of the VM 23.5-26.4 against 20.5-22.3 ms over four pairs; f32 35.5-54.2 against
-    /// 35.0-42.9 ms. Distances of 2 to 12 KiB were within the noise of each other. The lines
+    /// 35.0-42.9 ms. Distances of 2 to 12 KiB were within the noise of each other then; on
+    /// the same VM class a later session found 3 KiB best, as far ahead as keeps the lines
+    /// in time and no further (the fewer a core has in flight, the better the hardware's
+    /// own prefetching keeps up): bf16 batch-1 forward passes 10.44-10.63 ms against
+    /// 11.16-11.41 at 6 KiB (four interleaved rounds), 10.57-10.83 at 3.5 KiB, 11.14-11.26 at
+    /// 2 KiB, 15.5 with no prefetch; f32 batch 1 19.95 / 20.88 against 20.59 / 21.56 ms;
+    /// batch 8 level in both dtypes. The lines
     /// go to L2 (`prefetcht1`): on the Xeon that was no better than L1, on the Zen 4 VM it
     /// was faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
     /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
@@ -102,7 +108,7 @@ mod avx512 {
     /// projection, evict them). Distances of 3 to 24 KiB were within 2% of each other. On an
     /// Intel Xeon with AMX (a 480 MiB L3) the same hint made bf16 batch-1 steps 2.4 times
     /// slower (27.3-27.8 against 11.2-11.5 ms, interleaved runs), so Intel keeps L2 there.
-    const AHEAD: usize = 6 << 10;
+    const AHEAD: usize = 3 << 10;
 
     /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
     /// either loop reads: into L2, or non-temporal with `NTA` (see `AHEAD`). Past the last
