@@ -17,7 +17,8 @@
 //! hypervisor took (steal, from /proc/stat) during our runs and during transformers', so that a
 //! slow moment of a shared VM shows as one.
 //!
-//! Run: `cargo bench -p tessera-benchmark` (after `make model`; `make bench` does both).
+//! Run: `cargo bench -p tessera-benchmark` (after `make model`; `make bench` does both). Each
+//! dtype runs in a process of its own (`each_dtype_alone`).
 //! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
 //! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
 //! TESSERA_BENCH_JSON=path (write every figure as JSON).
@@ -111,7 +112,8 @@ const PROBE_EVERY: usize = 8;
 
 /// Prefill and decode throughput (tokens/s) of one batch run to completion, and the read
 /// bandwidth (bytes/s) of a pass over `probe` before every `PROBE_EVERY` decode steps: the
-/// bandwidth the machine gave in the moments the steps ran. Only the steps are timed.
+/// bandwidth the machine gave in the moments the steps ran. Only the steps are timed, and
+/// not those right after a pass.
 fn run_batch(
     runner: &mut Runner,
     batch: usize,
@@ -141,19 +143,34 @@ fn run_batch(
         }
     }
     let prefill = median(&prefills);
-    let (mut steps, mut decode, mut during) = (0, 0.0, Vec::new());
+    // The step right after a read pass runs untimed: the pass has just pushed out of the
+    // caches what the steps before it left there, which no server's steps would meet (bf16
+    // batch 1: 12.0-12.9 ms against 10.4-11.5 for the steps after it, `step_profile` with a
+    // pass every 16 steps; docs/benchmarks.md, eleventh session).
+    let (mut steps, mut timed, mut decode, mut during) = (0, 0, 0.0, Vec::new());
+    // A run too short to time any other step times all of them.
+    let mut all = 0.0;
     while let Some(c) = cached {
-        if steps % PROBE_EVERY == 0 {
+        let after_pass = steps % PROBE_EVERY == 0;
+        if after_pass {
             during.push(read_pass(probe));
         }
         let start = Instant::now();
         cached = runner.decode(&[c]).expect("decode").batch;
-        decode += start.elapsed().as_secs_f64();
+        let took = start.elapsed().as_secs_f64();
+        all += took;
+        if !after_pass {
+            decode += took;
+            timed += 1;
+        }
         steps += 1;
+    }
+    if timed == 0 {
+        (timed, decode) = (steps, all);
     }
     (
         (batch * PROMPT) as f64 / prefill,
-        (batch * steps) as f64 / decode,
+        (batch * timed) as f64 / decode,
         during,
         prefills,
     )
@@ -270,6 +287,56 @@ fn transformers_baseline(
         .collect()
 }
 
+/// Runs this benchmark once per dtype, each in a process of its own, as a server loads one
+/// model; merges their JSON records; returns the exit code. In one process, bf16 after f32
+/// decoded a tenth slower at batch 1 than alone (86.3 / 87.0 against 97.7 / 94.4 tok/s,
+/// interleaved runs; docs/benchmarks.md, eleventh session): what the f32 run left behind, not
+/// the shard, was being measured.
+fn each_dtype_alone(dtypes: &[String]) -> i32 {
+    let json = std::env::var("TESSERA_BENCH_JSON").ok();
+    let Ok(exe) = std::env::current_exe() else {
+        eprintln!("cannot find this benchmark's executable to run each dtype alone");
+        return 1;
+    };
+    let mut records = Vec::new();
+    for dtype in dtypes {
+        let part = json.as_ref().map(|p| format!("{p}.{dtype}"));
+        let mut child = std::process::Command::new(&exe);
+        child
+            .args(std::env::args_os().skip(1))
+            .env("TESSERA_BENCH_DTYPES", dtype);
+        match &part {
+            Some(p) => child.env("TESSERA_BENCH_JSON", p),
+            None => child.env_remove("TESSERA_BENCH_JSON"),
+        };
+        match child.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                eprintln!("the {dtype} run failed: {status}");
+                return status.code().unwrap_or(1);
+            }
+            Err(e) => {
+                eprintln!("the {dtype} run could not start: {e}");
+                return 1;
+            }
+        }
+        if let Some(p) = &part {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            if let Ok(serde_json::Value::Array(rows)) = serde_json::from_str(&text) {
+                records.extend(rows);
+            }
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    if let Some(path) = json {
+        let _ = std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&records).unwrap_or_default(),
+        );
+    }
+    0
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = root.join(MODEL);
@@ -286,6 +353,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(128);
+    if dtypes.len() > 1 {
+        std::process::exit(each_dtype_alone(&dtypes));
+    }
     let baseline = std::env::var("TESSERA_BENCH_BASELINE").map_or(true, |v| v != "0");
     let _guard = tch::no_grad_guard();
     let device = tessera_benchmark::device();
