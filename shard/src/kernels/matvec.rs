@@ -88,9 +88,10 @@ mod avx512 {
     /// interleaved runs): 31.5-34.7 ms without, 23.7-28.0 ms at 6 KiB, and in a faster hour
     /// of the VM 23.5-26.4 against 20.5-22.3 ms over four pairs; f32 35.5-54.2 against
     /// 35.0-42.9 ms. Distances of 2 to 12 KiB were within the noise of each other then; on
-    /// the same VM class a later session found 3 KiB best, as far ahead as keeps the lines
-    /// in time and no further (the fewer a core has in flight, the better the hardware's
-    /// own prefetching keeps up): bf16 batch-1 forward passes 10.44-10.63 ms against
+    /// the same VM class a later session found 3 KiB best (our reading: far enough to keep
+    /// the lines in time, and fewer in flight leave the hardware's own prefetching more room,
+    /// as a read loop with fewer loads waiting read faster there): bf16 batch-1 forward
+    /// passes 10.44-10.63 ms against
     /// 11.16-11.41 at 6 KiB (four interleaved rounds), 10.57-10.83 at 3.5 KiB, 11.14-11.26 at
     /// 2 KiB, 15.5 with no prefetch; f32 batch 1 19.95 / 20.88 against 20.59 / 21.56 ms;
     /// batch 8 level in both dtypes. The lines
