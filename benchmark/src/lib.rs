@@ -20,9 +20,10 @@ pub fn device() -> tch::Device {
 ///
 /// Which loop reads faster depends on the machine. On the AMX Xeon VM (eleventh session,
 /// docs/benchmarks.md), over 1 GiB on two threads, libtorch's sum (the probe before) read
-/// 26.6-30.6 GB/s, four independent vectors of adds 30.3-31.8, and one chain of adds with
-/// eight `nop`s a cache line 33-34: the fewer loads a core has waiting, the better the
-/// hardware's own prefetching keeps up. A roofline must be the best the machine streams.
+/// 26.6-30.6 GB/s, four independent vectors of adds 30.2-31.8, and one chain of adds with
+/// eight `nop`s a cache line 34.2-35.4: the fewer loads a core has waiting, the faster it
+/// read (our reading: the hardware's own prefetching keeps up better). A roofline must be
+/// the best the machine streams.
 pub fn read_pass(probe: &tch::Tensor) -> f64 {
     let bytes = probe.numel() * probe.kind().elt_size_in_bytes();
     if probe.device() != tch::Device::Cpu || !probe.is_contiguous() || !read::wide() {
