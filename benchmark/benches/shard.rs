@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use tessera_benchmark::read_pass;
+use tessera_benchmark::{peak_read_bandwidth, probe_buffer, read_pass};
 use tessera_proto as pb;
 use tessera_shard::runner::BLOCK_SIZE;
 use tessera_shard::Runner;
@@ -145,8 +145,8 @@ fn run_batch(
     let prefill = median(&prefills);
     // The step right after a read pass runs untimed: the pass has just pushed out of the
     // caches what the steps before it left there, which no server's steps would meet (bf16
-    // batch 1: 12.0-12.9 ms against 10.4-11.5 for the steps after it, `step_profile` with a
-    // pass every 16 steps; docs/benchmarks.md, eleventh session).
+    // batch 1: 12.0-12.9 ms against a median of 10.8 for the other steps, `step_profile`
+    // with a pass every 16 steps; docs/benchmarks.md, eleventh session).
     let (mut steps, mut timed, mut decode, mut during) = (0, 0, 0.0, Vec::new());
     // A run too short to time any other step times all of them.
     let mut all = 0.0;
@@ -187,34 +187,6 @@ fn median(xs: &[f64]) -> f64 {
     let mut xs = xs.to_vec();
     xs.sort_by(f64::total_cmp);
     xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// A 1 GiB buffer of f32 ones (far beyond any cache) for the read probes. It lies on 2 MiB
-/// pages, as the shard's weights do: on 4 KiB pages the same passes read 12-19% less (medians
-/// on two and one threads, docs/benchmarks.md), and a roofline must be the best the machine can stream.
-fn probe_buffer(device: Device) -> Tensor {
-    if device.is_cuda() {
-        return Tensor::ones([1 << 28], (Kind::Float, device));
-    }
-    let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(Kind::Float);
-    let _ = t.fill_(1.0);
-    t
-}
-
-/// Peak read bandwidth in bytes/s: the best of several passes over `probe`, with one and with
-/// all threads. The same figure serves both dtypes, so their rooflines are comparable.
-fn read_bandwidth(probe: &Tensor) -> f64 {
-    let threads = tch::get_num_threads();
-    let mut best = 0f64;
-    for n in [1, threads] {
-        tch::set_num_threads(n);
-        let _ = read_pass(probe);
-        for _ in 0..3 {
-            best = best.max(read_pass(probe));
-        }
-    }
-    tch::set_num_threads(threads);
-    best
 }
 
 /// Large-matmul throughput in FLOP/s for `kind` on `device` (a GPU needs a larger product to
@@ -290,8 +262,8 @@ fn transformers_baseline(
 /// Runs this benchmark once per dtype, each in a process of its own, as a server loads one
 /// model; merges their JSON records; returns the exit code. In one process, bf16 after f32
 /// decoded a tenth slower at batch 1 than alone (86.3 / 87.0 against 97.7 / 94.4 tok/s,
-/// interleaved runs; docs/benchmarks.md, eleventh session): what the f32 run left behind, not
-/// the shard, was being measured.
+/// interleaved runs, 128 new tokens; level with 64; docs/benchmarks.md, eleventh session):
+/// the benchmark measured what the f32 run left behind in the process, for a cause not found.
 fn each_dtype_alone(dtypes: &[String]) -> i32 {
     let json = std::env::var("TESSERA_BENCH_JSON").ok();
     let Ok(exe) = std::env::current_exe() else {
@@ -386,12 +358,12 @@ fn main() {
         let ours: Vec<Measured> = batches
             .iter()
             .map(|&batch| {
-                let before = (read_bandwidth(&probe), matmul_flops(kind, device));
+                let before = (peak_read_bandwidth(&probe), matmul_flops(kind, device));
                 let ticks = cpu_ticks();
                 let (prefill, decode, during, prefills) =
                     run_batch(&mut runner, batch, new, &probe);
                 let ours_done = cpu_ticks();
-                let after = (read_bandwidth(&probe), matmul_flops(kind, device));
+                let after = (peak_read_bandwidth(&probe), matmul_flops(kind, device));
                 let their_start = cpu_ticks();
                 let theirs = baseline
                     .then(|| transformers_baseline(&root, dtype, device, &[batch], new).pop())

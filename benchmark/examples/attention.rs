@@ -18,17 +18,6 @@ const KV_HEADS: i64 = 3;
 const HEAD_DIM: i64 = 64;
 const BLOCK: usize = 16;
 
-/// Sustained read bandwidth in bytes/s: the best of a few passes over 1 GiB on 2 MiB pages, on
-/// all threads (`read_pass`, as the shard benchmark's probe).
-fn read_bandwidth() -> f64 {
-    let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(Kind::Float);
-    let _ = t.fill_(1.0);
-    let _ = tessera_benchmark::read_pass(&t);
-    (0..3)
-        .map(|_| tessera_benchmark::read_pass(&t))
-        .fold(0.0, f64::max)
-}
-
 fn main() {
     let _guard = tch::no_grad_guard();
     let arg = |i: usize| std::env::args().nth(i);
@@ -78,7 +67,8 @@ fn main() {
         }
     };
     step();
-    let bandwidth = read_bandwidth();
+    let bandwidth =
+        tessera_benchmark::peak_read_bandwidth(&tessera_benchmark::probe_buffer(Device::Cpu));
     let mut best = f64::MAX;
     for _ in 0..20 {
         let start = Instant::now();

@@ -14,6 +14,34 @@ pub fn device() -> tch::Device {
     }
 }
 
+/// A buffer for the read probes: on a CPU 1 GiB of f32 ones (far beyond any cache) on 2 MiB
+/// pages, as the shard's weights are (on 4 KiB pages the same passes read 12-19% less:
+/// medians on two and one threads, docs/benchmarks.md); on a GPU 1 GiB of device memory.
+pub fn probe_buffer(device: tch::Device) -> tch::Tensor {
+    if device.is_cuda() {
+        return tch::Tensor::ones([1 << 28], (tch::Kind::Float, device));
+    }
+    let mut t = tessera_shard::allocator::empty_in_huge_pages(1 << 30).view_dtype(tch::Kind::Float);
+    let _ = t.fill_(1.0);
+    t
+}
+
+/// Peak read bandwidth in bytes/s: the best of several `read_pass`es over `probe`, with one
+/// and with all of libtorch's threads.
+pub fn peak_read_bandwidth(probe: &tch::Tensor) -> f64 {
+    let threads = tch::get_num_threads();
+    let mut best = 0f64;
+    for n in [1, threads] {
+        tch::set_num_threads(n);
+        let _ = read_pass(probe);
+        for _ in 0..3 {
+            best = best.max(read_pass(probe));
+        }
+    }
+    tch::set_num_threads(threads);
+    best
+}
+
 /// The read bandwidth of one pass over `probe`, in bytes/s. On a CPU with AVX-512 it reads the
 /// buffer twice on all of libtorch's threads (the team the shard's kernels run on), once with
 /// each of `read`'s two loops, and keeps the faster; elsewhere it times libtorch's sum.
@@ -62,7 +90,8 @@ mod read {
     }
 
     /// Reads `lines` cache lines from `p`: four independent vectors of adds (as a plain loop
-    /// the compiler kept this scalar, and it read a sixth less than libtorch's sum), or, when
+    /// the compiler kept this scalar, and it read 25.1-25.9 GB/s where libtorch's sum read
+    /// 29.6-29.8), or, when
     /// `paced`, one chain of adds with eight `nop`s after each line's, so that fewer loads
     /// wait at once (written in assembly: the compiler would drop or move the `nop`s).
     ///

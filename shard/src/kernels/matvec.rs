@@ -91,12 +91,11 @@ mod avx512 {
     /// the same VM class a later session found 3 KiB best (our reading: far enough to keep
     /// the lines in time, and fewer in flight leave the hardware's own prefetching more room,
     /// as a read loop with fewer loads waiting read faster there): bf16 batch-1 forward
-    /// passes 10.44-10.63 ms against
-    /// 11.16-11.41 at 6 KiB (four interleaved rounds), 10.57-10.83 at 3.5 KiB, 11.14-11.26 at
-    /// 2 KiB, 15.5 with no prefetch; f32 batch 1 19.95 / 20.88 against 20.59 / 21.56 ms;
-    /// batch 8 level in both dtypes. The lines
-    /// go to L2 (`prefetcht1`): on the Xeon that was no better than L1, on the Zen 4 VM it
-    /// was faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
+    /// passes 10.44-10.63 ms against 11.16-11.41 at 6 KiB (four interleaved rounds),
+    /// 10.57-10.83 at 3.5 KiB, 11.14-11.26 at 2 KiB, 15.5 with no prefetch; f32 batch 1
+    /// 19.95 / 20.88 against 20.59 / 21.56 ms; batch 8 level in both dtypes. The lines go to
+    /// L2 (`prefetcht1`): on the Xeon that was no better than L1, on the Zen 4 VM it was
+    /// faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
     /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
     ///
     /// Except for one row of `x` on AMD CPUs, where the lines are asked for as non-temporal
