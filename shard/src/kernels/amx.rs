@@ -15,8 +15,13 @@
 //! step along `k` are issued right after the last product that reads each register, so they
 //! overlap the products instead of waiting for all four (single-threaded, from memory: 4.2
 //! GB/s of weights with the loads grouped, 5-7 GB/s interleaved). The next 32 weight rows
-//! are prefetched meanwhile, as in `matvec`. Output columns are split across libtorch's
-//! threads in blocks of 32.
+//! are prefetched meanwhile into L2 (`prefetcht1`), as in `matvec`. Into L1 (`prefetcht0`,
+//! this kernel's hint until 2026-12-05) whole bf16 steps were 5-10% slower
+//! (`step_profile`, AMX Xeon VM, three interleaved rounds at batches 9-64: batch 32
+//! 25.2-26.7 → 23.0-24.5 ms, batch 16 19.6-20.3 → 17.5-18.3); `prefetcht2` was level with
+//! `prefetcht1`, and asking only for each 4 KiB page's first lines (the hardware prefetcher
+//! doing the rest) level with L1. Output columns are split across libtorch's threads in
+//! blocks of 32.
 //!
 //! Linux grants AMX's 8 KiB of tile state per process on request (`arch_prctl`); where it
 //! refuses, or the CPU has no AMX, `gemm` declines and the caller keeps libtorch.
@@ -247,7 +252,7 @@ mod tiles {
                     if let (Some(next), 0) = (next, pair) {
                         let lines = (step - 1) * per_step..(step * per_step).min(block_bytes / 64);
                         for line in lines {
-                            _mm_prefetch::<_MM_HINT_T0>(next.add(line * 64));
+                            _mm_prefetch::<_MM_HINT_T1>(next.add(line * 64));
                         }
                     }
                     // This step's four products, each register reloaded for the next step
