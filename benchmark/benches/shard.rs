@@ -8,7 +8,8 @@
 //! - the memory-bandwidth roofline: a decode step reads every weight once, so at best
 //!   `batch × bandwidth / weight bytes` tokens/s, the bandwidth being the median of read
 //!   passes taken between the decode steps (one every `PROBE_EVERY`), so that it measures the
-//!   moments the steps ran in; the roofline of the best single pass is reported beside it;
+//!   moments the steps ran in (the steps timed are those `SETTLE` or more after a pass); the
+//!   roofline of the best single pass is reported beside it;
 //! - the FLOP roofline: `2 × params` FLOPs per token at the measured large-matmul rate;
 //! - for decode, also the bound of reading the weights and every sequence's K/V cache once a
 //!   step (mean context of the run) at the measured bandwidth.
@@ -123,12 +124,24 @@ fn stolen(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> bool {
 const RETAKES: usize = 6;
 
 /// Decode steps between two read passes of `run_batch`.
-const PROBE_EVERY: usize = 8;
+const PROBE_EVERY: usize = 32;
+
+/// Decode steps after each read pass that run untimed. The pass (2 GiB of reads) pushes out
+/// of the caches what the steps had left there, and bf16 batch-1 steps take about eight
+/// steps to get back to their pace, which no server's steps would meet. Medians by distance
+/// from the last pass, a pass every 32 steps (`step_profile` with
+/// `TESSERA_PROFILE_PASS_EVERY=32`, 512 steps, AMX Xeon VM): bf16 batch 1 11.80, 10.94,
+/// 10.60, 10.47 ms for the first four, 10.36 for the ninth, 9.98-10.21 after; f32 batch 1
+/// 22.37 right after, then 20.4-21.5; bf16 batches 8 and 32 slower only right after. With a
+/// pass every 8 steps and only the first left out, as until 2026-12-05, bf16 batch-1 decode
+/// scored 0.70 of the bandwidth roofline in a full run, its steps 10.4-11.0 ms against 9.5
+/// undisturbed in `step_profile` that hour (docs/benchmarks.md, twelfth session).
+const SETTLE: usize = 8;
 
 /// Prefill and decode throughput (tokens/s) of one batch run to completion, and the read
 /// bandwidth (bytes/s) of a pass over `probe` before every `PROBE_EVERY` decode steps: the
 /// bandwidth the machine gave in the moments the steps ran. Only the steps are timed, and
-/// not those right after a pass.
+/// only those at least `SETTLE` steps after a pass.
 fn run_batch(
     runner: &mut Runner,
     batch: usize,
@@ -166,23 +179,18 @@ fn run_batch(
         }
     }
     let prefill = median(&prefills);
-    // The step right after a read pass runs untimed: the pass has just pushed out of the
-    // caches what the steps before it left there, which no server's steps would meet (bf16
-    // batch 1: 12.0-12.9 ms against a median of 10.8 for the other steps, `step_profile`
-    // with a pass every 16 steps; docs/benchmarks.md, eleventh session).
     let (mut steps, mut timed, mut decode, mut during) = (0, 0, 0.0, Vec::new());
     // A run too short to time any other step times all of them.
     let mut all = 0.0;
     while let Some(c) = cached {
-        let after_pass = steps % PROBE_EVERY == 0;
-        if after_pass {
+        if steps % PROBE_EVERY == 0 {
             during.push(read_pass(probe));
         }
         let start = Instant::now();
         cached = runner.decode(&[c]).expect("decode").batch;
         let took = start.elapsed().as_secs_f64();
         all += took;
-        if !after_pass {
+        if steps % PROBE_EVERY >= SETTLE {
             decode += took;
             timed += 1;
         }

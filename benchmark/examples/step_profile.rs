@@ -2,7 +2,9 @@
 //! stop checks), at a few batch sizes: the first question when decode is slower than its roofline.
 //! Run: `cargo run --release -p tessera-benchmark --example step_profile -- [dtype] [batches] [steps]`,
 //! e.g. `-- float32 32 100` (defaults: float32, 1,8,32, 32 steps). `TESSERA_BENCH_DEVICE=cuda` runs it
-//! on a GPU.
+//! on a GPU. `TESSERA_PROFILE_PASS_EVERY=N` runs the shard benchmark's read pass before every
+//! N-th step and prints the steps' median time by their distance from the last pass: how many
+//! steps a pass disturbs (the benchmark leaves them untimed, its `SETTLE`).
 
 use std::path::PathBuf;
 
@@ -31,6 +33,11 @@ fn main() {
         .nth(3)
         .and_then(|s| s.parse().ok())
         .unwrap_or(32);
+    let pass_every: usize = std::env::var("TESSERA_PROFILE_PASS_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let probe = (pass_every > 0).then(|| tessera_benchmark::probe_buffer(device));
     let per = (128 + steps as usize + 1).div_ceil(BLOCK_SIZE) as u32;
     let most = batches.iter().copied().max().unwrap_or(1);
     runner.allocate_pool(1 + most * per as usize).expect("pool");
@@ -65,8 +72,16 @@ fn main() {
         let mut cached = runner.prefill(&b, None).expect("prefill").batch;
         let prefill = start.elapsed();
         let (mut fwd, mut dec, mut n) = (0u64, 0u64, 0u64);
+        let mut since_pass = vec![Vec::new(); pass_every.max(1)];
         while let Some(c) = cached {
+            if let Some(probe) = &probe {
+                if (n as usize).is_multiple_of(pass_every) {
+                    tessera_benchmark::read_pass(probe);
+                }
+            }
+            let start = std::time::Instant::now();
             let out = runner.decode(&[c]).expect("decode");
+            since_pass[n as usize % pass_every.max(1)].push(start.elapsed().as_secs_f64());
             fwd += out.forward_ns;
             dec += out.decode_ns;
             n += 1;
@@ -78,5 +93,21 @@ fn main() {
             fwd as f64 / n as f64 / 1e6,
             dec as f64 / n as f64 / 1e6
         );
+        if probe.is_some() {
+            let medians: Vec<String> = since_pass
+                .iter()
+                .map(|t| format!("{:.2}", median(t) * 1e3))
+                .collect();
+            println!(
+                "  whole steps by distance from the last read pass (0 = right after), median ms: {}",
+                medians.join(" ")
+            );
+        }
     }
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
