@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
-use tessera_benchmark::{peak_read_bandwidth, probe_buffer, read_pass};
+use tessera_benchmark::{median, peak_read_bandwidth, probe_buffer, read_pass};
 use tessera_proto as pb;
 use tessera_shard::runner::BLOCK_SIZE;
 use tessera_shard::Runner;
@@ -134,7 +134,7 @@ const PROBE_EVERY: usize = 32;
 /// 10.60, 10.47 ms for the first four, 10.36 for the ninth, 9.98-10.21 after; f32 batch 1
 /// 22.37 right after, then 20.4-21.5; bf16 batches 8 and 32 slower only right after. With a
 /// pass every 8 steps and only the first left out, as until 2026-12-05, bf16 batch-1 decode
-/// scored 0.70 of the bandwidth roofline in a full run, its steps 10.4-11.0 ms against 9.5
+/// scored 0.70 of the bandwidth roofline in a full run, its steps 10.4-11.0 ms against 9.5-9.8
 /// undisturbed in `step_profile` that hour (docs/benchmarks.md, twelfth session).
 const SETTLE: usize = 8;
 
@@ -212,12 +212,6 @@ fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut xs = xs.to_vec();
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Large-matmul throughput in FLOP/s for `kind` on `device` (a GPU needs a larger product to

@@ -96,7 +96,7 @@ fn main() {
         if probe.is_some() {
             let medians: Vec<String> = since_pass
                 .iter()
-                .map(|t| format!("{:.2}", median(t) * 1e3))
+                .map(|t| format!("{:.2}", tessera_benchmark::median(t) * 1e3))
                 .collect();
             println!(
                 "  whole steps by distance from the last read pass (0 = right after), median ms: {}",
@@ -104,10 +104,4 @@ fn main() {
             );
         }
     }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut xs = xs.to_vec();
-    xs.sort_by(f64::total_cmp);
-    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
 }

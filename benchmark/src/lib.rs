@@ -14,6 +14,14 @@ pub fn device() -> tch::Device {
     }
 }
 
+/// The middle value of `xs` (the upper of the two middle ones for an even count), or NaN
+/// for none.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// A buffer for the read probes: on a CPU 1 GiB of f32 ones (far beyond any cache) on 2 MiB
 /// pages, as the shard's weights are (on 4 KiB pages the same passes read 12-19% less:
 /// medians on two and one threads, docs/benchmarks.md); on a GPU 1 GiB of device memory.
