@@ -80,14 +80,22 @@ struct Measured {
     decode: f64,
     probes: [(f64, f64); 2],
     during: Vec<f64>,
-    /// transformers' `(batch, prefill, decode, prefill passes taken again for steal)`.
-    theirs: Option<(usize, f64, f64, u64)>,
+    theirs: Option<Theirs>,
     /// The timed prefill passes, in seconds, and how many were taken again for steal.
     prefills: Vec<f64>,
     retaken: usize,
     /// The share of the vCPUs' time the hypervisor took (steal) during our runs and during
     /// transformers' subprocess.
     steal: [Option<f64>; 2],
+}
+
+/// transformers' figures for one batch size (tokens/s), and how many of its prefill passes
+/// it took again for steal.
+#[derive(Clone, Copy)]
+struct Theirs {
+    prefill: f64,
+    decode: f64,
+    retaken: u64,
 }
 
 /// The machine's `(steal, total)` CPU time in ticks from /proc/stat (Linux), to tell a slow
@@ -240,7 +248,7 @@ fn transformers_baseline(
     device: Device,
     batches: &[usize],
     new: u32,
-) -> Vec<(usize, f64, f64, u64)> {
+) -> Vec<Theirs> {
     let python = root.join(".venv/bin/python");
     let script = root.join("benchmark/transformers_baseline.py");
     let out = std::process::Command::new(python)
@@ -275,12 +283,11 @@ fn transformers_baseline(
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| {
-            Some((
-                v["batch"].as_u64()? as usize,
-                v["prefill_tok_s"].as_f64()?,
-                v["decode_tok_s"].as_f64()?,
-                v["prefill_retaken"].as_u64().unwrap_or(0),
-            ))
+            Some(Theirs {
+                prefill: v["prefill_tok_s"].as_f64()?,
+                decode: v["decode_tok_s"].as_f64()?,
+                retaken: v["prefill_retaken"].as_u64().unwrap_or(0),
+            })
         })
         .collect()
 }
@@ -451,7 +458,7 @@ fn main() {
                     .map(|p| format!("{:.1}", p * 1e3))
                     .collect::<Vec<_>>()
                     .join(" / "),
-                theirs.map_or("-".into(), |t| t.3.to_string()),
+                theirs.map_or("-".into(), |t| t.retaken.to_string()),
                 share(&steal[0]),
                 share(&steal[1]),
             );
@@ -485,10 +492,10 @@ fn main() {
             let peak = before.0.max(after.0);
             let flops = before.1.max(after.1);
             let flop_roof = flops / (2.0 * params);
-            let their_retaken = hf.map(|h| h.3);
+            let their_retaken = hf.map(|h| h.retaken);
             for (phase, ours, hf) in [
-                ("prefill", p, hf.map(|h| h.1)),
-                ("decode", d, hf.map(|h| h.2)),
+                ("prefill", p, hf.map(|h| h.prefill)),
+                ("decode", d, hf.map(|h| h.decode)),
             ] {
                 let bw_roof = if phase == "decode" {
                     b as f64 * bandwidth / weight_bytes

@@ -11,13 +11,9 @@
 use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
+use tessera_benchmark::median;
 use tessera_shard::comm::shm::ShmComm;
 use tessera_shard::comm::Communicator;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 fn main() {
     let iterations: usize = std::env::args()
@@ -64,7 +60,7 @@ fn main() {
                     .map(|h| h.join().expect("rank"))
                     .collect()
             });
-            let reduce = median(times.into_iter().flatten().collect());
+            let reduce = median(&times.into_iter().flatten().collect::<Vec<_>>());
             // Baseline: publish (copy in) and sum two contributions, in one thread.
             let a = Tensor::ones([n], (kind, Device::Cpu));
             let b = Tensor::ones([n], (kind, Device::Cpu));
@@ -80,7 +76,7 @@ fn main() {
                 let _ = total.to_kind(kind);
                 base.push(start.elapsed().as_secs_f64());
             }
-            let base = median(base);
+            let base = median(&base);
             println!(
                 "| {n} | {kind:?} | {:.1} µs | {:.1} µs | {:.1}x |",
                 reduce * 1e6,

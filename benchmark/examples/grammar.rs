@@ -154,11 +154,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         plain.push(decode_time(&mut runner, batch, tokens, "").0);
         constrained.push(decode_time(&mut runner, batch, tokens, &flat).0);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (p, c) = (median(&mut plain), median(&mut constrained));
+    let median = tessera_benchmark::median;
+    let (p, c) = (median(&plain), median(&constrained));
     println!(
         "\ndecode, batch {batch}, {tokens} tokens, sampled: {:.2} ms/step without a grammar, {:.2} ms/step with a JSON grammar: {:+.1}% ({:.3}x)",
         p * 1e3,

@@ -91,14 +91,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tpot.push((end - first_token).as_secs_f64() / (tokens - 1) as f64);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = tessera_benchmark::median;
     println!(
         "{{\"requests\": {n}, \"median_e2e_s\": {:.4}, \"median_tpot_s\": {:.5}}}",
-        median(&mut e2e),
-        median(&mut tpot)
+        median(&e2e),
+        median(&tpot)
     );
     Ok(())
 }

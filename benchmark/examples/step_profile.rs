@@ -72,7 +72,7 @@ fn main() {
         let mut cached = runner.prefill(&b, None).expect("prefill").batch;
         let prefill = start.elapsed();
         let (mut fwd, mut dec, mut n) = (0u64, 0u64, 0u64);
-        let mut since_pass = vec![Vec::new(); pass_every.max(1)];
+        let mut since_pass = vec![Vec::new(); pass_every];
         while let Some(c) = cached {
             if let Some(probe) = &probe {
                 if (n as usize).is_multiple_of(pass_every) {
@@ -81,7 +81,9 @@ fn main() {
             }
             let start = std::time::Instant::now();
             let out = runner.decode(&[c]).expect("decode");
-            since_pass[n as usize % pass_every.max(1)].push(start.elapsed().as_secs_f64());
+            if probe.is_some() {
+                since_pass[n as usize % pass_every].push(start.elapsed().as_secs_f64());
+            }
             fwd += out.forward_ns;
             dec += out.decode_ns;
             n += 1;
