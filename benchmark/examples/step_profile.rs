@@ -4,7 +4,8 @@
 //! e.g. `-- float32 32 100` (defaults: float32, 1,8,32, 32 steps). `TESSERA_BENCH_DEVICE=cuda` runs it
 //! on a GPU. `TESSERA_PROFILE_PASS_EVERY=N` runs the shard benchmark's read pass before every
 //! N-th step and prints the steps' median time by their distance from the last pass: how many
-//! steps a pass disturbs (the benchmark leaves them untimed, its `SETTLE`).
+//! steps a pass disturbs (the benchmark leaves them untimed, its `SETTLE`). `TESSERA_NO_PLAN=1`
+//! runs CPU decode steps op by op instead of as one plan of kernels (`decode_plan`).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,8 @@ fn main() {
         device,
     )
     .expect("load (run `make model`)");
+    // For comparison: decode steps op by op instead of as one plan of kernels.
+    runner.model.plan_decode = std::env::var_os("TESSERA_NO_PLAN").is_none();
     let batches: Vec<usize> = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "1,8,32".into())

@@ -11,16 +11,21 @@ use tch::{Device, Kind, Tensor};
 
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512, Lanes};
-use super::{isa, Isa};
+use super::{isa, Isa, Now, Sink};
 
 /// `silu(gu[:, ..f]) * gu[:, f..]` for `gu` `[rows, 2f]` (gate first, as `Mlp::Gated` fuses
 /// them), as a new `[rows, f]` tensor; `None` where no kernel applies.
 pub fn silu_mul(gu: &Tensor) -> Option<Tensor> {
-    silu_mul_on(isa(gu.kind())?, gu)
+    silu_mul_in(gu, &mut Now)
+}
+
+/// `silu_mul`, its work into `sink`.
+pub fn silu_mul_in<'a>(gu: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
+    silu_mul_on(isa(gu.kind())?, gu, sink)
 }
 
 /// `silu_mul` with a chosen instruction set, which the caller has checked the CPU has.
-fn silu_mul_on(isa: Isa, gu: &Tensor) -> Option<Tensor> {
+fn silu_mul_on<'a>(isa: Isa, gu: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     let kind = gu.kind();
     let (rows, width) = gu.size2().ok()?;
     if gu.device() != Device::Cpu
@@ -54,7 +59,9 @@ fn silu_mul_on(isa: Isa, gu: &Tensor) -> Option<Tensor> {
             }
         };
         // As the norms: split once a step holds a few thousand elements.
-        super::threads::split(rows, 1, rows * f >= super::norm::SPLIT_ELEMENTS, &run);
+        sink.keep(gu);
+        sink.keep(&y);
+        sink.split(rows, 1, rows * f >= super::norm::SPLIT_ELEMENTS, run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -144,7 +151,7 @@ mod tests {
                     let _ = gu.narrow(0, 3, 1).fill_(f64::INFINITY);
                     let gu = gu.view([rows, 2 * f]).to_kind(kind);
                     let want = gu.narrow(1, 0, f).silu() * gu.narrow(1, f, f);
-                    let got = silu_mul_on(isa, &gu).expect("kernel");
+                    let got = silu_mul_on(isa, &gu, &mut Now).expect("kernel");
                     assert_eq!(got.kind(), kind);
                     let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
                     assert!(

@@ -30,7 +30,9 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{isa, Isa};
+#[cfg(test)]
+use super::Now;
+use super::{isa, Isa, Sink};
 
 /// The rows of `x` the kernel takes, measured interleaved with the `gemm` example (a layer's
 /// products and the head, bf16) and in whole decode steps (`step_profile`): from 9 rows to 64
@@ -48,7 +50,13 @@ const ROWS: Range<usize> = 9..65;
 /// `x @ w.T` for bf16 `x` `[m, k]` and `w` `[n, k]`, or `None` when AMX is not there or the
 /// shape does not fit its tiles (`n` a multiple of 32, `k` of 32) and the caller should use
 /// libtorch.
+#[cfg(test)]
 pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    gemm_in(x, w, &mut Now)
+}
+
+/// `gemm`, its work into `sink`.
+pub(super) fn gemm_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     if w.kind() != Kind::BFloat16 || !available() {
         return None;
     }
@@ -56,7 +64,7 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     if !ROWS.contains(&m) {
         return None;
     }
-    gemm_on(x, w, (m, n, k))
+    gemm_on(x, w, (m, n, k), sink)
 }
 
 /// Whether the kernel may run here: AMX-BF16 in the CPU, the tile state granted by the
@@ -78,7 +86,12 @@ fn available() -> bool {
     false
 }
 
-fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<Tensor> {
+fn gemm_on<'a>(
+    x: &Tensor,
+    w: &Tensor,
+    (m, n, k): (usize, usize, usize),
+    sink: &mut impl Sink<'a>,
+) -> Option<Tensor> {
     if n % 32 != 0 || k % 32 != 0 || !x.is_contiguous() {
         return None;
     }
@@ -108,7 +121,10 @@ fn gemm_on(x: &Tensor, w: &Tensor, (m, n, k): (usize, usize, usize)) -> Option<T
             };
             PACKED.set(packed);
         };
-        super::threads::split(n, 32, true, &run);
+        for t in [w, x, &y] {
+            sink.keep(t);
+        }
+        sink.split(n, 32, true, run);
     }
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     return None;

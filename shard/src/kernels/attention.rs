@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512, Lanes};
-use super::{isa, Isa};
+use super::{isa, Isa, Now, Sink};
 
 /// Shape and score shaping of one layer's attention.
 #[derive(Clone, Copy, Debug)]
@@ -39,17 +39,30 @@ pub fn decode_attention(
     context: &[&[i64]],
     shape: DecodeShape,
 ) -> Option<Tensor> {
-    decode_attention_on(isa(keys.kind())?, q, keys, values, context, shape)
+    decode_attention_in(q, keys, values, context, shape, &mut Now)
+}
+
+/// `decode_attention`, its work into `sink`.
+pub fn decode_attention_in<'a>(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    context: &'a [&'a [i64]],
+    shape: DecodeShape,
+    sink: &mut impl Sink<'a>,
+) -> Option<Tensor> {
+    decode_attention_on(isa(keys.kind())?, q, keys, values, context, shape, sink)
 }
 
 /// `decode_attention` with a chosen instruction set, which the caller has checked the CPU has.
-fn decode_attention_on(
+fn decode_attention_on<'a>(
     isa: Isa,
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    context: &[&[i64]],
+    context: &'a [&'a [i64]],
     shape: DecodeShape,
+    sink: &mut impl Sink<'a>,
 ) -> Option<Tensor> {
     let kind = keys.kind();
     let (b, h, d) = q.size3().ok()?;
@@ -77,8 +90,15 @@ fn decode_attention_on(
     {
         return None;
     }
-    let q = q.contiguous();
+    let prepared = q.contiguous();
+    if !sink.unchanged(q, &prepared) {
+        return None;
+    }
+    let q = prepared;
     let out = Tensor::empty([b, h * d], (kind, tch::Device::Cpu));
+    for t in [&q, keys, values, &out] {
+        sink.keep(t);
+    }
     #[cfg(target_arch = "x86_64")]
     {
         // Addresses, so that parts of the work can run on libtorch's other threads.
@@ -90,7 +110,7 @@ fn decode_attention_on(
         );
         let bf16 = kind == Kind::BFloat16;
         // One job per sequence and KV head; a part is a range of jobs.
-        let run = |jobs: std::ops::Range<usize>| {
+        let run = move |jobs: std::ops::Range<usize>| {
             let mut scores = Vec::new();
             for index in jobs.clone() {
                 let (seq, kvh) = (index / num_kv_heads, index % num_kv_heads);
@@ -135,7 +155,7 @@ fn decode_attention_on(
         // A small step stays on this thread: the 64K multiply-add cut is a guess at where a
         // hand-off (a few microseconds) stops paying, not a measured crossover.
         let work: usize = context.iter().map(|c| c.len()).sum::<usize>() * num_heads * head_dim;
-        super::threads::split(context.len() * num_kv_heads, 1, work >= 1 << 16, &run);
+        sink.split(context.len() * num_kv_heads, 1, work >= 1 << 16, run);
     }
     Some(out)
 }
@@ -526,7 +546,8 @@ mod tests {
                         softcap,
                         window,
                     };
-                    let got = decode_attention_on(isa, &q, &k, &v, &ctx, shape).expect("kernel");
+                    let got = decode_attention_on(isa, &q, &k, &v, &ctx, shape, &mut Now)
+                        .expect("kernel");
                     let want = reference(&q, &k, &v, &ctx, shape);
                     let err = (got.to_kind(Kind::Double) - want)
                         .abs()
@@ -562,10 +583,18 @@ mod tests {
             softcap: None,
             window: None,
         };
-        let all = decode_attention_on(isa, &q, &k, &v, &refs, shape).expect("kernel");
+        let all = decode_attention_on(isa, &q, &k, &v, &refs, shape, &mut Now).expect("kernel");
         for (b, c) in refs.iter().enumerate() {
-            let one = decode_attention_on(isa, &q.narrow(0, b as i64, 1), &k, &v, &[*c], shape)
-                .expect("kernel");
+            let one = decode_attention_on(
+                isa,
+                &q.narrow(0, b as i64, 1),
+                &k,
+                &v,
+                &[*c],
+                shape,
+                &mut Now,
+            )
+            .expect("kernel");
             assert!(all.get(b as i64).equal(&one.get(0)), "sequence {b}");
         }
     }

@@ -22,21 +22,29 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{isa, Isa};
+#[cfg(test)]
+use super::Now;
+use super::{isa, Isa, Sink};
 
 /// The rows of `x` any build of the kernel handles.
 const ROWS: Range<usize> = 9..129;
 
 /// `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` (both CPU, same dtype), or `None` when the
 /// kernel does not apply or would not beat libtorch, and the caller should use libtorch.
+#[cfg(test)]
 pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    gemm_in(x, w, &mut Now)
+}
+
+/// `gemm`, its work into `sink`.
+pub(super) fn gemm_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     let kind = w.kind();
     let isa = isa(kind)?;
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
     if !takes(isa, rows) {
         return None;
     }
-    gemm_on(isa, x, w)
+    gemm_on(isa, x, w, sink)
 }
 
 /// Where the kernel beats libtorch, measured interleaved with the `gemm` example of
@@ -54,7 +62,7 @@ fn takes(isa: Isa, rows: usize) -> bool {
 }
 
 /// The kernel on `isa` (which the CPU must have: the callers take it from `isa`).
-fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
+fn gemm_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     let kind = w.kind();
     let (m, n, k) = super::product_shape(x, w)?;
     if !ROWS.contains(&m) {
@@ -65,11 +73,18 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     {
         let bf16 = kind == Kind::BFloat16;
         // `x` as f32, widened once here rather than in every tile; bf16 pairs read it as is.
-        let x = if bf16 && isa == Isa::Avx512 {
+        let prepared = if bf16 && isa == Isa::Avx512 {
             x.contiguous()
         } else {
             x.to_kind(Kind::Float).contiguous()
         };
+        if !sink.unchanged(x, &prepared) {
+            return None;
+        }
+        let x = prepared;
+        for t in [w, &x, &y] {
+            sink.keep(t);
+        }
         let (wp, xp, yp) = (
             w.data_ptr() as usize,
             x.data_ptr() as usize,
@@ -93,7 +108,7 @@ fn gemm_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
                 )
             }
         };
-        super::threads::split(n, 16, true, &run);
+        sink.split(n, 16, true, run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     return None;
@@ -532,7 +547,7 @@ mod tests {
                     (12, 9, 24),
                 ] {
                     check_product(kind, shape, &format!("gemm {isa:?}"), |x, w| {
-                        gemm_on(isa, x, w)
+                        gemm_on(isa, x, w, &mut Now)
                     });
                 }
             }

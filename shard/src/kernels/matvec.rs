@@ -15,19 +15,27 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{isa, Isa};
+#[cfg(test)]
+use super::Now;
+use super::{isa, Isa, Sink};
 
 /// The most rows of `x` the kernels take (their accumulators live in registers).
 pub const MAX_ROWS: usize = 8;
 
 /// `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` (both CPU, same dtype, `m <= MAX_ROWS`), or
 /// `None` when no kernel applies and the caller should use libtorch.
+#[cfg(test)]
 pub fn matvec(x: &Tensor, w: &Tensor) -> Option<Tensor> {
-    matvec_on(isa(w.kind())?, x, w)
+    matvec_in(x, w, &mut Now)
+}
+
+/// `matvec`, its work into `sink`.
+pub(super) fn matvec_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
+    matvec_on(isa(w.kind())?, x, w, sink)
 }
 
 /// `matvec` with a chosen instruction set, which the caller has checked the CPU has.
-fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
+fn matvec_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     let kind = w.kind();
     let (m, n, k) = super::product_shape(x, w)?;
     if !(1..=MAX_ROWS).contains(&m) {
@@ -37,12 +45,19 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
     #[cfg(target_arch = "x86_64")]
     {
         let bf16 = kind == Kind::BFloat16;
-        let x = match isa {
+        let prepared = match isa {
             // The AVX2 kernels read `x` as f32: at most 8 rows, widened once here rather than
             // for every weight row.
             Isa::Avx2 => x.to_kind(Kind::Float).contiguous(),
             Isa::Avx512 => x.contiguous(),
         };
+        if !sink.unchanged(x, &prepared) {
+            return None;
+        }
+        let x = prepared;
+        for t in [w, &x, &y] {
+            sink.keep(t);
+        }
         // Addresses, so that the parts can run on other threads.
         let (wp, xp, yp) = (
             w.data_ptr() as usize,
@@ -63,7 +78,7 @@ fn matvec_on(isa: Isa, x: &Tensor, w: &Tensor) -> Option<Tensor> {
         };
         // Small matrices stay on this thread: the 64K-weight cut is a guess at where a
         // hand-off (a few microseconds) stops paying, not a measured crossover.
-        super::threads::split(n, 16, n * k >= 1 << 16, &run);
+        sink.split(n, 16, n * k >= 1 << 16, run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -429,7 +444,7 @@ mod tests {
                     (6, 2, 64),
                 ] {
                     check_product(kind, shape, &format!("{isa:?}"), |x, w| {
-                        matvec_on(isa, x, w)
+                        matvec_on(isa, x, w, &mut Now)
                     });
                 }
             }

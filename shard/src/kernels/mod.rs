@@ -34,32 +34,39 @@ mod lanes;
 mod matvec;
 mod norm;
 mod outer;
+mod plan;
 mod rope;
 mod store;
 pub mod threads;
 
-pub use activation::silu_mul;
-pub use attention::decode_attention;
+pub use activation::{silu_mul, silu_mul_in};
+pub use attention::{decode_attention, decode_attention_in};
 pub use choice::greedy;
-pub use norm::{add_rms_norm, rms_norm};
-pub use rope::{rope, rope_store};
+pub use element::widen_in;
+pub use norm::{add_rms_norm, add_rms_norm_in, rms_norm, rms_norm_in};
+pub use plan::{Now, Plan, Sink};
+pub use rope::{rope, rope_store, rope_store_in};
 pub use store::store_rows;
 
-use gemm::gemm;
-use matvec::{matvec, MAX_ROWS};
+use matvec::MAX_ROWS;
 
 /// `x @ w.T` for the rows of a decode step: the streaming kernel for a few rows; for a few
 /// dozen, AMX tiles where the CPU has them (bf16, 9-64 rows), outer products on AVX-512 (f32,
 /// 17-48 rows), else the GEMM; or `None` where none applies and the caller should use
 /// libtorch.
 pub fn decode_product(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    decode_product_in(x, w, &mut Now)
+}
+
+/// `decode_product`, its work into `sink`.
+pub fn decode_product_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     let rows = usize::try_from(x.size().first().copied()?).ok()?;
     if rows <= MAX_ROWS {
-        matvec(x, w)
+        matvec::matvec_in(x, w, sink)
     } else {
-        amx::gemm(x, w)
-            .or_else(|| outer::gemm(x, w))
-            .or_else(|| gemm(x, w))
+        amx::gemm_in(x, w, sink)
+            .or_else(|| outer::gemm_in(x, w, sink))
+            .or_else(|| gemm::gemm_in(x, w, sink))
     }
 }
 

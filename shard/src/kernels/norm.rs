@@ -13,12 +13,24 @@ use std::ops::Range;
 use tch::{Device, Kind, Tensor};
 
 use super::element::{kernels_on, Bf16, Element};
+use super::{Now, Sink};
 
 /// `x` (`[rows, n]`) RMS-normalised with `weight` (`[n]`), or `None` where the kernel does not
 /// apply. Llama's order: `weight * (x * rsqrt(mean(x²) + eps))`, the normalised row cast to the
 /// dtype before the product; with `unit_offset` (Gemma) `x * rsqrt(..) * (1 + weight)` in f32,
 /// cast at the end.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: bool) -> Option<Tensor> {
+    rms_norm_in(x, weight, eps, unit_offset, &mut Now)
+}
+
+/// `rms_norm`, its work into `sink`.
+pub fn rms_norm_in<'a>(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    unit_offset: bool,
+    sink: &mut impl Sink<'a>,
+) -> Option<Tensor> {
     let kind = x.kind();
     let (rows, n) = x.size2().ok()?;
     let y = rms_norm_output(x, weight)?;
@@ -28,8 +40,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, unit_offset: bool) -> Opt
     // `kind`, which is the element type each call reads; `y` is new, so nothing aliases it.
     unsafe {
         match kind {
-            Kind::Float => rms_rows::<f32>(x, weight, &y, (rows, n), eps, unit_offset),
-            Kind::BFloat16 => rms_rows::<Bf16>(x, weight, &y, (rows, n), eps, unit_offset),
+            Kind::Float => rms_rows::<f32>([x, weight, &y], (rows, n), eps, unit_offset, sink),
+            Kind::BFloat16 => rms_rows::<Bf16>([x, weight, &y], (rows, n), eps, unit_offset, sink),
             _ => return None,
         }
     }
@@ -54,14 +66,16 @@ fn rms_norm_output(x: &Tensor, weight: &Tensor) -> Option<Tensor> {
 
 /// # Safety
 /// The tensors must be contiguous CPU tensors of `E`'s dtype and the shapes given.
-unsafe fn rms_rows<E: Element>(
-    x: &Tensor,
-    weight: &Tensor,
-    y: &Tensor,
+unsafe fn rms_rows<'a, E: Element>(
+    [x, weight, y]: [&Tensor; 3],
     (rows, n): (usize, usize),
     eps: f32,
     unit_offset: bool,
+    sink: &mut impl Sink<'a>,
 ) {
+    for t in [x, weight, y] {
+        sink.keep(t);
+    }
     let (xp, wp, yp) = (
         x.data_ptr() as usize,
         weight.data_ptr() as usize,
@@ -81,7 +95,7 @@ unsafe fn rms_rows<E: Element>(
             rms_row(xr, w, yr, eps, unit_offset);
         }
     };
-    super::threads::split(rows, 1, rows * n >= SPLIT_ELEMENTS, &run);
+    sink.split(rows, 1, rows * n >= SPLIT_ELEMENTS, run);
 }
 
 /// From how many elements the rows are split across libtorch's threads: at batch 32 a
@@ -127,6 +141,21 @@ pub unsafe fn add_rms_norm(
     eps: f64,
     unit_offset: bool,
 ) -> Option<Tensor> {
+    add_rms_norm_in(x, a, weight, eps, unit_offset, &mut Now)
+}
+
+/// `add_rms_norm`, its work into `sink`.
+///
+/// # Safety
+/// As `add_rms_norm`, until the work has run.
+pub unsafe fn add_rms_norm_in<'a>(
+    x: &Tensor,
+    a: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    unit_offset: bool,
+    sink: &mut impl Sink<'a>,
+) -> Option<Tensor> {
     let kind = x.kind();
     let (rows, n) = x.size2().ok()?;
     if a.size() != [rows, n] || a.kind() != kind || a.device() != Device::Cpu || !a.is_contiguous()
@@ -136,8 +165,10 @@ pub unsafe fn add_rms_norm(
     let y = rms_norm_output(x, weight)?;
     let (rows, n, eps) = (rows as usize, n as usize, eps as f32);
     match kind {
-        Kind::Float => add_rms_rows::<f32>([x, a, weight, &y], (rows, n), eps, unit_offset),
-        Kind::BFloat16 => add_rms_rows::<Bf16>([x, a, weight, &y], (rows, n), eps, unit_offset),
+        Kind::Float => add_rms_rows::<f32>([x, a, weight, &y], (rows, n), eps, unit_offset, sink),
+        Kind::BFloat16 => {
+            add_rms_rows::<Bf16>([x, a, weight, &y], (rows, n), eps, unit_offset, sink)
+        }
         _ => return None,
     }
     Some(y)
@@ -145,12 +176,16 @@ pub unsafe fn add_rms_norm(
 
 /// # Safety
 /// As `add_rms_norm` checks and requires.
-unsafe fn add_rms_rows<E: Element>(
+unsafe fn add_rms_rows<'a, E: Element>(
     [x, a, weight, y]: [&Tensor; 4],
     (rows, n): (usize, usize),
     eps: f32,
     unit_offset: bool,
+    sink: &mut impl Sink<'a>,
 ) {
+    for t in [x, a, weight, y] {
+        sink.keep(t);
+    }
     let (xp, ap, wp, yp) = (
         x.data_ptr() as usize,
         a.data_ptr() as usize,
@@ -180,7 +215,7 @@ unsafe fn add_rms_rows<E: Element>(
             rms_row(xr, w, yr, eps, unit_offset);
         }
     };
-    super::threads::split(rows, 1, rows * n >= SPLIT_ELEMENTS, &run);
+    sink.split(rows, 1, rows * n >= SPLIT_ELEMENTS, run);
 }
 
 #[cfg(test)]

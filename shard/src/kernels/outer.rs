@@ -22,7 +22,9 @@ use std::ops::Range;
 
 use tch::{Kind, Tensor};
 
-use super::{isa, Isa};
+#[cfg(test)]
+use super::Now;
+use super::{isa, Isa, Sink};
 
 /// The rows of `x` the kernel takes: two or three vectors of lanes. Up to 16 rows (one
 /// vector) `gemm`'s tiles are ahead: there each broadcast weight feeds a single FMA, and
@@ -35,7 +37,13 @@ const LANES: usize = 16;
 
 /// `x @ w.T` for f32 `x` `[m, k]` and `w` `[n, k]` on a CPU with AVX-512, or `None` where the
 /// kernel does not apply and the caller should use another.
+#[cfg(test)]
 pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    gemm_in(x, w, &mut Now)
+}
+
+/// `gemm`, its work into `sink`.
+pub(super) fn gemm_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     if w.kind() != Kind::Float || isa(Kind::Float) != Some(Isa::Avx512) {
         return None;
     }
@@ -46,7 +54,14 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
     let y = Tensor::empty([m as i64, n as i64], (Kind::Float, tch::Device::Cpu));
     #[cfg(target_arch = "x86_64")]
     {
-        let x = x.contiguous();
+        let prepared = x.contiguous();
+        if !sink.unchanged(x, &prepared) {
+            return None;
+        }
+        let x = prepared;
+        for t in [w, &x, &y] {
+            sink.keep(t);
+        }
         let (wp, xp, yp) = (
             w.data_ptr() as usize,
             x.data_ptr() as usize,
@@ -67,7 +82,7 @@ pub fn gemm(x: &Tensor, w: &Tensor) -> Option<Tensor> {
             }
         };
         // Parts in whole tiles (of 8 columns) and whole cache lines of `y` (16).
-        super::threads::split(n, 16, true, &run);
+        sink.split(n, 16, true, run);
     }
     #[cfg(not(target_arch = "x86_64"))]
     return None;

@@ -5,6 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::element::{kernels_on, Bf16, Element};
+use super::{Now, Sink};
 
 /// `x` (`[T, heads, head_dim]`, rows may be strided) rotated by the tables `cos` and `sin`
 /// (`[T, 1, head_dim]`, `sin` with its first half negated, as `Rope::tables` makes them): `x *
@@ -193,10 +194,25 @@ fn rotate_scalar<E: Element>(x: &[E], c: &[E], s: &[E], y: &mut [E]) {
 /// exclusively (the pool's `&mut self`) and they must not share storage with `qkv`.
 pub unsafe fn rope_store(
     qkv: &Tensor,
+    tables: (&Tensor, &Tensor),
+    heads: usize,
+    pool: (&Tensor, &Tensor),
+    slots: &[i64],
+) -> Option<Tensor> {
+    rope_store_in(qkv, tables, heads, pool, slots, &mut Now)
+}
+
+/// `rope_store`, its work into `sink`.
+///
+/// # Safety
+/// As `rope_store`, until the work has run.
+pub unsafe fn rope_store_in<'a>(
+    qkv: &Tensor,
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
     (keys, values): (&Tensor, &Tensor),
-    slots: &[i64],
+    slots: &'a [i64],
+    sink: &mut impl Sink<'a>,
 ) -> Option<Tensor> {
     let kind = qkv.kind();
     let (t, width) = qkv.size2().ok()?;
@@ -220,8 +236,8 @@ pub unsafe fn rope_store(
     let shape = (t as usize, heads, kv_heads as usize, d as usize);
     let tensors = [qkv, cos, sin, &q, keys, values];
     match kind {
-        Kind::Float => rope_store_rows::<f32>(tensors, shape, slots),
-        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, slots),
+        Kind::Float => rope_store_rows::<f32>(tensors, shape, slots, sink),
+        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, slots, sink),
         _ => return None,
     }
     Some(q)
@@ -234,15 +250,19 @@ pub unsafe fn rope_store(
 ///
 /// # Safety
 /// As `rope_store` checks and requires.
-unsafe fn rope_store_rows<E: Element>(
-    [qkv, cos, sin, q, keys, values]: [&Tensor; 6],
+unsafe fn rope_store_rows<'a, E: Element>(
+    tensors: [&Tensor; 6],
     (t, heads, kv_heads, d): (usize, usize, usize, usize),
-    slots: &[i64],
+    slots: &'a [i64],
+    sink: &mut impl Sink<'a>,
 ) {
     let width = (heads + 2 * kv_heads) * d;
     let kv = kv_heads * d;
-    let ptrs = [qkv, cos, sin, q, keys, values].map(|x| x.data_ptr() as usize);
-    let run = |rows: std::ops::Range<usize>| {
+    for x in tensors {
+        sink.keep(x);
+    }
+    let ptrs = tensors.map(|x| x.data_ptr() as usize);
+    let run = move |rows: std::ops::Range<usize>| {
         let [src, cos, sin, q, kp, vp] = ptrs;
         // SAFETY: the tensors are contiguous and hold these shapes (`rope_store` checked
         // them), every slot lies in the pool, and parts are disjoint ranges of rows, whose
@@ -269,7 +289,7 @@ unsafe fn rope_store_rows<E: Element>(
         }
     };
     let split = t * width >= super::norm::SPLIT_ELEMENTS && super::store::distinct(slots);
-    super::threads::split(t, 1, split, &run);
+    sink.split(t, 1, split, run);
 }
 
 #[cfg(test)]

@@ -17,13 +17,26 @@ use std::sync::OnceLock;
 type Parallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
 type Query = unsafe extern "C" fn() -> c_int;
 
-struct Gomp {
-    parallel: Parallel,
+pub(super) struct Gomp {
+    pub(super) parallel: Parallel,
     thread_num: Query,
     num_threads: Query,
 }
 
-fn gomp() -> Option<&'static Gomp> {
+impl Gomp {
+    /// This thread's index in the current region's team and the team's size.
+    ///
+    /// # Safety
+    /// Must be called inside a parallel region, as OpenMP requires.
+    pub(super) unsafe fn me(&self) -> (usize, usize) {
+        (
+            (self.thread_num)() as usize,
+            ((self.num_threads)() as usize).max(1),
+        )
+    }
+}
+
+pub(super) fn gomp() -> Option<&'static Gomp> {
     static GOMP: OnceLock<Option<Gomp>> = OnceLock::new();
     GOMP.get_or_init(|| {
         let find = |name: &CStr| {
@@ -58,12 +71,7 @@ extern "C" fn member(data: *mut c_void) {
     // SAFETY: `data` is the `Team` that `split` keeps alive until GOMP_parallel returns.
     let team = unsafe { &*(data as *const Team) };
     // SAFETY: called inside the parallel region, as OpenMP requires.
-    let (me, size) = unsafe {
-        (
-            (team.gomp.thread_num)() as usize,
-            ((team.gomp.num_threads)() as usize).max(1),
-        )
-    };
+    let (me, size) = unsafe { team.gomp.me() };
     let part = part(team.n, size, team.align, me);
     if !part.is_empty() {
         (team.run)(part);
@@ -72,9 +80,15 @@ extern "C" fn member(data: *mut c_void) {
 
 /// Member `me`'s share of `0..n` in `parts` contiguous pieces whose bounds are multiples of
 /// `align` (so that no two threads write one cache line of output).
-fn part(n: usize, parts: usize, align: usize, me: usize) -> Range<usize> {
+pub(super) fn part(n: usize, parts: usize, align: usize, me: usize) -> Range<usize> {
     let per = n.div_ceil(parts).next_multiple_of(align.max(1));
     (me * per).min(n)..((me + 1) * per).min(n)
+}
+
+/// libtorch's intra-op thread count, which also sets this thread's OpenMP count on its first
+/// use here (OpenMP keeps one per thread, and a new thread would otherwise get the default).
+pub(super) fn team_size() -> usize {
+    usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1)
 }
 
 /// Runs `run` over `0..n` in one contiguous part per intra-op thread, or whole on this thread
@@ -83,9 +97,7 @@ pub fn split(n: usize, align: usize, split: bool, run: &(dyn Fn(Range<usize>) + 
     let Some(gomp) = gomp().filter(|_| split) else {
         return run(0..n);
     };
-    // libtorch's count, which also sets this thread's OpenMP count on its first use here
-    // (OpenMP keeps one per thread, and a new thread would otherwise get the default).
-    let threads = usize::try_from(tch::get_num_threads()).unwrap_or(1).max(1);
+    let threads = team_size();
     if threads == 1 || n < 2 * align.max(1) {
         return run(0..n);
     }

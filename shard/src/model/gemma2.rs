@@ -78,5 +78,7 @@ pub fn load(c: ModelConfig, w: &Weights, kind: Kind, device: Device) -> Result<T
         config: c,
         parallel: None,
         vocab_block: 0,
+        plan_decode: true,
+        planned_steps: Default::default(),
     })
 }

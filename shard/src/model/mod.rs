@@ -11,6 +11,7 @@
 //! cuts a loaded model into one tensor-parallel rank's slice.
 
 pub mod attention;
+mod decode_plan;
 mod gemma2;
 mod gpt2;
 mod llama;

@@ -238,6 +238,11 @@ pub struct Transformer {
     pub parallel: Option<super::parallel::Parallel>,
     /// Vocabulary rows per rank when sharded (the embedding and lm_head blocks).
     pub vocab_block: i64,
+    /// Whether a CPU decode step runs as one plan of kernels where it can (`decode_plan`);
+    /// off, it runs op by op (the same bits, slower: for comparison).
+    pub plan_decode: bool,
+    /// Decode steps that ran as a plan, for tests and comparison.
+    pub planned_steps: std::sync::atomic::AtomicU64,
 }
 
 impl Transformer {
@@ -327,7 +332,7 @@ impl Transformer {
 
     /// Token embeddings. Sharded, each rank holds a block of the vocabulary: it embeds the ids
     /// in its block, zeros the rest, and the sum over ranks is the full lookup.
-    fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+    pub(super) fn embed_tokens(&self, ids: &Tensor) -> Tensor {
         let Some(p) = &self.parallel else {
             return Tensor::embedding(&self.embed, ids, -1, false, false);
         };
@@ -348,6 +353,11 @@ impl Transformer {
     /// Runs the batch, writing the new tokens' K/V into `pool`, and returns f32 logits
     /// `[rows, vocab]` for `input.logit_rows`.
     pub fn forward(&self, input: &ForwardInput, pool: &mut KvPool) -> Tensor {
+        if self.plan_decode {
+            if let Some(logits) = self.planned_decode(input, pool) {
+                return logits;
+            }
+        }
         let (nh, nkv, hd) = (
             self.attention.num_heads,
             self.attention.num_kv_heads,

@@ -1,0 +1,107 @@
+//! A CPU decode step planned whole (`model::decode_plan`) against the same step run op by op:
+//! the same kernels on the same parts, so every generated token, its log-probability and the
+//! top-5 alternatives' must be the same bits, at every batch size that picks another product
+//! kernel (1 and 5 rows: `matvec`; 12: `gemm`, or AMX in bf16; 24: `outer` in f32 on
+//! AVX-512, AMX in bf16), in f32 and bf16. The models the plan does not cover must fall back.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::*;
+use tessera_proto as pb;
+use tessera_shard::Runner;
+
+/// Per request, each step's token, log-probability and top-5 (id, log-probability) as bits.
+type Trace = Vec<(u64, Vec<(u32, u32, Vec<(u32, u32)>)>)>;
+
+fn trace(runner: &mut Runner, size: usize, cases: &[serde_json::Value]) -> Trace {
+    let mut blocks = Blocks::default();
+    let requests: Vec<pb::Request> = (0..size)
+        .map(|i| {
+            let mut r = request(i as u64, &cases[i % cases.len()], 6, &mut blocks);
+            r.top_n_tokens = 5;
+            r
+        })
+        .collect();
+    let mut out: std::collections::BTreeMap<u64, Vec<_>> = Default::default();
+    let mut add = |gens: &[pb::Generation]| {
+        for g in gens {
+            let t = g.tokens.as_ref().expect("tokens");
+            let top: Vec<(u32, u32)> = g
+                .top_tokens
+                .iter()
+                .flat_map(|top| top.ids.iter().zip(&top.logprobs))
+                .map(|(&id, lp)| (id, lp.to_bits()))
+                .collect();
+            for (&id, lp) in t.ids.iter().zip(&t.logprobs) {
+                out.entry(g.request_id)
+                    .or_default()
+                    .push((id, lp.to_bits(), top.clone()));
+            }
+        }
+    };
+    let step = runner.prefill(&batch(1, requests), None).expect("prefill");
+    add(&step.generations);
+    let mut cached = step.batch;
+    while let Some(b) = cached {
+        let step = runner.decode(&[b]).expect("decode");
+        add(&step.generations);
+        cached = step.batch;
+    }
+    out.into_iter().collect()
+}
+
+#[test]
+fn planned_steps_are_the_op_by_op_steps_bit_for_bit() {
+    if device() != tch::Device::Cpu {
+        eprintln!("skipping: the plan is the CPU's");
+        return;
+    }
+    for model in [
+        "tiny-llama",
+        "tiny-mistral",
+        "tiny-llama3rope",
+        "tiny-llama-linrope",
+    ] {
+        let cases = cases(&refs(model));
+        for dtype in ["float32", "bfloat16"] {
+            let mut runner = load(model, dtype, 512);
+            for size in [1, 5, 12, 24] {
+                runner.model.plan_decode = true;
+                let before = runner.model.planned_steps.load(Ordering::Relaxed);
+                let planned = trace(&mut runner, size, &cases);
+                let steps = runner.model.planned_steps.load(Ordering::Relaxed) - before;
+                // Six new tokens: the first from the prefill, five decode steps.
+                assert_eq!(steps, 5, "{model} {dtype} batch {size}: planned steps");
+                runner.model.plan_decode = false;
+                let op_by_op = trace(&mut runner, size, &cases);
+                assert_eq!(planned.len(), size);
+                assert_eq!(planned, op_by_op, "{model} {dtype} batch {size}");
+            }
+        }
+    }
+}
+
+#[test]
+fn families_the_plan_does_not_cover_run_op_by_op() {
+    if device() != tch::Device::Cpu {
+        return;
+    }
+    // Biases (Qwen2), q/k norms (Qwen3), a partial rotary dimension (this Phi-3), extra norms
+    // (Gemma 2), LayerNorm and learned positions (GPT-2).
+    for model in [
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-phi3",
+        "tiny-gemma2",
+        "tiny-gpt2",
+    ] {
+        let cases = cases(&refs(model));
+        let mut runner = load(model, "float32", 256);
+        let out = trace(&mut runner, 3, &cases);
+        assert!(out.iter().all(|(_, steps)| steps.len() == 6), "{model}");
+        let planned = runner.model.planned_steps.load(Ordering::Relaxed);
+        assert_eq!(planned, 0, "{model}: planned steps");
+    }
+}
