@@ -23,7 +23,8 @@
 //! dtype runs in a process of its own (`each_dtype_alone`).
 //! Options (env): TESSERA_BENCH_DTYPES=float32,bfloat16  TESSERA_BENCH_BATCHES=1,8,32
 //! TESSERA_BENCH_NEW_TOKENS=128  TESSERA_BENCH_BASELINE=0 (skip transformers)
-//! TESSERA_BENCH_JSON=path (write every figure as JSON).
+//! TESSERA_BENCH_JSON=path (write every figure as JSON). TESSERA_NO_PLAN=1 runs CPU decode
+//! steps op by op instead of as one plan of kernels (`model::decode_plan`), for comparison.
 //! TESSERA_BENCH_DEVICE=cuda (any `--device` name; cpu by default) runs the same measurements on a GPU (scripts/cuda_check.sh): the
 //! read probe is then a 1 GiB buffer in device memory, the matmul probe 8192-square, and
 //! transformers runs on the same device.
@@ -368,6 +369,7 @@ fn main() {
     let mut records = Vec::new();
     for dtype in &dtypes {
         let mut runner = Runner::load(&dir, Some(dtype), device).expect("load");
+        runner.model.plan_decode = std::env::var_os("TESSERA_NO_PLAN").is_none();
         let per = (PROMPT + new as usize).div_ceil(BLOCK_SIZE);
         let most = batches.iter().copied().max().unwrap_or(1);
         runner.allocate_pool(1 + most * per).expect("pool");

@@ -1,8 +1,10 @@
 //! Scalar access to the two element types the f32 and bf16 loops take (`norm`, `rope`), with
 //! libtorch's roundings: a bf16 is the top half of an f32, and f32 results are rounded to the
-//! nearest bf16, ties to even, as libtorch converts. Also bf16 logits widened to f32 as a
-//! planned job (`widen_in`): libtorch's `to_kind` took about 95 µs for one row of SmolLM2's
-//! 49,152 at the end of a bf16 batch-1 step on the AMX Xeon VM, most of it a region of its own.
+//! nearest bf16, ties to even, as libtorch converts. Also two element-wise jobs of a planned
+//! decode step (`plan`): a product's bias added in place (`add_bias_in`, libtorch's `add`
+//! with its rounding), and bf16 logits widened to f32 (`widen_in`): libtorch's `to_kind` took
+//! about 95 µs for one row of SmolLM2's 49,152 at the end of a bf16 batch-1 step on the AMX
+//! Xeon VM, most of it a region of its own.
 
 use tch::Kind;
 use tch::{Device, Tensor};
@@ -66,6 +68,60 @@ pub fn widen_in<'a>(x: &Tensor, sink: &mut impl Sink<'a>) -> Option<Tensor> {
     // Parts in whole cache lines of the output; a few thousand elements stay on one thread.
     sink.split(n, 16, n >= 1 << 14, run);
     Some(y)
+}
+
+/// `y += bias` in place for `y` `[rows, n]` and `bias` `[n]` (contiguous CPU tensors of one
+/// dtype, f32 or bf16), rounded to the dtype as libtorch's `add` rounds, the work into `sink`;
+/// `None` where the kernels do not take them (nothing is written then).
+///
+/// # Safety
+/// `y` is written through its data pointer: the caller must hold it exclusively until the
+/// work has run (a product's new output), and `bias` must not share its storage.
+pub unsafe fn add_bias_in<'a>(y: &Tensor, bias: &Tensor, sink: &mut impl Sink<'a>) -> Option<()> {
+    let kind = y.kind();
+    let (rows, n) = y.size2().ok()?;
+    let fits = kernels_on(kind)
+        && matches!(kind, Kind::Float | Kind::BFloat16)
+        && [y, bias]
+            .iter()
+            .all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
+        && bias.size() == [n];
+    if !fits {
+        return None;
+    }
+    let (rows, n) = (rows as usize, n as usize);
+    if rows * n == 0 {
+        return Some(());
+    }
+    sink.keep(y);
+    sink.keep(bias);
+    let (yp, bp) = (y.data_ptr() as usize, bias.data_ptr() as usize);
+    let bf16 = kind == Kind::BFloat16;
+    let run = move |part: std::ops::Range<usize>| {
+        // SAFETY: as the caller promised; the parts are disjoint ranges of rows of `y`.
+        unsafe {
+            if bf16 {
+                add_rows::<Bf16>(yp, bp, part, n)
+            } else {
+                add_rows::<f32>(yp, bp, part, n)
+            }
+        }
+    };
+    sink.split(rows, 1, rows * n >= super::norm::SPLIT_ELEMENTS, run);
+    Some(())
+}
+
+/// # Safety
+/// `y` holds `rows.end` rows of `n` elements of `E`, `bias` `n`, and nothing else writes
+/// those rows of `y` meanwhile.
+unsafe fn add_rows<E: Element>(y: usize, bias: usize, rows: std::ops::Range<usize>, n: usize) {
+    let bias = std::slice::from_raw_parts(bias as *const E, n);
+    let y = std::slice::from_raw_parts_mut((y as *mut E).add(rows.start * n), rows.len() * n);
+    for row in y.chunks_exact_mut(n) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v = E::put(v.get() + b.get());
+        }
+    }
 }
 
 /// Element access for the two dtypes the kernels take.

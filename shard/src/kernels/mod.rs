@@ -21,7 +21,9 @@
 //! activations (a bf16 prefill of 32 × 128 tokens: see docs/benchmarks.md); a prompt's keys
 //! and values go into the pool by a row copy on both threads (`store`). Every
 //! caller falls back to libtorch when no kernel applies. `TESSERA_NO_KERNELS=1` turns them off, for
-//! comparison.
+//! comparison. The decode kernels take a `Sink` for their work: `Now` runs it at once, a `Plan`
+//! records it, so that a whole decode step can run in one parallel region (`plan`,
+//! `model::decode_plan`).
 
 mod activation;
 mod amx;
@@ -42,7 +44,7 @@ pub mod threads;
 pub use activation::{silu_mul, silu_mul_in};
 pub use attention::{decode_attention, decode_attention_in};
 pub use choice::greedy;
-pub use element::widen_in;
+pub use element::{add_bias_in, widen_in};
 pub use norm::{add_rms_norm, add_rms_norm_in, rms_norm, rms_norm_in};
 pub use plan::{Now, Plan, Sink};
 pub use rope::{rope, rope_store, rope_store_in};

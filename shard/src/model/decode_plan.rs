@@ -8,13 +8,14 @@
 //! bits as `forward`'s (tested below).
 //!
 //! It applies where every part of the step has a kernel: CPU, unsharded, decode rows only,
-//! layers of RMSNorm, RoPE, attention without q/k norms or extra norms, and a SiLU-gated MLP,
-//! no biases (Llama, SmolLM2, Mistral). Anything else, or a kernel that declines to plan,
-//! sends the step to `forward`; nothing has run by then.
+//! layers of RMSNorm, RoPE over whole heads, attention without q/k norms or extra norms, and a
+//! SiLU-gated MLP, with or without biases (Llama, SmolLM2, Mistral, Qwen2). Anything else (a
+//! partial rotary dimension, Qwen3's q/k norms, Gemma 2, GPT-2), or a kernel that declines to
+//! plan, sends the step to `forward`; nothing has run by then.
 
 use tch::{Device, Kind, Tensor};
 
-use super::transformer::{Layer, Mlp, Norm, Positions, Transformer};
+use super::transformer::{Layer, Linear, Mlp, Norm, Positions, Transformer};
 use super::ForwardInput;
 use crate::config::Activation;
 use crate::kernels::{self, attention::DecodeShape, Plan};
@@ -34,16 +35,24 @@ fn rms(norm: &Norm) -> Option<(&Tensor, f64, bool)> {
 
 /// Whether the layer is made only of parts the plan has kernels for.
 fn plannable(layer: &Layer) -> bool {
-    let bare = |l: &super::transformer::Linear| l.bias.is_none();
     rms(&layer.input_norm).is_some()
         && rms(&layer.pre_mlp_norm).is_some()
         && layer.q_norm.is_none()
         && layer.k_norm.is_none()
         && layer.post_attention_norm.is_none()
         && layer.post_mlp_norm.is_none()
-        && bare(&layer.qkv)
-        && bare(&layer.o)
-        && matches!(&layer.mlp, Mlp::Gated { gate_up, down } if bare(gate_up) && bare(down))
+        && matches!(&layer.mlp, Mlp::Gated { .. })
+}
+
+/// `x @ linear.weight.T (+ bias)` planned into `plan`, as `Linear::forward` computes it.
+fn product<'a>(linear: &Linear, x: &Tensor, plan: &mut Plan<'a>) -> Option<Tensor> {
+    let y = kernels::decode_product_in(x, &linear.weight, plan)?;
+    if let Some(bias) = &linear.bias {
+        // SAFETY: `y` is the product's new output, which nothing else holds, and the bias is
+        // the model's own tensor.
+        unsafe { kernels::add_bias_in(&y, bias, plan)? };
+    }
+    Some(y)
 }
 
 impl Transformer {
@@ -63,7 +72,6 @@ impl Transformer {
             && decode.lens.len() == t
             && t > 0
             && self.config.activation == Activation::Silu
-            && self.lm_head.bias.is_none()
             && self.layers.iter().all(plannable)
             && Vec::<i64>::try_from(&input.logit_rows).ok()? == (0..t as i64).collect::<Vec<_>>();
         if !applies {
@@ -104,7 +112,7 @@ impl Transformer {
                 Some(m) => unsafe { kernels::add_rms_norm_in(&x, &m, w, eps, unit, p)? },
                 None => kernels::rms_norm_in(&x, w, eps, unit, p)?,
             };
-            let qkv = kernels::decode_product_in(&h, &layer.qkv.weight, p)?;
+            let qkv = product(&layer.qkv, &h, p)?;
             let (keys, values) = pool.layer(li);
             // SAFETY: `&mut KvPool` holds the pool's tensors for as long as the plan lives,
             // and they are the pool's own storage, never a view of `qkv`.
@@ -113,15 +121,15 @@ impl Transformer {
             };
             let attn =
                 kernels::decode_attention_in(&q, keys, values, &contexts, shape(layer.window), p)?;
-            let a = kernels::decode_product_in(&attn, &layer.o.weight, p)?;
+            let a = product(&layer.o, &attn, p)?;
             let (w, eps, unit) = rms(&layer.pre_mlp_norm)?;
             let h = unsafe { kernels::add_rms_norm_in(&x, &a, w, eps, unit, p)? };
             let Mlp::Gated { gate_up, down } = &layer.mlp else {
                 return None;
             };
-            let gu = kernels::decode_product_in(&h, &gate_up.weight, p)?;
+            let gu = product(gate_up, &h, p)?;
             let act = kernels::silu_mul_in(&gu, p)?;
-            pending = Some(kernels::decode_product_in(&act, &down.weight, p)?);
+            pending = Some(product(down, &act, p)?);
         }
         // The last MLP output's residual add and the final norm, in one pass as in the layers.
         let (w, eps, unit) = final_norm;
@@ -129,7 +137,7 @@ impl Transformer {
             Some(m) => unsafe { kernels::add_rms_norm_in(&x, m, w, eps, unit, p)? },
             None => kernels::rms_norm_in(&x, w, eps, unit, p)?,
         };
-        let mut logits = kernels::decode_product_in(&h, &self.lm_head.weight, p)?;
+        let mut logits = product(&self.lm_head, &h, p)?;
         if logits.kind() == Kind::BFloat16 {
             logits = kernels::widen_in(&logits, p)?;
         }
