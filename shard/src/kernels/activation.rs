@@ -46,9 +46,9 @@ fn silu_mul_on<'a>(isa: Isa, gu: &Tensor, sink: &mut impl Sink<'a>) -> Option<Te
             let src = (src as *const u8).wrapping_add(part.start * 2 * f * elt);
             let dst = (dst as *mut u8).wrapping_add(part.start * f * elt);
             let rows = part.len();
-            // SAFETY: `gu` is a contiguous CPU `[rows, 2f]` tensor and `y` a new `[rows, f]`
-            // one, both of `kind`, the element type each call reads, alive until `split`
-            // returns; the parts are disjoint ranges of rows; the caller checked the CPU.
+            // SAFETY: `gu` is a contiguous CPU `[rows, 2f]` tensor and `y` a new `[rows, f]` one,
+            // both of `kind`, the element type each call reads, alive until the work has run (the
+            // sink keeps them); the parts are disjoint ranges of rows; the caller checked the CPU.
             unsafe {
                 match (isa, kind == Kind::BFloat16) {
                     (Isa::Avx512, false) => rows_avx512::<false>(src, dst, rows, f),

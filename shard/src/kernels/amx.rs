@@ -106,9 +106,9 @@ fn gemm_on<'a>(
         let run = move |part: Range<usize>| {
             let mut packed = PACKED.take();
             // SAFETY: `x` `[m, k]`, `w` `[n, k]` and `y` `[m, n]` (bf16, contiguous) are alive
-            // until `split` returns, and `packed` is then `x` padded to whole pairs of tiles;
-            // the parts are disjoint ranges of output columns in blocks of 32; `available`
-            // checked the CPU and the tile state.
+            // until the work has run (the sink keeps them), and `packed` is then `x` padded to
+            // whole pairs of tiles; the parts are disjoint ranges of output columns in blocks of
+            // 32; `available` checked the CPU and the tile state.
             unsafe {
                 pack(xp as *const u32, m, k, &mut packed);
                 tiles::columns(

@@ -138,10 +138,10 @@ fn decode_attention_on<'a>(
                     vp as *const u8,
                     op as *mut u8,
                 );
-                // SAFETY: `q`, `keys`, `values` and `out` are contiguous CPU tensors of `kind`
-                // with the shapes checked above, alive until `split` returns; every slot is
-                // inside the pool; jobs write disjoint heads of `out`; the caller checked the
-                // CPU features.
+                // SAFETY: `q`, `keys`, `values` and `out` are contiguous CPU tensors of `kind` with
+                // the shapes checked above, alive until the work has run (the sink keeps them);
+                // every slot is inside the pool; jobs write disjoint heads of `out`; the caller
+                // checked the CPU features.
                 unsafe {
                     match (isa, bf16) {
                         (Isa::Avx512, false) => job.run_avx512::<false>(ptrs, &mut scores),

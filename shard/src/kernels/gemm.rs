@@ -91,11 +91,10 @@ fn gemm_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> Op
             y.data_ptr() as usize,
         );
         let run = move |part: Range<usize>| {
-            // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above
-            // (`w` and `y` f32 or bf16 as `bf16` says, `x` as `tiles::gemm` wants it), alive
-            // until `split` returns;
-            // parts are disjoint ranges of output columns; the callers checked that the CPU
-            // has `isa`.
+            // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above (`w`
+            // and `y` f32 or bf16 as `bf16` says, `x` as `tiles::gemm` wants it), alive until the
+            // work has run (the sink keeps them); parts are disjoint ranges of output columns; the
+            // callers checked that the CPU has `isa`.
             unsafe {
                 tiles::gemm(
                     isa,

@@ -67,8 +67,9 @@ fn matvec_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> 
         let run = move |part: Range<usize>| {
             let (w, x, y) = (wp as *const u8, xp as *const u8, yp as *mut u8);
             // SAFETY: `w`, `x` and `y` are contiguous CPU tensors of the shapes checked above,
-            // alive until `split` returns, of the element types each kernel reads; parts
-            // are disjoint ranges of output columns; the caller checked the CPU features.
+            // alive until the work has run (the sink keeps them), of the element types each kernel
+            // reads; parts are disjoint ranges of output columns; the caller checked the CPU
+            // features.
             unsafe {
                 match isa {
                     Isa::Avx2 => avx2::matvec(bf16, w, x as *const f32, y, (m, n, k), part),

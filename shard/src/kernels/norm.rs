@@ -82,8 +82,8 @@ unsafe fn rms_rows<'a, E: Element>(
         y.data_ptr() as usize,
     );
     let run = move |part: Range<usize>| {
-        // SAFETY: as the caller promised; the parts are disjoint ranges of rows, and `y` is
-        // alive and written by nothing else until `split` returns.
+        // SAFETY: as the caller promised; the parts are disjoint ranges of rows, and `y` is alive
+        // and written by nothing else until the work has run (the sink keeps them).
         let (x, w, y) = unsafe {
             (
                 std::slice::from_raw_parts((xp as *const E).add(part.start * n), part.len() * n),

@@ -68,9 +68,9 @@ pub(super) fn gemm_in<'a>(x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> O
             y.data_ptr() as usize,
         );
         let run = move |part: Range<usize>| {
-            // SAFETY: `w`, `x` and `y` are contiguous f32 CPU tensors of the shapes checked
-            // above, alive until `split` returns; parts are disjoint ranges of output columns;
-            // `isa` found AVX-512.
+            // SAFETY: `w`, `x` and `y` are contiguous f32 CPU tensors of the shapes checked above,
+            // alive until the work has run (the sink keeps them); parts are disjoint ranges of
+            // output columns; `isa` found AVX-512.
             unsafe {
                 tiles::columns(
                     wp as *const f32,

@@ -72,6 +72,10 @@ impl Transformer {
             && decode.lens.len() == t
             && t > 0
             && self.config.activation == Activation::Silu
+            // On AVX2 the products take bf16 rows widened to f32, a copy made while planning,
+            // which the kernels decline to plan: no need to start.
+            && (self.kind != Kind::BFloat16
+                || kernels::isa(Kind::BFloat16) == Some(kernels::Isa::Avx512))
             && self.layers.iter().all(plannable)
             && Vec::<i64>::try_from(&input.logit_rows).ok()? == (0..t as i64).collect::<Vec<_>>();
         if !applies {
