@@ -114,31 +114,25 @@ mod avx512 {
     /// faster in seven interleaved pairs of batch-1 steps of each dtype (f32 22.0-25.9 →
     /// 20.5-22.4 ms, bf16 12.1-14.1 → 11.5-12.2 ms) and in four of batch 8.
     ///
-    /// Except for one row of `x` on AMD CPUs, where the lines are asked for as non-temporal
-    /// (`prefetchnta`, `NTA`). Our reading, not measured: lines read once and soon then push
-    /// less of the step's activations, K/V and code out of L2 and L3. With the hint switched
-    /// every other step of one run (Zen 4 VM, `step_profile`, 300 steps each, four runs), bf16
-    /// batch-1 steps had medians 3-8% lower (8.10 against 8.80 ms in one run) and f32 the
-    /// same within 1%. At two rows it was 4% slower and at eight 15% (our reading: slower
-    /// loops leave the lines longer in L1, and the rows of `x`, up to 24 KB for the down
-    /// projection, evict them). Distances of 3 to 24 KiB were within 2% of each other. On an
-    /// Intel Xeon with AMX (a 480 MiB L3) the same hint made bf16 batch-1 steps 2.4 times
-    /// slower (27.3-27.8 against 11.2-11.5 ms, interleaved runs), so Intel keeps L2 there.
+    /// One row of `x` on AMD CPUs used to ask for its lines as non-temporal (`prefetchnta`),
+    /// 3-8% faster in bf16 batch-1 steps on the Zen 4 VM when each kernel ran in a region of
+    /// its own; on an Intel Xeon with AMX that hint made them 2.4 times slower. Since a CPU
+    /// decode step runs as one plan (`Plan`), L2 is ahead on Zen 4 too, with the hint
+    /// switched every step (`step_profile`, four runs, the mean of each hint's steps in turns
+    /// of 60, ms): bf16 batch 1 6.04-8.15 against 6.45-8.56 in a fast phase of the VM (64 GB/s
+    /// read passes), 8.61-10.60 against 8.80-11.13 in a slow one (36 GB/s); f32 batch 1
+    /// 11.61-12.85 against 12.07-13.28. Non-temporal 1.5, 6 or 12 KiB ahead, L2 6 KiB ahead
+    /// and no prefetch were behind L2 at 3 KiB or level with it.
     const AHEAD: usize = 3 << 10;
 
-    /// Prefetches the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
-    /// either loop reads: into L2, or non-temporal with `NTA` (see `AHEAD`). Past the last
-    /// row this names lines beyond the matrix: prefetches never fault.
+    /// Asks for the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of
+    /// either loop reads, into L2. Past the last row this names lines beyond the matrix:
+    /// prefetches never fault.
     #[inline(always)]
-    unsafe fn ahead<const NTA: bool>(p: *const u8) {
+    unsafe fn ahead(p: *const u8) {
         let p = p.wrapping_add(AHEAD) as *const i8;
-        if NTA {
-            _mm_prefetch::<_MM_HINT_NTA>(p);
-            _mm_prefetch::<_MM_HINT_NTA>(p.wrapping_add(64));
-        } else {
-            _mm_prefetch::<_MM_HINT_T1>(p);
-            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
-        }
+        _mm_prefetch::<_MM_HINT_T1>(p);
+        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64));
     }
 
     /// `y[m, n] = x[m, k] @ w[n, k].T` for the output columns `part`; all three f32, or all
@@ -155,14 +149,11 @@ mod avx512 {
         (m, n, k): (usize, usize, usize),
         part: Range<usize>,
     ) {
-        let nta = m == 1 && super::super::amd();
         macro_rules! run {
             ($($rows:literal)*) => {
                 match (bf16, m) {
-                    (false, 1) if nta => matvec_f32::<1, true>(w as *const f32, x as *const f32, y, n, k, part),
-                    (true, 1) if nta => matvec_bf16::<1, true>(w as *const u16, x as *const u16, y, n, k, part),
-                    $((false, $rows) => matvec_f32::<$rows, false>(w as *const f32, x as *const f32, y, n, k, part),)*
-                    $((true, $rows) => matvec_bf16::<$rows, false>(w as *const u16, x as *const u16, y, n, k, part),)*
+                    $((false, $rows) => matvec_f32::<$rows>(w as *const f32, x as *const f32, y, n, k, part),)*
+                    $((true, $rows) => matvec_bf16::<$rows>(w as *const u16, x as *const u16, y, n, k, part),)*
                     _ => unreachable!("1 to 8 rows"),
                 }
             };
@@ -171,7 +162,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f")]
-    unsafe fn matvec_f32<const M: usize, const NTA: bool>(
+    unsafe fn matvec_f32<const M: usize>(
         w: *const f32,
         x: *const f32,
         y: *mut u8,
@@ -187,7 +178,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead::<NTA>(wr.add(i) as *const u8);
+                ahead(wr.add(i) as *const u8);
                 let w0 = _mm512_loadu_ps(wr.add(i));
                 let w1 = _mm512_loadu_ps(wr.add(i + 16));
                 for j in 0..M {
@@ -224,7 +215,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn matvec_bf16<const M: usize, const NTA: bool>(
+    unsafe fn matvec_bf16<const M: usize>(
         w: *const u16,
         x: *const u16,
         y: *mut u8,
@@ -243,7 +234,7 @@ mod avx512 {
             let mut acc1 = [_mm512_setzero_ps(); M];
             let mut i = 0;
             while i < full {
-                ahead::<NTA>(wr.add(i) as *const u8);
+                ahead(wr.add(i) as *const u8);
                 let w0 = load(wr.add(i));
                 let w1 = load(wr.add(i + 32));
                 for j in 0..M {

@@ -175,19 +175,6 @@ pub(crate) fn isa(kind: Kind) -> Option<Isa> {
     }
 }
 
-/// Whether this is an AMD CPU. Some prefetch hints pay on one vendor and cost on the other
-/// (`matvec`'s one-row prefetch), and no feature flag tells them apart.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn amd() -> bool {
-    use std::sync::OnceLock;
-    static AMD: OnceLock<bool> = OnceLock::new();
-    *AMD.get_or_init(|| {
-        let leaf = std::arch::x86_64::__cpuid(0);
-        // "AuthenticAMD" in EBX, EDX, ECX.
-        (leaf.ebx, leaf.edx, leaf.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163)
-    })
-}
-
 /// What the product kernels' tests share: deterministic inputs (torch's global RNG belongs to
 /// the watermark test) and the comparison with libtorch's f32 product.
 #[cfg(test)]
