@@ -119,11 +119,11 @@ mod avx512 {
     /// its own; on an Intel Xeon with AMX that hint made them 2.4 times slower. Later on the
     /// Zen 4 VM, L2 was ahead, with the hint switched every step (`step_profile`, the mean of
     /// each hint's steps in turns of 60, ms). Planned steps (`Plan`, four runs): bf16 batch 1
-    /// 6.04-8.15 against 6.45-8.56 in a fast phase of the VM (64 GB/s read passes),
-    /// 8.61-10.60 against 8.80-11.13 in a slow one (36 GB/s); f32 batch 1 11.61-12.85 against
-    /// 12.07-13.28. Non-temporal 1.5, 6 or 12 KiB ahead, L2 6 KiB ahead and no prefetch were
-    /// behind L2 at 3 KiB or level with it. Op by op (`TESSERA_NO_PLAN=1`, the families the
-    /// plan does not cover): bf16 batch 1 6.41-10.36 against 6.90-10.64, ahead in all eight
+    /// 6.04-8.15 against 6.45-8.56 in a fast phase of the VM, 8.61-10.60 against 8.80-11.13
+    /// in a slow one (phases told apart by the step times; no read pass was taken); f32 batch
+    /// 1 11.61-12.85 against 12.07-13.28. Non-temporal 1.5, 6 or 12 KiB ahead, L2 6 KiB ahead
+    /// and no prefetch were behind L2 at 3 KiB or level with it. SmolLM2 run op by op
+    /// (`TESSERA_NO_PLAN=1`, as the families the plan does not cover run): bf16 batch 1 6.41-10.36 against 6.90-10.64, ahead in all eight
     /// turns; f32 16.76-18.02 against 17.36-18.18, ahead in four of five, level in one.
     const AHEAD: usize = 3 << 10;
 
