@@ -36,6 +36,9 @@ pub struct KvPool {
     /// Blocks written since this pool was allocated: a cached prefix must point at these (a
     /// restarted shard's pool holds nothing the router may think it cached).
     written: Vec<bool>,
+    /// The last CPU decode step's plan (`model::decode_plan`), which writes into this pool's
+    /// tensors: it lives and goes with them.
+    pub(crate) kept_step: Option<crate::model::KeptStep>,
 }
 
 impl KvPool {
@@ -62,6 +65,7 @@ impl KvPool {
             block_size,
             num_blocks,
             written: vec![false; num_blocks],
+            kept_step: None,
         })
     }
 

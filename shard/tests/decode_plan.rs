@@ -78,12 +78,17 @@ fn planned_steps_are_the_op_by_op_steps_bit_for_bit() {
             for size in [1, 5, 12, 24] {
                 runner.model.plan_decode = true;
                 let before = runner.model.planned_steps.load(Ordering::Relaxed);
+                let built_before = runner.model.plans_built.load(Ordering::Relaxed);
                 let planned = trace(&mut runner, size, &cases);
                 let steps = runner.model.planned_steps.load(Ordering::Relaxed) - before;
-                // Six new tokens: the first from the prefill, five decode steps.
+                let built = runner.model.plans_built.load(Ordering::Relaxed) - built_before;
+                // Six new tokens: the first from the prefill, five decode steps. The batch
+                // keeps its shape, so the first step's plan runs the other four, with their
+                // tokens, positions and one more context slot a row each time.
                 assert_eq!(
-                    steps, 5,
-                    "{model} {window:?} {dtype} batch {size}: planned steps"
+                    (steps, built),
+                    (5, 1),
+                    "{model} {window:?} {dtype} batch {size}: planned steps, plans built"
                 );
                 runner.model.plan_decode = false;
                 let op_by_op = trace(&mut runner, size, &cases);

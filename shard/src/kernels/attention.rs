@@ -16,7 +16,7 @@ use tch::{Kind, Tensor};
 
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512, Lanes};
-use super::{isa, Isa, Now, Sink};
+use super::{isa, Contexts, Isa, Now, Sink};
 
 /// Shape and score shaping of one layer's attention.
 #[derive(Clone, Copy, Debug)]
@@ -39,15 +39,16 @@ pub fn decode_attention(
     context: &[&[i64]],
     shape: DecodeShape,
 ) -> Option<Tensor> {
-    decode_attention_in(q, keys, values, context, shape, &mut Now)
+    decode_attention_in(q, keys, values, &Contexts::new(context), shape, &mut Now)
 }
 
-/// `decode_attention`, its work into `sink`.
+/// `decode_attention`, its work into `sink`, reading the rows' slots from `context` when it
+/// runs (which a kept plan refills between runs).
 pub fn decode_attention_in<'a>(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    context: &'a [&'a [i64]],
+    context: &Contexts,
     shape: DecodeShape,
     sink: &mut impl Sink<'a>,
 ) -> Option<Tensor> {
@@ -60,7 +61,7 @@ fn decode_attention_on<'a>(
     q: &Tensor,
     keys: &Tensor,
     values: &Tensor,
-    context: &'a [&'a [i64]],
+    context: &Contexts,
     shape: DecodeShape,
     sink: &mut impl Sink<'a>,
 ) -> Option<Tensor> {
@@ -83,9 +84,7 @@ fn decode_attention_on<'a>(
         || num_heads % num_kv_heads != 0
         || !keys.is_contiguous()
         || !values.is_contiguous()
-        || context
-            .iter()
-            .any(|c| c.is_empty() || c.iter().any(|&s| s < 0 || s as usize >= slots))
+        || !context.within(slots)
         || !matches!(kind, Kind::Float | Kind::BFloat16)
     {
         return None;
@@ -109,16 +108,25 @@ fn decode_attention_on<'a>(
             out.data_ptr() as usize,
         );
         let bf16 = kind == Kind::BFloat16;
+        // A small step stays on this thread when run now: the 64K multiply-add cut is a guess
+        // at where a hand-off (a few microseconds) stops paying, not a measured crossover. In
+        // a plan the other threads wait at the job's barrier either way, so it always splits
+        // (and a kept plan need not change with the contexts' lengths).
+        let work: usize =
+            (0..b as usize).map(|i| context.row(i).len()).sum::<usize>() * num_heads * head_dim;
+        let split = sink.planned() || work >= 1 << 16;
+        let count = b as usize * num_kv_heads;
+        let context = context.clone();
         // One job per sequence and KV head; a part is a range of jobs.
         let run = move |jobs: std::ops::Range<usize>| {
+            let context = &context;
             let mut scores = Vec::new();
             for index in jobs.clone() {
                 let (seq, kvh) = (index / num_kv_heads, index % num_kv_heads);
                 // Each KV head's job asks for its share of the next sequence's rows, when
                 // that sequence is this part's too (`Job::next`).
                 let next = ((seq + 1) * num_kv_heads < jobs.end)
-                    .then(|| context.get(seq + 1).copied())
-                    .flatten()
+                    .then(|| context.row(seq + 1))
                     .map(|slots| {
                         let from = shape.window.map_or(0, |w| slots.len().saturating_sub(w));
                         let seen = &slots[from..];
@@ -127,7 +135,7 @@ fn decode_attention_on<'a>(
                     });
                 let job = Job {
                     shape,
-                    ctx: context[seq],
+                    ctx: context.row(seq),
                     next,
                     kv_head: kvh,
                     first_head: seq * num_heads + kvh * (num_heads / num_kv_heads),
@@ -152,10 +160,7 @@ fn decode_attention_on<'a>(
                 }
             }
         };
-        // A small step stays on this thread: the 64K multiply-add cut is a guess at where a
-        // hand-off (a few microseconds) stops paying, not a measured crossover.
-        let work: usize = context.iter().map(|c| c.len()).sum::<usize>() * num_heads * head_dim;
-        sink.split(context.len() * num_kv_heads, 1, work >= 1 << 16, run);
+        sink.split(count, 1, split, run);
     }
     Some(out)
 }
@@ -546,8 +551,9 @@ mod tests {
                         softcap,
                         window,
                     };
-                    let got = decode_attention_on(isa, &q, &k, &v, &ctx, shape, &mut Now)
-                        .expect("kernel");
+                    let got =
+                        decode_attention_on(isa, &q, &k, &v, &Contexts::new(&ctx), shape, &mut Now)
+                            .expect("kernel");
                     let want = reference(&q, &k, &v, &ctx, shape);
                     let err = (got.to_kind(Kind::Double) - want)
                         .abs()
@@ -583,14 +589,15 @@ mod tests {
             softcap: None,
             window: None,
         };
-        let all = decode_attention_on(isa, &q, &k, &v, &refs, shape, &mut Now).expect("kernel");
+        let all = decode_attention_on(isa, &q, &k, &v, &Contexts::new(&refs), shape, &mut Now)
+            .expect("kernel");
         for (b, c) in refs.iter().enumerate() {
             let one = decode_attention_on(
                 isa,
                 &q.narrow(0, b as i64, 1),
                 &k,
                 &v,
-                &[*c],
+                &Contexts::new(&[*c]),
                 shape,
                 &mut Now,
             )

@@ -29,6 +29,7 @@ mod activation;
 mod amx;
 pub mod attention;
 mod choice;
+mod contexts;
 mod element;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
@@ -44,6 +45,7 @@ pub mod threads;
 pub use activation::{silu_mul, silu_mul_in};
 pub use attention::{decode_attention, decode_attention_in};
 pub use choice::greedy;
+pub use contexts::Contexts;
 pub use element::{add_bias_in, widen_in};
 pub use norm::{add_rms_norm, add_rms_norm_in, rms_norm, rms_norm_in};
 pub use plan::{Now, Plan, Sink};

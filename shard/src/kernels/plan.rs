@@ -15,6 +15,10 @@
 //! read its inputs' values while it plans: where it would copy an input (a conversion, or
 //! `contiguous` on a strided view), it declines to plan (`Sink::unchanged`), and the caller
 //! runs the step the usual way.
+//!
+//! A plan can run again: its jobs read their inputs' memory when they run, so a caller that
+//! refills the inputs in place (tensors at fixed addresses, the rows' slots in `Contexts`) runs
+//! the next step without planning it (`model::decode_plan`).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,7 +35,7 @@ pub trait Sink<'a> {
         n: usize,
         align: usize,
         split: bool,
-        run: impl Fn(Range<usize>) + Sync + 'a,
+        run: impl Fn(Range<usize>) + Send + Sync + 'a,
     );
 
     /// Keeps `t` alive until the work has run (a planned job points into it).
@@ -41,6 +45,11 @@ pub trait Sink<'a> {
     /// the work runs now; when planned, only if it is `input` itself rather than a copy, which
     /// would have been taken of values not yet computed.
     fn unchanged(&self, input: &Tensor, prepared: &Tensor) -> bool;
+
+    /// Whether the work is planned: then the other threads wait at the job's barrier whether
+    /// it splits or not, so a kernel that keeps small work on one thread to save a hand-off
+    /// need not.
+    fn planned(&self) -> bool;
 }
 
 /// Runs each kernel's work at once.
@@ -52,7 +61,7 @@ impl<'a> Sink<'a> for Now {
         n: usize,
         align: usize,
         split: bool,
-        run: impl Fn(Range<usize>) + Sync + 'a,
+        run: impl Fn(Range<usize>) + Send + Sync + 'a,
     ) {
         threads::split(n, align, split, &run)
     }
@@ -62,6 +71,10 @@ impl<'a> Sink<'a> for Now {
     fn unchanged(&self, _: &Tensor, _: &Tensor) -> bool {
         true
     }
+
+    fn planned(&self) -> bool {
+        false
+    }
 }
 
 /// One kernel's recorded work.
@@ -69,11 +82,12 @@ struct Job<'a> {
     n: usize,
     align: usize,
     split: bool,
-    run: Box<dyn Fn(Range<usize>) + Sync + 'a>,
+    run: Box<dyn Fn(Range<usize>) + Send + Sync + 'a>,
 }
 
-/// Kernels' work recorded in order, to run in one parallel region (`run`). Dropped unrun, it
-/// runs nothing: a caller whose plan a kernel declined can still take another path.
+/// Kernels' work recorded in order, to run in one parallel region (`run`), as many times as
+/// the caller likes: each run computes from what its inputs hold then. Dropped unrun, it runs
+/// nothing: a caller whose plan a kernel declined can still take another path.
 #[derive(Default)]
 pub struct Plan<'a> {
     jobs: Vec<Job<'a>>,
@@ -86,7 +100,7 @@ impl<'a> Sink<'a> for Plan<'a> {
         n: usize,
         align: usize,
         split: bool,
-        run: impl Fn(Range<usize>) + Sync + 'a,
+        run: impl Fn(Range<usize>) + Send + Sync + 'a,
     ) {
         self.jobs.push(Job {
             n,
@@ -103,6 +117,10 @@ impl<'a> Sink<'a> for Plan<'a> {
     fn unchanged(&self, input: &Tensor, prepared: &Tensor) -> bool {
         input.data_ptr() == prepared.data_ptr()
     }
+
+    fn planned(&self) -> bool {
+        true
+    }
 }
 
 impl Plan<'_> {
@@ -112,7 +130,7 @@ impl Plan<'_> {
 
     /// Runs every job in order: in one region on libtorch's OpenMP team, or on this thread
     /// where there is no team.
-    pub fn run(self) {
+    pub fn run(&self) {
         let threads = threads::team_size();
         let Some(gomp) = gomp().filter(|_| threads > 1) else {
             for job in &self.jobs {
@@ -213,6 +231,7 @@ mod tests {
         let n = 10_000;
         let first: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         let second: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let whole = AtomicUsize::new(0);
         let mut plan = Plan::new();
         plan.split(n, 16, true, |r: Range<usize>| {
             for i in r {
@@ -228,7 +247,6 @@ mod tests {
             }
         });
         // Not split: the whole job on one thread.
-        let whole = AtomicUsize::new(0);
         plan.split(n, 1, false, |r: Range<usize>| {
             whole.fetch_add(r.len(), Ordering::Relaxed);
         });
@@ -236,5 +254,10 @@ mod tests {
         assert!(first.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         assert!(second.iter().all(|h| h.load(Ordering::Relaxed) == 1));
         assert_eq!(whole.load(Ordering::Relaxed), n);
+        // Run again, it reads what its inputs hold now: the second job adds the first's 2s.
+        plan.run();
+        assert!(first.iter().all(|h| h.load(Ordering::Relaxed) == 2));
+        assert!(second.iter().all(|h| h.load(Ordering::Relaxed) == 3));
+        assert_eq!(whole.load(Ordering::Relaxed), 2 * n);
     }
 }

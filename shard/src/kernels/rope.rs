@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::element::{kernels_on, Bf16, Element};
-use super::{Now, Sink};
+use super::{Contexts, Now, Sink};
 
 /// `x` (`[T, heads, head_dim]`, rows may be strided) rotated by the tables `cos` and `sin`
 /// (`[T, 1, head_dim]`, `sin` with its first half negated, as `Rope::tables` makes them): `x *
@@ -199,10 +199,18 @@ pub unsafe fn rope_store(
     pool: (&Tensor, &Tensor),
     slots: &[i64],
 ) -> Option<Tensor> {
-    rope_store_in(qkv, tables, heads, pool, slots, &mut Now)
+    rope_store_in(
+        qkv,
+        tables,
+        heads,
+        pool,
+        &Contexts::of_new_slots(slots),
+        &mut Now,
+    )
 }
 
-/// `rope_store`, its work into `sink`.
+/// `rope_store`, its work into `sink`, each row's slot the last of its row in `rows`, read
+/// when the work runs (a kept plan refills them between runs).
 ///
 /// # Safety
 /// As `rope_store`, until the work has run.
@@ -211,7 +219,7 @@ pub unsafe fn rope_store_in<'a>(
     (cos, sin): (&Tensor, &Tensor),
     heads: usize,
     (keys, values): (&Tensor, &Tensor),
-    slots: &'a [i64],
+    rows: &Contexts,
     sink: &mut impl Sink<'a>,
 ) -> Option<Tensor> {
     let kind = qkv.kind();
@@ -227,8 +235,8 @@ pub unsafe fn rope_store_in<'a>(
         && values.size() == keys.size()
         && width == (heads as i64 + 2 * kv_heads) * d
         && d % 2 == 0
-        && slots.len() == t as usize
-        && slots.iter().all(|&s| (0..pool).contains(&s));
+        && rows.len() == t as usize
+        && rows.within(pool as usize);
     if !ok {
         return None;
     }
@@ -236,8 +244,8 @@ pub unsafe fn rope_store_in<'a>(
     let shape = (t as usize, heads, kv_heads as usize, d as usize);
     let tensors = [qkv, cos, sin, &q, keys, values];
     match kind {
-        Kind::Float => rope_store_rows::<f32>(tensors, shape, slots, sink),
-        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, slots, sink),
+        Kind::Float => rope_store_rows::<f32>(tensors, shape, rows, sink),
+        Kind::BFloat16 => rope_store_rows::<Bf16>(tensors, shape, rows, sink),
         _ => return None,
     }
     Some(q)
@@ -253,7 +261,7 @@ pub unsafe fn rope_store_in<'a>(
 unsafe fn rope_store_rows<'a, E: Element>(
     tensors: [&Tensor; 6],
     (t, heads, kv_heads, d): (usize, usize, usize, usize),
-    slots: &'a [i64],
+    rows: &Contexts,
     sink: &mut impl Sink<'a>,
 ) {
     let width = (heads + 2 * kv_heads) * d;
@@ -262,6 +270,10 @@ unsafe fn rope_store_rows<'a, E: Element>(
         sink.keep(x);
     }
     let ptrs = tensors.map(|x| x.data_ptr() as usize);
+    // A kept plan runs again only for rows whose new slots are distinct where these were
+    // (part of its key in `model::decode_plan`), and within the pool (checked before each run).
+    let split = t * width >= super::norm::SPLIT_ELEMENTS && rows.distinct_new_slots();
+    let slots = rows.clone();
     let run = move |rows: std::ops::Range<usize>| {
         let [src, cos, sin, q, kp, vp] = ptrs;
         // SAFETY: the tensors are contiguous and hold these shapes (`rope_store` checked
@@ -269,7 +281,7 @@ unsafe fn rope_store_rows<'a, E: Element>(
         // slots are distinct when they run on several threads.
         unsafe {
             for row in rows {
-                let slot = slots[row] as usize;
+                let slot = slots.last(row).unwrap_or(0) as usize;
                 let at = |p: usize, i: usize| (p as *const E).add(i);
                 let c = std::slice::from_raw_parts(at(cos, row * d), d);
                 let s = std::slice::from_raw_parts(at(sin, row * d), d);
@@ -288,7 +300,6 @@ unsafe fn rope_store_rows<'a, E: Element>(
             }
         }
     };
-    let split = t * width >= super::norm::SPLIT_ELEMENTS && super::store::distinct(slots);
     sink.split(t, 1, split, run);
 }
 

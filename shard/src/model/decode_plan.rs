@@ -12,13 +12,17 @@
 //! SiLU-gated MLP, with or without biases (Llama, SmolLM2, Mistral, Qwen2). Anything else (a
 //! partial rotary dimension, Qwen3's q/k norms, Gemma 2, GPT-2), or a kernel that declines to
 //! plan, sends the step to `forward`; nothing has run by then.
+//!
+//! The plan is kept with the KV pool it writes (`KeptStep`) and run again while the batch
+//! keeps its number of rows: the step refills its inputs (the embedded tokens, the rotation
+//! tables, the rows' slots) and runs it, instead of planning every kernel again.
 
 use tch::{Device, Kind, Tensor};
 
 use super::transformer::{Layer, Linear, Mlp, Norm, Positions, Transformer};
-use super::ForwardInput;
+use super::{DecodeSpan, ForwardInput};
 use crate::config::Activation;
-use crate::kernels::{self, attention::DecodeShape, Plan};
+use crate::kernels::{self, attention::DecodeShape, Contexts, Plan};
 use crate::kv_cache::KvPool;
 
 /// An RMSNorm's weight, epsilon and Gemma's unit offset; `None` for another norm.
@@ -55,6 +59,65 @@ fn product<'a>(linear: &Linear, x: &Tensor, plan: &mut Plan<'a>) -> Option<Tenso
     Some(y)
 }
 
+/// A planned step kept in the pool it writes (`KvPool::kept_step`), and run again for the next
+/// step of a batch of the same shape. Planning a step, with the embedding lookup and the
+/// rotation tables (0.09 ms of it), took 0.76-0.90 ms of a 6-7 ms bf16 batch-1 step of SmolLM2
+/// on the Zen 4 VM, as much at batch 32 (our reading: the kernels' checks and outputs, a few
+/// hundred libtorch calls, cold after the weight stream), while from step to step only the
+/// tokens, their positions and the rows' slots change. Those the step writes into the plan's
+/// inputs before each run.
+pub(crate) struct KeptStep {
+    key: Key,
+    plan: Plan<'static>,
+    contexts: Contexts,
+    /// The embedded tokens, which the plan turns into the residual stream in place.
+    x: Tensor,
+    /// The rotation tables of the rows' positions.
+    tables: (Tensor, Tensor),
+    /// Where the plan leaves the logits `[rows, vocab]`, f32.
+    logits: Tensor,
+}
+
+/// What a kept plan was built for, besides the model's fixed shapes and weights.
+#[derive(PartialEq)]
+struct Key {
+    /// The lm_head weight's address: the plan keeps the weights alive, so no other model's
+    /// can have it.
+    model: usize,
+    rows: usize,
+    windows: Vec<Option<usize>>,
+    /// Whether the new slots were distinct: then the plan writes them from several threads.
+    distinct: bool,
+}
+
+impl KeptStep {
+    /// Runs the plan for this step's tokens `x`, tables and slots; `None`, having run
+    /// nothing, where the slots do not fit it.
+    fn run(
+        &mut self,
+        x: &Tensor,
+        tables: (&Tensor, &Tensor),
+        decode: &DecodeSpan,
+        pool: usize,
+    ) -> Option<Tensor> {
+        // SAFETY: `&mut self` holds the plan, the only reader of the table, and no plan runs
+        // while `run` is not running it.
+        let set = unsafe { self.contexts.set(&decode.context_cpu, &decode.lens) };
+        if !set
+            || !self.contexts.within(pool)
+            || (self.key.distinct && !self.contexts.distinct_new_slots())
+        {
+            return None;
+        }
+        self.x.copy_(x);
+        self.tables.0.copy_(tables.0);
+        self.tables.1.copy_(tables.1);
+        self.plan.run();
+        // The plan writes the same tensor next step: the caller gets its own.
+        Some(self.logits.copy())
+    }
+}
+
 impl Transformer {
     /// Logits `[rows, vocab]` (f32) of a batch of decode rows, computed by one plan, or `None`
     /// where the plan does not apply (see the module doc), having run nothing.
@@ -63,7 +126,6 @@ impl Transformer {
         let Positions::Rope(rope) = &self.positions else {
             return None;
         };
-        let final_norm = rms(&self.final_norm)?;
         let t = usize::try_from(input.input_ids.size().first().copied()?).ok()?;
         let applies = self.device == Device::Cpu
             && self.parallel.is_none()
@@ -76,17 +138,63 @@ impl Transformer {
             // which the kernels decline to plan: no need to start.
             && (self.kind != Kind::BFloat16
                 || kernels::isa(Kind::BFloat16) == Some(kernels::Isa::Avx512))
+            && rms(&self.final_norm).is_some()
             && self.layers.iter().all(plannable)
             && Vec::<i64>::try_from(&input.logit_rows).ok()? == (0..t as i64).collect::<Vec<_>>();
         if !applies {
             return None;
         }
-        // Each row's new slot (the last of its context) and whole context.
-        let contexts: Vec<&[i64]> = (0..t).map(|i| decode.slots(i)).collect();
-        let slots: Vec<i64> = contexts
-            .iter()
-            .map(|c| c.last().copied())
-            .collect::<Option<_>>()?;
+        // The embedding lookup and the rotation tables run now: the plan starts from them.
+        // Both are new tensors (a lookup, an `index_select` and a `cat`), which a kept plan may
+        // go on reading.
+        let mut x = self.embed_tokens(&input.input_ids);
+        if let Some(scale) = self.embed_scale {
+            x = x * Tensor::from(scale).to_kind(self.kind);
+        }
+        let tables = rope.tables(&input.positions, self.kind);
+        let contexts = Contexts::new(&(0..t).map(|i| decode.slots(i)).collect::<Vec<_>>());
+        let key = Key {
+            model: self.lm_head.weight.data_ptr() as usize,
+            rows: t,
+            windows: self.layers.iter().map(|l| l.window).collect(),
+            distinct: contexts.distinct_new_slots(),
+        };
+        let slots = pool.num_slots();
+        let kept = pool.kept_step.take().filter(|k| k.key == key);
+        let logits = match kept {
+            Some(mut kept) => {
+                let logits = kept.run(&x, (&tables.0, &tables.1), decode, slots);
+                pool.kept_step = Some(kept);
+                logits?
+            }
+            None => {
+                let kept = self.plan_step(x, tables, contexts, key, pool)?;
+                self.plans_built
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                kept.plan.run();
+                let logits = kept.logits.copy();
+                pool.kept_step = Some(kept);
+                logits
+            }
+        };
+        self.planned_steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(match self.config.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        })
+    }
+
+    /// The plan of a decode step from the embedded tokens `x`, or `None` where a kernel
+    /// declines (nothing has run).
+    fn plan_step(
+        &self,
+        x: Tensor,
+        tables: (Tensor, Tensor),
+        contexts: Contexts,
+        key: Key,
+        pool: &KvPool,
+    ) -> Option<KeptStep> {
         let heads = self.attention.num_heads as usize;
         let shape = |window| DecodeShape {
             num_heads: heads,
@@ -96,32 +204,27 @@ impl Transformer {
             softcap: self.attention.softcap.map(|c| c as f32),
             window,
         };
-
-        // The embedding lookup and the rotation tables run now: the plan starts from them.
-        let mut x = self.embed_tokens(&input.input_ids);
-        if let Some(scale) = self.embed_scale {
-            x = x * Tensor::from(scale).to_kind(self.kind);
-        }
-        let (cos, sin) = rope.tables(&input.positions, self.kind);
-
+        let (cos, sin) = (&tables.0, &tables.1);
         let mut plan = Plan::new();
         let p = &mut plan;
         let mut pending: Option<Tensor> = None;
         for (li, layer) in self.layers.iter().enumerate() {
             let (w, eps, unit) = rms(&layer.input_norm)?;
-            // SAFETY (every `add_rms_norm_in` here): the residual stream `x` is this function's
-            // own tensor (the embedding lookup's output, or its scaled copy), which no other
-            // tensor shares, and the layer outputs added to it are other tensors.
+            // SAFETY (every `add_rms_norm_in` here): the residual stream `x` is the step's own
+            // tensor (the embedding lookup's output, or its scaled copy, or the kept step's
+            // copy of it), which no other tensor shares, and the layer outputs added to it are
+            // other tensors.
             let h = match pending.take() {
                 Some(m) => unsafe { kernels::add_rms_norm_in(&x, &m, w, eps, unit, p)? },
                 None => kernels::rms_norm_in(&x, w, eps, unit, p)?,
             };
             let qkv = product(&layer.qkv, &h, p)?;
             let (keys, values) = pool.layer(li);
-            // SAFETY: `&mut KvPool` holds the pool's tensors for as long as the plan lives,
-            // and they are the pool's own storage, never a view of `qkv`.
+            // SAFETY: the plan runs only under `&mut KvPool` (the pool keeps it), which holds
+            // the pool's tensors while it runs, and they are the pool's own storage, never a
+            // view of `qkv`.
             let q = unsafe {
-                kernels::rope_store_in(&qkv, (&cos, &sin), heads, (keys, values), &slots, p)?
+                kernels::rope_store_in(&qkv, (cos, sin), heads, (keys, values), &contexts, p)?
             };
             let attn =
                 kernels::decode_attention_in(&q, keys, values, &contexts, shape(layer.window), p)?;
@@ -136,7 +239,7 @@ impl Transformer {
             pending = Some(product(down, &act, p)?);
         }
         // The last MLP output's residual add and the final norm, in one pass as in the layers.
-        let (w, eps, unit) = final_norm;
+        let (w, eps, unit) = rms(&self.final_norm)?;
         let h = match &pending {
             Some(m) => unsafe { kernels::add_rms_norm_in(&x, m, w, eps, unit, p)? },
             None => kernels::rms_norm_in(&x, w, eps, unit, p)?,
@@ -145,13 +248,13 @@ impl Transformer {
         if logits.kind() == Kind::BFloat16 {
             logits = kernels::widen_in(&logits, p)?;
         }
-        plan.run();
-        self.planned_steps
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let logits = logits.to_kind(Kind::Float);
-        Some(match self.config.final_logit_softcapping {
-            Some(cap) => (logits / cap).tanh() * cap,
-            None => logits,
+        Some(KeptStep {
+            key,
+            plan,
+            contexts,
+            x,
+            tables,
+            logits,
         })
     }
 }

@@ -93,5 +93,6 @@ pub fn load(c: ModelConfig, w: &Weights, kind: Kind, device: Device) -> Result<T
         vocab_block: 0,
         plan_decode: true,
         planned_steps: Default::default(),
+        plans_built: Default::default(),
     })
 }

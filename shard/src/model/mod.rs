@@ -25,6 +25,7 @@ use crate::config::{Arch, ModelConfig};
 use crate::error::Result;
 use crate::weights::Weights;
 
+pub(crate) use decode_plan::KeptStep;
 pub use transformer::Transformer;
 
 /// A prompt (or prompt chunk) of one sequence: rows `start..start + len` of the batch.

@@ -243,6 +243,9 @@ pub struct Transformer {
     pub plan_decode: bool,
     /// Decode steps that ran as a plan, for tests and comparison.
     pub planned_steps: std::sync::atomic::AtomicU64,
+    /// Of those, the steps that built their plan rather than run the one kept from the step
+    /// before (`decode_plan::KeptStep`).
+    pub plans_built: std::sync::atomic::AtomicU64,
 }
 
 impl Transformer {
