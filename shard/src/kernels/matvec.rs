@@ -22,6 +22,12 @@ use super::{isa, Isa, Sink};
 /// The most rows of `x` the kernels take (their accumulators live in registers).
 pub const MAX_ROWS: usize = 8;
 
+/// The least weight bytes of a piece of a planned product that a thread takes at a time
+/// (`Sink::share`): a thread's part of SmolLM2's smallest product (330 KB in bf16 on two
+/// threads) is ten of them, and taking one (an atomic update, a call) costs little against
+/// streaming it.
+const PIECE: usize = 32 << 10;
+
 /// `x @ w.T` for `x` `[m, k]` and `w` `[n, k]` (both CPU, same dtype, `m <= MAX_ROWS`), or
 /// `None` when no kernel applies and the caller should use libtorch.
 #[cfg(test)]
@@ -78,8 +84,22 @@ fn matvec_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> 
             }
         };
         // Small matrices stay on this thread: the 64K-weight cut is a guess at where a
-        // hand-off (a few microseconds) stops paying, not a measured crossover.
-        sink.split(n, 16, n * k >= 1 << 16, run);
+        // hand-off (a few microseconds) stops paying, not a measured crossover. Every output
+        // column is one row's dot products whatever range it runs in, so the parts may be
+        // shared out in pieces of at least `PIECE` bytes of weights.
+        let row = k * kind.elt_size_in_bytes();
+        sink.share(n, 16, PIECE.div_ceil(row), n * k >= 1 << 16, run);
+        // A thread waiting before the product asks for its first weight rows into L2.
+        sink.warm(move |rows: Range<usize>| {
+            for line in (rows.start * row..rows.end * row).step_by(64) {
+                // SAFETY: a prefetch hint cannot fault.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        (wp as *const i8).wrapping_add(line),
+                    )
+                };
+            }
+        });
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
