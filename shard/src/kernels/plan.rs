@@ -269,12 +269,13 @@ impl Job<'_> {
     }
 }
 
-/// A thread's warming of the start of its part of the next job (`Sink::warm`) while it waits
-/// at the barrier before it, a piece at a time, so that it sees the barrier open soon after.
+/// A thread's warming of the start of its part of the next job (`Sink::warm`: a product's
+/// weights, an attention's K and V) while it waits at the barrier before it, a piece at a
+/// time, so that it sees the barrier open soon after.
 ///
 /// At batch 1 the second thread waits while the first runs each one-row job (a norm, the
-/// rotation, the activation: 0.36 ms of a bf16 SmolLM2 step on the Zen 4 VM), and the memory
-/// is idle meanwhile. Warming the next product's first weights then, with `Team::share` (so
+/// rotation, the activation) and the second of its attention's KV heads: 0.36 ms of a bf16
+/// SmolLM2 step on the Zen 4 VM, with the memory idle meanwhile. Warming the next product's first weights then, with `Team::share` (so
 /// that the thread ahead takes over the other's last pieces), made planned batch-1 steps of
 /// either dtype faster in 32 of 36 turns of 60 steps of each, alternated step by step on the
 /// Zen 4 VM: mostly by 1-2.5%, by up to 7%, and the other four were within 0.7%. Sharing
