@@ -50,7 +50,7 @@ pub use element::{add_bias_in, widen_in};
 pub use norm::{add_rms_norm, add_rms_norm_in, rms_norm, rms_norm_in};
 pub use plan::{Now, Plan, Sink};
 pub use rope::{rope, rope_store, rope_store_in};
-pub use store::store_rows;
+pub use store::{gather_rows, store_rows};
 
 use matvec::MAX_ROWS;
 

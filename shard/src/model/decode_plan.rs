@@ -19,8 +19,9 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::rope::Rope;
 use super::transformer::{Layer, Linear, Mlp, Norm, Positions, Transformer};
-use super::{DecodeSpan, ForwardInput};
+use super::ForwardInput;
 use crate::config::Activation;
 use crate::kernels::{self, attention::DecodeShape, Contexts, Plan};
 use crate::kv_cache::KvPool;
@@ -91,15 +92,16 @@ struct Key {
 }
 
 impl KeptStep {
-    /// Runs the plan for this step's tokens `x`, tables and slots; `None`, having run
-    /// nothing, where the slots do not fit it.
+    /// Runs the plan for this step's tokens, positions and slots; `None`, having run nothing,
+    /// where the slots do not fit it.
     fn run(
         &mut self,
-        x: &Tensor,
-        tables: (&Tensor, &Tensor),
-        decode: &DecodeSpan,
+        model: &Transformer,
+        input: &ForwardInput,
+        rope: &Rope,
         pool: usize,
     ) -> Option<Tensor> {
+        let decode = input.decode.as_ref()?;
         // SAFETY: `&mut self` holds the plan, the only reader of the table, and no plan runs
         // while `run` is not running it.
         let set = unsafe { self.contexts.set(&decode.context_cpu, &decode.lens) };
@@ -109,9 +111,14 @@ impl KeptStep {
         {
             return None;
         }
-        self.x.copy_(x);
-        self.tables.0.copy_(tables.0);
-        self.tables.1.copy_(tables.1);
+        if model.embed_scale.is_some()
+            || !kernels::gather_rows(&model.embed, &input.input_ids, &self.x)
+        {
+            self.x.copy_(&model.embedded(&input.input_ids));
+        }
+        let (cos, sin) = rope.tables(&input.positions, model.kind);
+        self.tables.0.copy_(&cos);
+        self.tables.1.copy_(&sin);
         self.plan.run();
         // The plan writes the same tensor next step: the caller gets its own.
         Some(self.logits.copy())
@@ -119,6 +126,15 @@ impl KeptStep {
 }
 
 impl Transformer {
+    /// The tokens' embeddings, scaled where the model scales them.
+    fn embedded(&self, ids: &Tensor) -> Tensor {
+        let x = self.embed_tokens(ids);
+        match self.embed_scale {
+            Some(scale) => x * Tensor::from(scale).to_kind(self.kind),
+            None => x,
+        }
+    }
+
     /// Logits `[rows, vocab]` (f32) of a batch of decode rows, computed by one plan, or `None`
     /// where the plan does not apply (see the module doc), having run nothing.
     pub(super) fn planned_decode(&self, input: &ForwardInput, pool: &mut KvPool) -> Option<Tensor> {
@@ -144,14 +160,6 @@ impl Transformer {
         if !applies {
             return None;
         }
-        // The embedding lookup and the rotation tables run now: the plan starts from them.
-        // Both are new tensors (a lookup, an `index_select` and a `cat`), which a kept plan may
-        // go on reading.
-        let mut x = self.embed_tokens(&input.input_ids);
-        if let Some(scale) = self.embed_scale {
-            x = x * Tensor::from(scale).to_kind(self.kind);
-        }
-        let tables = rope.tables(&input.positions, self.kind);
         let contexts = Contexts::new(&(0..t).map(|i| decode.slots(i)).collect::<Vec<_>>());
         let key = Key {
             model: self.lm_head.weight.data_ptr() as usize,
@@ -163,11 +171,16 @@ impl Transformer {
         let kept = pool.kept_step.take().filter(|k| k.key == key);
         let logits = match kept {
             Some(mut kept) => {
-                let logits = kept.run(&x, (&tables.0, &tables.1), decode, slots);
+                let logits = kept.run(self, input, rope, slots);
                 pool.kept_step = Some(kept);
                 logits?
             }
             None => {
+                // The embedding lookup and the rotation tables run now: the plan starts from
+                // them. Both are new tensors (a lookup, an `index_select` and a `cat`), which
+                // the kept plan goes on reading, refilled.
+                let x = self.embedded(&input.input_ids);
+                let tables = rope.tables(&input.positions, self.kind);
                 let kept = self.plan_step(x, tables, contexts, key, pool)?;
                 self.plans_built
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
