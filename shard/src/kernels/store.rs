@@ -95,7 +95,8 @@ pub unsafe fn store_rows(pools: [&Tensor; 2], slots: &Tensor, rows: [&Tensor; 2]
 }
 
 /// `out[i] = table[ids[i]]` for whole rows (an embedding lookup into a tensor the caller
-/// keeps, as a kept decode step's input: `model::decode_plan`), by plain row copies: between
+/// keeps, as a kept decode step's input: `model::decode_plan`; its rotation tables' rows
+/// too), by plain row copies: between
 /// two weight streams of a bf16 batch-1 step (Zen 4 VM) libtorch's lookup took 28-34 µs
 /// before its `copy_` into the kept input, the row copy and the step's slot checks 5.5. Returns
 /// false, having written nothing, where it does not apply (any tensor not a contiguous CPU

@@ -116,9 +116,16 @@ impl KeptStep {
         {
             self.x.copy_(&model.embedded(&input.input_ids));
         }
-        let (cos, sin) = rope.tables(&input.positions, model.kind);
-        self.tables.0.copy_(&cos);
-        self.tables.1.copy_(&sin);
+        let rows = |t: &Tensor| t.view([t.size()[0], -1]);
+        let gathered = rope.all_rows(model.kind).is_some_and(|(cos, sin)| {
+            kernels::gather_rows(cos, &input.positions, &rows(&self.tables.0))
+                && kernels::gather_rows(sin, &input.positions, &rows(&self.tables.1))
+        });
+        if !gathered {
+            let (cos, sin) = rope.tables(&input.positions, model.kind);
+            self.tables.0.copy_(&cos);
+            self.tables.1.copy_(&sin);
+        }
         self.plan.run();
         // The plan writes the same tensor next step: the caller gets its own.
         Some(self.logits.copy())
