@@ -131,14 +131,7 @@ impl<'a> Sink<'a> for Plan<'a> {
         split: bool,
         run: impl Fn(Range<usize>) + Send + Sync + 'a,
     ) {
-        self.jobs.push(Job {
-            n,
-            align,
-            split,
-            piece: 0,
-            run: Box::new(run),
-            warm: None,
-        });
+        self.share(n, align, 0, split, run)
     }
 
     fn share(
@@ -153,7 +146,12 @@ impl<'a> Sink<'a> for Plan<'a> {
             n,
             align,
             split,
-            piece: piece.max(1).next_multiple_of(align.max(1)),
+            // 0 keeps the parts whole (`split`).
+            piece: if piece == 0 {
+                0
+            } else {
+                piece.next_multiple_of(align.max(1))
+            },
             run: Box::new(run),
             warm: None,
         });
