@@ -58,7 +58,9 @@ impl Contexts {
     /// Returns false, changing nothing, where the lengths do not fit `padded`.
     ///
     /// # Safety
-    /// No job that reads this table (through any clone) may be running.
+    /// Nothing may read the table meanwhile, through this or any clone: no job that reads it
+    /// may be running, no row (`row`, `last`) may still be borrowed, and no other thread may
+    /// call this at the same time.
     pub unsafe fn set(&self, padded: &[i64], lens: &[i64]) -> bool {
         let width = padded.len() / lens.len().max(1);
         if padded.len() != width * lens.len() || lens.iter().any(|&l| l < 0 || l as usize > width) {

@@ -88,7 +88,7 @@ fn matvec_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> 
         // column is one row's dot products whatever range it runs in, so the parts may be
         // shared out in pieces of at least `PIECE` bytes of weights.
         let row = k * kind.elt_size_in_bytes();
-        sink.share(n, 16, PIECE.div_ceil(row), n * k >= 1 << 16, run);
+        sink.share(n, 16, PIECE.div_ceil(row.max(1)), n * k >= 1 << 16, run);
         // A thread waiting before the product asks for its first weight rows into L2.
         sink.warm(move |rows: Range<usize>| {
             for line in (rows.start * row..rows.end * row).step_by(64) {

@@ -7,12 +7,12 @@
 //! weights in 7.9 ms. Planned, the kernels make their checks and outputs back to back (warm),
 //! and their work becomes a list of jobs; `Plan::run` then enters one region, in which every
 //! thread takes its part of each job in turn, with a barrier between jobs (each job reads what
-//! the one before wrote). A job's parts are the ones it would get run alone (`threads::part`),
-//! so a planned step computes exactly what the kernels compute one by one. Two things only a
-//! plan does: a product's parts are shared out in pieces (`Sink::share`), a thread done early
-//! taking the others' last ones, each output computed as it would be in its own part; and a
-//! thread waiting at a barrier asks for the first weights of its part of the next product
-//! (`Sink::warm`).
+//! the one before wrote). Each output of a job is computed as it would be run alone, so a
+//! planned step computes exactly what the kernels compute one by one, though the parts may
+//! differ: a job a kernel would keep on one thread to save a hand-off splits (`Sink::planned`),
+//! and a product's parts are shared out in pieces (`Sink::share`), a thread done early taking
+//! the others' last ones. A thread waiting at a barrier asks for what its part of the next
+//! job reads first (`Sink::warm`: a product's weights, an attention's K and V).
 //!
 //! Kernels take the place their work goes as a `Sink`: `Now` runs it at once (every caller but
 //! the planned decode step), a `Plan` records it. Planning runs no work, so a kernel must not
@@ -197,8 +197,11 @@ impl Plan<'_> {
             jobs: &self.jobs,
             barrier: Barrier::default(),
             claims: (0..threads).map(|_| Claim::default()).collect(),
+            asked: threads,
             gomp,
         };
+        // Dealt for the team asked for: a region given fewer threads runs the first job in
+        // whole parts instead (`member`); later jobs are dealt inside the region.
         if let Some(first) = self.jobs.first() {
             team.deal(first, threads);
         }
@@ -220,6 +223,8 @@ struct Team<'p, 'a> {
     barrier: Barrier,
     /// Each thread's pieces of the shared job under way.
     claims: Vec<Claim>,
+    /// The threads asked for, which the first job's claims were dealt for.
+    asked: usize,
     gomp: &'static Gomp,
 }
 
@@ -229,7 +234,8 @@ extern "C" fn member(data: *mut std::ffi::c_void) {
     // SAFETY: called inside the parallel region.
     let (me, size) = unsafe { team.gomp.me() };
     for (at, job) in team.jobs.iter().enumerate() {
-        if job.piece > 0 && job.splits(size) {
+        let dealt = at > 0 || size == team.asked;
+        if job.piece > 0 && job.splits(size) && dealt {
             team.share(job, me, size);
         } else {
             let part = job.part(me, size);
