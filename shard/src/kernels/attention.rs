@@ -9,13 +9,12 @@
 //! at one token per sequence is most of the work. The loop is written once over a small
 //! vector interface (`Lanes`) and built for AVX-512 and for AVX2 + FMA.
 
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
-
 use tch::{Kind, Tensor};
 
 #[cfg(target_arch = "x86_64")]
 use super::lanes::{Avx2, Avx512, Lanes};
+#[cfg(target_arch = "x86_64")]
+use super::prefetch;
 use super::{isa, Contexts, Isa, Now, Sink};
 
 /// Shape and score shaping of one layer's attention.
@@ -417,17 +416,6 @@ unsafe fn softmax<L: Lanes>(scores: &mut [f32], scale: f32, softcap: Option<f32>
 /// pairs: f32 16.7-17.1 → 11.9-13.4 ms, bf16 7.5-8.3 → 7.2-7.6 ms; whole batch-32 f32 steps
 /// 72.9-81.8 → 64.0-69.1 ms (three pairs).
 const AHEAD: usize = 16;
-
-/// Asks for the cache lines of `bytes` from `p` into L2 (a hint: it cannot fault).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn prefetch(p: *const u8, bytes: usize) {
-    let mut line = 0;
-    while line < bytes {
-        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(line) as *const i8);
-        line += 64;
-    }
-}
 
 /// The K and V rows a job asks for ahead of the next sequence's jobs (`Job::next`): as the
 /// job passes its keys (`ticks` passes in all), it asks for as many of `slots` as have fallen

@@ -91,13 +91,12 @@ fn matvec_on<'a>(isa: Isa, x: &Tensor, w: &Tensor, sink: &mut impl Sink<'a>) -> 
         sink.share(n, 16, PIECE.div_ceil(row.max(1)), n * k >= 1 << 16, run);
         // A thread waiting before the product asks for its first weight rows into L2.
         sink.warm(move |rows: Range<usize>| {
-            for line in (rows.start * row..rows.end * row).step_by(64) {
-                // SAFETY: a prefetch hint cannot fault.
-                unsafe {
-                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                        (wp as *const i8).wrapping_add(line),
-                    )
-                };
+            // SAFETY: a prefetch hint cannot fault.
+            unsafe {
+                super::prefetch(
+                    (wp as *const u8).wrapping_add(rows.start * row),
+                    rows.len() * row,
+                )
             }
         });
     }
@@ -143,8 +142,9 @@ mod avx512 {
     /// in a slow one (phases told apart by the step times; no read pass was taken); f32 batch
     /// 1 11.61-12.85 against 12.07-13.28. Non-temporal 1.5, 6 or 12 KiB ahead, L2 6 KiB ahead
     /// and no prefetch were behind L2 at 3 KiB or level with it. SmolLM2 run op by op
-    /// (`TESSERA_NO_PLAN=1`, as the families the plan does not cover run): bf16 batch 1 6.41-10.36 against 6.90-10.64, ahead in all eight
-    /// turns; f32 16.76-18.02 against 17.36-18.18, ahead in four of five, level in one.
+    /// (`TESSERA_NO_PLAN=1`, as the families the plan does not cover run): bf16 batch 1
+    /// 6.41-10.36 against 6.90-10.64, ahead in all eight turns; f32 16.76-18.02 against
+    /// 17.36-18.18, ahead in four of five, level in one.
     const AHEAD: usize = 3 << 10;
 
     /// Asks for the two cache lines `AHEAD` bytes past `p`, the 128 bytes one iteration of

@@ -50,7 +50,7 @@ pub use element::{add_bias_in, widen_in};
 pub use norm::{add_rms_norm, add_rms_norm_in, rms_norm, rms_norm_in};
 pub use plan::{Now, Plan, Sink};
 pub use rope::{rope, rope_store, rope_store_in};
-pub use store::{gather_rows, store_rows};
+pub use store::{distinct, gather_rows, store_rows};
 
 use matvec::MAX_ROWS;
 
@@ -174,6 +174,19 @@ pub(crate) fn isa(kind: Kind) -> Option<Isa> {
     {
         let _ = kind;
         None
+    }
+}
+
+/// Asks for the cache lines of `bytes` from `p` into L2 (a hint: it cannot fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch(p: *const u8, bytes: usize) {
+    let mut line = 0;
+    while line < bytes {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+            p.wrapping_add(line) as *const i8
+        );
+        line += 64;
     }
 }
 

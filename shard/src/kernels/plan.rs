@@ -279,11 +279,12 @@ impl Job<'_> {
 ///
 /// At batch 1 the second thread waits while the first runs each one-row job (a norm, the
 /// rotation, the activation) and the second of its attention's KV heads: 0.36 ms of a bf16
-/// SmolLM2 step on the Zen 4 VM, with the memory idle meanwhile. Warming the next product's first weights then, with `Team::share` (so
-/// that the thread ahead takes over the other's last pieces), made planned batch-1 steps of
-/// either dtype faster in 32 of 36 turns of 60 steps of each, alternated step by step on the
-/// Zen 4 VM: mostly by 1-2.5%, by up to 7%, and the other four were within 0.7%. Sharing
-/// alone was about 1% ahead, less steadily. Warming 4 or 16 pieces was level with 8.
+/// SmolLM2 step on the Zen 4 VM, with the memory idle meanwhile. Warming the next product's
+/// first weights then, with `Team::share` (so that the thread ahead takes over the other's
+/// last pieces), made planned batch-1 steps of either dtype faster in 32 of 36 turns of 60
+/// steps of each, alternated step by step on the Zen 4 VM: mostly by 1-2.5%, by up to 7%,
+/// and the other four were within 0.7%. Sharing alone was ahead in 31 of 44 turns, mostly by
+/// 0.5-2%. Warming 4 or 16 pieces was level with 8.
 struct Warming<'j, 'a> {
     warm: &'j (dyn Fn(Range<usize>) + Send + Sync + 'a),
     at: usize,

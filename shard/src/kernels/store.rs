@@ -138,7 +138,7 @@ pub fn gather_rows(table: &Tensor, ids: &Tensor, out: &Tensor) -> bool {
 }
 
 /// Whether no slot repeats: only then may threads write rows of the pool side by side.
-pub(super) fn distinct(slots: &[i64]) -> bool {
+pub fn distinct(slots: &[i64]) -> bool {
     let mut sorted = slots.to_vec();
     sorted.sort_unstable();
     sorted.windows(2).all(|p| p[0] != p[1])

@@ -63,7 +63,7 @@ fn product<'a>(linear: &Linear, x: &Tensor, plan: &mut Plan<'a>) -> Option<Tenso
 /// A planned step kept in the pool it writes (`KvPool::kept_step`), and run again for the next
 /// step of a batch of the same shape. Planning a step, with the embedding lookup and the
 /// rotation tables (0.09 ms of it), took 0.76-0.90 ms of a 6-7 ms bf16 batch-1 step of SmolLM2
-/// on the Zen 4 VM, as much at batch 32 (our reading: the kernels' checks and outputs, a few
+/// on the Zen 4 VM, 0.94 ms at batch 32 (our reading: the kernels' checks and outputs, a few
 /// hundred libtorch calls, cold after the weight stream), while from step to step only the
 /// tokens, their positions and the rows' slots change. Those the step writes into the plan's
 /// inputs before each run.
@@ -104,11 +104,9 @@ impl KeptStep {
         let decode = input.decode.as_ref()?;
         // SAFETY: `&mut self` holds the plan, the only reader of the table, and no plan runs
         // while `run` is not running it.
+        // (Whether the new slots are distinct is part of the key, which matched.)
         let set = unsafe { self.contexts.set(&decode.context_cpu, &decode.lens) };
-        if !set
-            || !self.contexts.within(pool)
-            || (self.key.distinct && !self.contexts.distinct_new_slots())
-        {
+        if !set || !self.contexts.within(pool) {
             return None;
         }
         if model.embed_scale.is_some()
@@ -167,12 +165,15 @@ impl Transformer {
         if !applies {
             return None;
         }
-        let contexts = Contexts::new(&(0..t).map(|i| decode.slots(i)).collect::<Vec<_>>());
+        // Each row's new slot, the last of its context.
+        let new_slots: Vec<i64> = (0..t)
+            .map(|i| decode.slots(i).last().copied())
+            .collect::<Option<_>>()?;
         let key = Key {
             model: self.lm_head.weight.data_ptr() as usize,
             rows: t,
             windows: self.layers.iter().map(|l| l.window).collect(),
-            distinct: contexts.distinct_new_slots(),
+            distinct: kernels::distinct(&new_slots),
         };
         let slots = pool.num_slots();
         let kept = pool.kept_step.take().filter(|k| k.key == key);
@@ -188,6 +189,7 @@ impl Transformer {
                 // the kept plan goes on reading, refilled.
                 let x = self.embedded(&input.input_ids);
                 let tables = rope.tables(&input.positions, self.kind);
+                let contexts = Contexts::new(&(0..t).map(|i| decode.slots(i)).collect::<Vec<_>>());
                 let kept = self.plan_step(x, tables, contexts, key, pool)?;
                 self.plans_built
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
